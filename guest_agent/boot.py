@@ -1,0 +1,247 @@
+"""The boot path: the only module that knows the order of the stages.
+
+detect -> network -> fetch -> validate -> write -> measure -> netns -> READY=1
+       -> (Azure) report Ready -> (background since READY=1) IMDS NAT for the pod.
+Any AgentError before READY=1 is reported to the fabric (Azure) as NotReady with its
+reason, and nothing after it runs: Ready is never reported after a failed provisioning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from guest_agent import clouds, files, initdata, transport, userdata
+from guest_agent.config import Config, under_root
+from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
+from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_TIMELINE, fields
+from guest_agent.notify import Notifier
+from guest_agent.timeline import Timeline
+
+if TYPE_CHECKING:
+    import requests
+
+    from guest_agent.fabric import AzureFabric
+
+log = logging.getLogger("guest_agent.boot")
+
+
+@dataclass
+class Deps:
+    """The edges of the world, injectable for tests."""
+
+    notifier: Notifier = field(default_factory=Notifier)
+    session_factory: Callable[[], requests.Session] = transport.new_session
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    log_fields: dict[str, str] = field(default_factory=dict)  # added to every journal entry
+
+
+def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
+    module = clouds.provider_module(provider)
+    ctx = clouds.FetchContext(
+        cfg=cfg,
+        root=root,
+        deadline=transport.Deadline(cfg.fetch.deadline_s, deps.clock),
+        backoff=transport.Backoff(cfg.fetch.backoff_initial_s, cfg.fetch.backoff_max_s, cfg.fetch.retry_after_max_s),
+        session_factory=deps.session_factory,
+        sleep=deps.sleep,
+    )
+    raw: bytes = transport.retry_until(
+        lambda: module.fetch(ctx),
+        what=f"fetching user-data ({provider})",
+        deadline=ctx.deadline,
+        backoff=ctx.backoff,
+        sleep=deps.sleep,
+    )
+    return raw
+
+
+def measure(idata: initdata.Initdata, cfg: Config, root: str) -> str:
+    """Extend the TPM PCR with the first 32 bytes of the initdata digest, once per boot."""
+    from guest_agent import tpm
+
+    device = str(under_root(root, cfg.tpm.device))
+    if not cfg.tpm.enabled:
+        return "disabled"
+    if not tpm.tpm_present(device):
+        log.info("no TPM at %s: initdata not measured into a PCR", cfg.tpm.device, extra=fields(stage="measure"))
+        return "absent"
+    # /run is a tmpfs: the marker lives exactly as long as the PCR value, so a rerun
+    # of the agent in the same boot does not extend twice (the verifier replays one).
+    marker = f"{cfg.state_dir}/pcr{cfg.tpm.pcr}.extended"
+    marker_path = under_root(root, marker)
+    if marker_path.is_file():
+        done = marker_path.read_text().strip()
+        if done == idata.digest_hex:
+            log.info("PCR %d already extended with this initdata in this boot", cfg.tpm.pcr)
+            return "already"
+        raise tpm.TpmError("PCR already extended with a different initdata in this boot", pcr=cfg.tpm.pcr)
+    tpm.extend_pcr(device, cfg.tpm.pcr, idata.pcr_extend_value)
+    files.write_atomic(marker, idata.digest_hex.encode(), root=root, mode=0o644)
+    return "extended"
+
+
+def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan:
+    """Validate everything, write everything, measure: the part shared with `provision`."""
+    with tl.stage("validate"):
+        plan = userdata.plan(raw, cfg)
+    with tl.stage("write"):
+        files.apply(list(plan.files), root=root, dir_mode=cfg.files.dir_mode)
+    for spec in plan.files:
+        log.info(
+            "wrote %s (%d bytes, mode %04o)",
+            spec.path,
+            len(spec.content),
+            spec.mode,
+            extra=fields(
+                stage="write",
+                path=spec.path,
+                size=len(spec.content),
+                sha256=hashlib.sha256(spec.content).hexdigest(),
+                source=spec.source,
+            ),
+        )
+    with tl.stage("measure"):
+        result = measure(plan.initdata, cfg, root)
+    log.info(
+        "initdata %s digest %s (%s), PCR %d: %s",
+        "default" if plan.initdata_is_default else "from user-data",
+        plan.initdata.digest_hex,
+        plan.initdata.algorithm,
+        cfg.tpm.pcr,
+        result,
+        extra=fields(stage="measure", initdata_digest=plan.initdata.digest_hex, pcr_result=result),
+    )
+    return plan
+
+
+def write_timeline(tl: Timeline, cfg: Config, root: str) -> None:
+    try:
+        files.write_atomic(f"{cfg.state_dir}/timeline.json", tl.to_json(), root=root, mode=0o644)
+    except AgentError as exc:
+        log.warning("cannot write the timeline: %s", exc.describe())
+
+
+def _nat_worker(cfg: Config, root: str, addr: str, result: list[AgentError | None]) -> None:
+    from guest_agent import netns
+
+    try:
+        netns.setup_imds_nat(
+            netns=cfg.netns.name,
+            run_dir=str(under_root(root, cfg.netns.run_dir)),
+            imds_addr=addr,
+            table=cfg.netns.nft_table,
+            deadline_s=cfg.netns.imds_nat_deadline_s,
+        )
+        result.append(None)
+    except AgentError as exc:
+        result.append(exc)
+    except Exception as exc:  # a thread must not die silently
+        result.append(UnhandledError(exc))
+
+
+def run(cfg: Config, root: str, deps: Deps) -> int:
+    tl = Timeline(clock=deps.clock, status=deps.notifier.status)
+    fabric: AzureFabric | None = None
+    addr: str | None = None
+    try:
+        with tl.stage("detect"):
+            facts = clouds.read_facts(root, cfg)
+            provider = cfg.provider if cfg.provider != "auto" else clouds.detect(facts)
+        deps.log_fields["GUEST_AGENT_PROVIDER"] = provider
+        log.info("provider %s (%s)", provider, "configured" if cfg.provider != "auto" else "detected from DMI")
+        if provider == "azure" and cfg.azure.report_ready:
+            from guest_agent.fabric import AzureFabric
+
+            fabric = AzureFabric(
+                cfg.azure, root=root, session_factory=deps.session_factory, clock=deps.clock, sleep=deps.sleep
+            )
+        addr = clouds.metadata_address(provider, cfg)
+        if addr is not None and cfg.network.wait:
+            from guest_agent import network
+
+            with tl.stage("network"):
+                route = network.wait_for_route(addr, deadline_s=cfg.network.deadline_s)
+            log.info("route to %s via ifindex %s, source %s", addr, route.oif, route.prefsrc)
+        if fabric is not None:
+            fabric.start_prefetch()  # goal state GET overlaps the user-data fetch
+        with tl.stage("fetch"):
+            raw = fetch_user_data(provider, cfg, root, deps)
+        log.info(
+            "user-data received: %d bytes, sha256 %s",
+            len(raw),
+            hashlib.sha256(raw).hexdigest(),
+            extra=fields(stage="fetch", size=len(raw), sha256=hashlib.sha256(raw).hexdigest()),
+        )
+        provision(raw, cfg, root, tl)
+        if cfg.netns.enabled:
+            from guest_agent import netns
+
+            with tl.stage("netns"):
+                created = netns.ensure_netns(cfg.netns.name, run_dir=str(under_root(root, cfg.netns.run_dir)))
+            log.info("pod network namespace %s %s", cfg.netns.name, "created" if created else "reused")
+        deps.notifier.ready("config files written")
+        tl.mark("ready")
+        log.info("user-data applied; READY=1 sent", extra={"MESSAGE_ID": MSG_APPLIED, **fields(stage="ready")})
+        write_timeline(tl, cfg, root)
+    except Exception as exc:
+        err = exc if isinstance(exc, AgentError) else UnhandledError(exc)
+        if err is not exc:
+            log.exception("unexpected error")
+        return fail(err, tl, cfg, root, deps, fabric)
+
+    nat_result: list[AgentError | None] = []
+    nat: threading.Thread | None = None
+    if cfg.netns.enabled and cfg.netns.imds_nat and addr is not None:
+        nat = threading.Thread(target=_nat_worker, args=(cfg, root, addr, nat_result), name="imds-nat", daemon=True)
+        nat.start()
+    code = EXIT_OK
+    if fabric is not None:
+        try:
+            with tl.stage("report-ready"):
+                fabric.report_ready(tl.durations_ms())
+        except AgentError as err:
+            log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
+            code = err.exit_code
+    if nat is not None:
+        deps.notifier.status("waiting for the pod address to set up IMDS access")
+        nat.join()
+        nat_err = nat_result[0] if nat_result else None
+        if nat_err is not None:
+            log.error("IMDS access for the pod not set up: %s", nat_err.describe(), extra=fields(stage="imds-nat"))
+            code = code or nat_err.exit_code
+        else:
+            log.info("IMDS access for the pod set up", extra=fields(stage="imds-nat"))
+    summary(tl)
+    write_timeline(tl, cfg, root)
+    deps.notifier.status("done" if code == EXIT_OK else "done, with errors (see the journal)")
+    return code
+
+
+def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabric: AzureFabric | None) -> int:
+    log.error(
+        "provisioning failed: %s",
+        err.describe(),
+        extra={"MESSAGE_ID": MSG_FAILED, **fields(reason=err.reason, exit_code=err.exit_code, stage=err.stage or "")},
+    )
+    deps.notifier.status(f"failed: {err.reason}")
+    write_timeline(tl, cfg, root)
+    if fabric is not None:
+        try:
+            with tl.stage("report-failure"):
+                fabric.report_failure(err.describe(), tl.durations_ms())
+        except AgentError as rerr:
+            log.error("the failure report was not acknowledged: %s", rerr.describe())
+        write_timeline(tl, cfg, root)
+    return err.exit_code
+
+
+def summary(tl: Timeline) -> None:
+    parts = " ".join(f"{k}={v:.1f}ms" for k, v in tl.durations_ms().items())
+    log.info("timeline: %s", parts, extra={"MESSAGE_ID": MSG_TIMELINE})

@@ -1,0 +1,109 @@
+"""NoCloud-style `cidata` user-data: a seed file, or an ISO9660 disk labelled cidata/CIDATA.
+
+1. `<mount_dir>/user-data` if it exists (byom SFTPs it there; the docker provider
+   bind-mounted it).
+2. Otherwise every block device in /sys/class/block is checked for an ISO9660 volume
+   with one of the labels, and `user-data` is read straight from the device.  If none
+   is there yet, the wait is event-driven: kernel uevents (NETLINK_KOBJECT_UEVENT) wake
+   a rescan when a block device appears or a CD's media changes, up to `wait_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+
+from guest_agent import iso9660
+from guest_agent.clouds import FetchContext
+from guest_agent.config import CidataConfig, under_root
+from guest_agent.errors import MetadataUnavailable, UserDataInvalid
+
+log = logging.getLogger("guest_agent.cidata")
+NETLINK_KOBJECT_UEVENT = 15
+
+
+def read_seed(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
+    path = under_root(root, cfg.mount_dir) / "user-data"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+    if len(data) > limit:
+        raise UserDataInvalid("user-data is larger than the size limit", limit_bytes=limit)
+    return data
+
+
+def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
+    """user-data from the first block device carrying an ISO9660 volume labelled cidata."""
+    sysblock = under_root(root, "/sys/class/block")
+    try:
+        names = sorted(os.listdir(sysblock))
+    except OSError:
+        return None
+    for name in names:
+        dev = under_root(root, cfg.dev_dir) / name
+        try:
+            with open(dev, "rb") as f:
+                try:
+                    if iso9660.volume_label(f) not in cfg.labels:
+                        continue
+                    data = iso9660.read_root_file(f, "user-data", limit=limit)
+                except iso9660.NotIso:
+                    continue
+                except ValueError as exc:
+                    raise UserDataInvalid("user-data on the cidata disk is too large", device=name) from exc
+        except OSError:
+            continue  # no medium in the drive, or a device we may not read
+        if data is None:
+            raise MetadataUnavailable("the cidata disk has no user-data file", device=name)
+        log.info("found the cidata disk", extra={"GUEST_AGENT_DEVICE": name})
+        return data
+    return None
+
+
+def _uevent_socket() -> socket.socket | None:
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
+        s.bind((0, 1))  # group 1: kernel uevents
+        return s
+    except OSError:
+        return None
+
+
+def find_disk(root: str, cfg: CidataConfig, limit: int, *, wait_s: float) -> bytes | None:
+    """Scan now; if nothing, rescan on each block uevent until `wait_s` passes."""
+    sock = _uevent_socket() if wait_s > 0 else None  # subscribe before scanning: no missed event
+    try:
+        data = scan_devices(root, cfg, limit)
+        end = time.monotonic() + wait_s
+        while data is None and sock is not None and (left := end - time.monotonic()) > 0:
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            msg = sock.recv(8192)
+            if b"SUBSYSTEM=block" in msg:
+                data = scan_devices(root, cfg, limit)
+        return data
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def fetch(ctx: FetchContext) -> bytes:
+    cfg, limit = ctx.cfg.cidata, ctx.cfg.limits.max_user_data_bytes
+    data = read_seed(ctx.root, cfg, limit)
+    if data is None:
+        data = find_disk(ctx.root, cfg, limit, wait_s=min(cfg.wait_s, ctx.deadline.remaining()))
+    if data is None:
+        raise MetadataUnavailable(
+            "no user-data: no cidata seed file and no ISO9660 disk labelled cidata",
+            seed=cfg.mount_dir + "/user-data",
+            waited_s=cfg.wait_s,
+        )
+    return data

@@ -1,0 +1,241 @@
+"""Agent configuration: frozen dataclasses whose defaults are the documentation.
+
+Load order (later wins, key by key):
+  1. the defaults below;
+  2. ``/etc/guest-agent/config.toml``;
+  3. ``/etc/guest-agent/config.d/*.toml``, sorted by file name;
+  4. ``--config FILE``.
+The two ``/etc`` locations are read under ``--root``.  Unknown sections or keys
+and wrongly typed values are errors (exit 78): a typo must not silently fall
+back to a default on a machine nobody can log in to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guest_agent.errors import ConfigError
+
+PROVIDERS = ("auto", "azure", "aws", "gcp", "alibaba", "ibmcloud", "cidata")
+
+# CAA's write_files allow-list (cloud-api-adaptor pkg/userdata/provision.go), exact paths.
+DEFAULT_ALLOWED_PATHS = (
+    "/run/peerpod/apf.json",
+    "/run/peerpod/auth.json",
+    "/run/peerpod/initdata",
+    "/run/peerpod/scratch-space.marker",
+    "/run/peerpod/aa.toml",
+    "/run/peerpod/cdh.toml",
+)
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How user-data is fetched from any metadata service."""
+
+    deadline_s: float = 180.0  # give up (exit 69) after this long; CAA's --user-data-fetch-timeout
+    connect_timeout_s: float = 1.0  # short: a link-local service answers in ms or not at all
+    read_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.1  # first retry delay; doubles per attempt ...
+    backoff_max_s: float = 2.0  # ... up to this cap
+    retry_after_max_s: float = 30.0  # a server's Retry-After is honoured up to this (and the deadline)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Size caps on untrusted input (the host is untrusted)."""
+
+    max_user_data_bytes: int = 256 * 1024  # raw bytes as received (GCP allows 256 KiB per value)
+    max_decoded_bytes: int = 1024 * 1024  # after every base64/gzip layer (gzip bombs)
+    max_file_bytes: int = 512 * 1024  # one write_files entry, decoded
+
+
+@dataclass(frozen=True)
+class FilesConfig:
+    """Which files user-data may write, and where the pod VM keeps them."""
+
+    allowed_paths: tuple[str, ...] = DEFAULT_ALLOWED_PATHS
+    default_mode: int = 0o600  # they hold TLS keys and registry credentials
+    dir_mode: int = 0o755  # for /run/peerpod when the agent has to create it
+    peerpod_dir: str = "/run/peerpod"
+
+
+@dataclass(frozen=True)
+class TpmConfig:
+    """Measurement of initdata into a TPM PCR (CAA PR #1999 / #2186)."""
+
+    enabled: bool = True
+    device: str = "/dev/tpmrm0"  # resource manager; absent device = no TPM (logged, not an error)
+    pcr: int = 8  # unused by systemd-boot/UKI images; what CAA's verifier replays
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Waiting for a route to the metadata address by netlink events."""
+
+    wait: bool = True
+    deadline_s: float = 120.0  # no route by then: exit 69 (and NotReady on Azure)
+
+
+@dataclass(frozen=True)
+class NetnsConfig:
+    """The pod network namespace and the pod's path to IMDS."""
+
+    enabled: bool = True
+    name: str = "podns"
+    run_dir: str = "/run/netns"
+    imds_nat: bool = True  # proxy-ARP veth + MASQUERADE so the pod reaches IMDS (setup-nat-for-imds)
+    imds_nat_deadline_s: float = 300.0  # wait this long for APF to give the pod its address
+    nft_table: str = "guest_agent"
+
+
+@dataclass(frozen=True)
+class AzureConfig:
+    imds_url: str = "http://169.254.169.254"
+    # compute/userData exists from api-version 2021-01-01; format=text returns the base64 string.
+    user_data_path: str = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+    # "" = OPTION_245 from systemd-networkd's lease files, else 168.63.129.16.
+    wireserver_url: str = ""
+    lease_dir: str = "/run/systemd/netif/leases"
+    report_ready: bool = True
+    ready_deadline_s: float = 1200.0  # the fabric gives up on the VM after about 20 minutes
+    kvp_dir: str = "/var/lib/hyperv"  # PROVISIONING_REPORT goes to .kvp_pool_1 here, if it exists
+    # A failure report gets its own, shorter budget (capped by ready_deadline_s): the agent is exiting anyway.
+    failure_deadline_s: float = 300.0
+    wireserver_connect_timeout_s: float = 2.0  # short, retried: early in boot the route may be seconds away
+    wireserver_read_timeout_s: float = 10.0  # WALinuxAgent uses 10 s per request
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    imds_url: str = "http://169.254.169.254"
+    token_ttl_s: int = 21600  # IMDSv2 token lifetime (1..21600)
+
+
+@dataclass(frozen=True)
+class GcpConfig:
+    # By IP, not metadata.google.internal: no DNS this early (afterburn does the same).
+    metadata_url: str = "http://169.254.169.254"
+
+
+@dataclass(frozen=True)
+class AlibabaConfig:
+    metadata_url: str = "http://100.100.100.200"
+    token_ttl_s: int = 21600
+
+
+@dataclass(frozen=True)
+class IbmCloudConfig:
+    metadata_url: str = "http://169.254.169.254"
+    api_version: str = "2022-03-01"
+    token_expires_s: int = 300
+
+
+@dataclass(frozen=True)
+class CidataConfig:
+    mount_dir: str = "/media/cidata"  # an existing <mount_dir>/user-data wins (byom, docker)
+    labels: tuple[str, ...] = ("cidata", "CIDATA")
+    dev_dir: str = "/dev"  # block devices scanned for an ISO9660 volume with one of the labels
+    wait_s: float = 5.0  # how long to wait for the disk to appear when DMI says QEMU/IBM
+
+
+@dataclass(frozen=True)
+class Config:
+    provider: str = "auto"  # auto|azure|aws|gcp|alibaba|ibmcloud|cidata
+    state_dir: str = "/run/guest-agent"  # timeline.json lives here
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
+    tpm: TpmConfig = field(default_factory=TpmConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    netns: NetnsConfig = field(default_factory=NetnsConfig)
+    azure: AzureConfig = field(default_factory=AzureConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    gcp: GcpConfig = field(default_factory=GcpConfig)
+    alibaba: AlibabaConfig = field(default_factory=AlibabaConfig)
+    ibmcloud: IbmCloudConfig = field(default_factory=IbmCloudConfig)
+    cidata: CidataConfig = field(default_factory=CidataConfig)
+
+
+SYSTEM_CONFIG = "/etc/guest-agent/config.toml"
+SYSTEM_CONFIG_DIR = "/etc/guest-agent/config.d"
+
+
+def under_root(root: str, path: str) -> Path:
+    """Prefix a guest path with --root (``/`` leaves it unchanged)."""
+    return Path(root) / path.lstrip("/")
+
+
+def config_files(root: str, extra: str | None) -> list[Path]:
+    """The files that exist, in load order."""
+    files = []
+    main = under_root(root, SYSTEM_CONFIG)
+    if main.is_file():
+        files.append(main)
+    d = under_root(root, SYSTEM_CONFIG_DIR)
+    if d.is_dir():
+        files.extend(sorted(p for p in d.iterdir() if p.suffix == ".toml" and p.is_file()))
+    if extra is not None:
+        files.append(Path(extra))
+    return files
+
+
+def load(root: str = "/", extra: str | None = None) -> Config:
+    cfg = Config()
+    for path in config_files(root, extra):
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(
+                "agent configuration file is unreadable or not TOML", file=str(path), error=str(exc)
+            ) from exc
+        cfg = merge(cfg, data, where=str(path))
+    return cfg
+
+
+def merge(obj: Any, data: dict[str, Any], *, where: str) -> Any:
+    """Return a copy of dataclass `obj` with `data` applied, checking names and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError("unknown key in agent configuration", key=key, file=where)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError("configuration key must be a table", key=key, file=where)
+            changes[key] = merge(current, value, where=where)
+        else:
+            changes[key] = _coerce(key, hints[key], value, where)
+    cfg = dataclasses.replace(obj, **changes)
+    if isinstance(cfg, Config) and cfg.provider not in PROVIDERS:
+        raise ConfigError("unknown provider in agent configuration", provider=cfg.provider, file=where)
+    return cfg
+
+
+def _coerce(key: str, hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError("configuration key must be a list of strings", key=key, file=where)
+        return tuple(value)
+    if isinstance(hint, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint is bool) != isinstance(value, bool):
+        raise ConfigError("configuration key has the wrong type", key=key, expected=hint.__name__, file=where)
+    if not isinstance(value, hint):
+        raise ConfigError("configuration key has the wrong type", key=key, expected=hint.__name__, file=where)
+    return value
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,80 @@
+"""The agent's error hierarchy and exit codes.
+
+Every failure the agent can report is an `AgentError` carrying a short, fixed,
+user-facing `reason` and a dict of `supporting_data` (never secrets or
+user-data content).  `cli` renders it in one place: the journal line, the
+fabric failure report and the exit code.  Exit codes follow sysexits(3) so the
+unit can act on them (`RestartPreventExitStatus=78`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_OK = 0
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: metadata service unreachable / no user-data by the deadline
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: internal error, write failure, unexpected exception
+EXIT_CONFIG = 78  # EX_CONFIG: user-data (or agent config) invalid or disallowed; nothing written
+
+
+class AgentError(Exception):
+    """Base class: `reason` is one sentence a user can act on."""
+
+    exit_code = EXIT_SOFTWARE
+
+    def __init__(self, reason: str, **supporting_data: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.supporting_data: dict[str, Any] = supporting_data
+        self.stage: str | None = None  # filled in by Timeline when the error crosses a stage
+
+    def describe(self) -> str:
+        """One line: reason, then `key=value` supporting data, for logs and fabric reports."""
+        parts = [self.reason]
+        if self.stage:
+            parts.append(f"stage={self.stage}")
+        parts.extend(f"{k}={v}" for k, v in self.supporting_data.items())
+        return "; ".join(parts)
+
+
+class ConfigError(AgentError):
+    """The agent's own configuration files are invalid."""
+
+    exit_code = EXIT_CONFIG
+
+
+class UserDataInvalid(AgentError):
+    """User-data (or initdata inside it) is malformed or asks for something disallowed."""
+
+    exit_code = EXIT_CONFIG
+
+
+class MetadataUnavailable(AgentError):
+    """The metadata service (or config disk) gave no usable user-data before the deadline."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NetworkUnavailable(MetadataUnavailable):
+    """No route to the metadata address appeared before the deadline."""
+
+
+class WriteFailed(AgentError):
+    """A config file could not be written safely (I/O error, symlink, bad target)."""
+
+    exit_code = EXIT_SOFTWARE
+
+
+class FabricError(AgentError):
+    """The cloud fabric (Azure wireserver) did not accept a health report."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class UnhandledError(AgentError):
+    """Wraps an unexpected exception so it is still reported through the same path."""
+
+    exit_code = EXIT_SOFTWARE
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__("unexpected internal error", exception=type(exc).__name__, detail=str(exc)[:200])

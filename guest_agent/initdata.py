@@ -1,0 +1,129 @@
+"""Initdata: decode, validate and digest the TOML document CAA delivers in /run/peerpod/initdata.
+
+Pure functions only (no I/O). The wire format is CAA's `initdata.Encode`: gzip, then standard
+base64 on one line; user-data's YAML block scalar adds one trailing newline
+(research clouds.md §2.1-2.2). The document is the trustee initdata TOML:
+
+    algorithm = "sha256" | "sha384" | "sha512"
+    version = "0.1.0"
+    [data]
+    "aa.toml" = '''...'''
+
+The digest is H(decompressed TOML bytes) with H named by `algorithm`, and CAA extends the
+sha256 bank of PCR 8 with its first 32 bytes whatever the algorithm (CAA PR #2186), so a
+verifier replays PCR8 = SHA256(0x00*32 || digest[:32]).
+
+Policy differences from CAA (`extractInitdataAndHash`): a `[data]` name outside the allow-list
+is an error for the whole user-data here (CAA logs and skips it), and names are compared
+exactly (CAA compares after `filepath.Join`, so it also accepts e.g. "./aa.toml").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+
+from guest_agent.codec import b64decode_strict, gunzip_bounded
+from guest_agent.errors import UserDataInvalid
+
+# CAA writes this when user-data carries no initdata (no trailing newline), so the digest and
+# PCR 8 are still defined; sha256 = adb48cc1...66478d.
+DEFAULT_INITDATA_TOML: bytes = b"algorithm = \"sha256\"\nversion = \"0.1.0\"\n\n[data]\n\"aa.toml\" = '''\n'''"
+
+# Files initdata may carry; each lands in /run/peerpod/<name>.
+ALLOWED_DATA_NAMES: tuple[str, ...] = ("aa.toml", "cdh.toml", "policy.rego")
+
+ALGORITHMS: tuple[str, ...] = ("sha256", "sha384", "sha512")
+
+PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
+
+
+@dataclass(frozen=True)
+class Initdata:
+    algorithm: str
+    version: str
+    digest: bytes
+    files: tuple[tuple[str, bytes], ...]  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
+
+    @property
+    def digest_hex(self) -> str:
+        """Lowercase hex, what CAA writes (without newline) to /run/peerpod/initdata.digest."""
+        return self.digest.hex()
+
+    @property
+    def pcr_extend_value(self) -> bytes:
+        """The 32 bytes CAA extends into PCR 8's sha256 bank: the digest truncated, whatever the algorithm."""
+        return self.digest[:PCR_EXTEND_LEN]
+
+
+def decode_file(raw: bytes, *, limit: int) -> bytes:
+    """/run/peerpod/initdata content (base64 of gzip, whitespace tolerated) -> the TOML bytes.
+
+    `limit` bounds the decompressed size (gzip bombs).
+    """
+    compressed = b64decode_strict(raw, what="initdata")
+    return gunzip_bounded(compressed, limit=limit, what="initdata")
+
+
+def encode_file(toml_bytes: bytes) -> bytes:
+    """The inverse of `decode_file`: gzip (mtime 0, so deterministic) then base64, one line, no newline."""
+    import base64
+    import zlib
+
+    co = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # wbits 16+: gzip container
+    return base64.b64encode(co.compress(toml_bytes) + co.flush())
+
+
+def parse(toml_bytes: bytes) -> Initdata:
+    """Validate the initdata TOML and compute its digest over exactly these bytes."""
+    try:
+        text = toml_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserDataInvalid("initdata is not valid UTF-8", offset=exc.start) from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message carries only a position ("... (at line 3, column 9)"), no document content.
+        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)) from exc
+
+    algorithm = doc.get("algorithm")
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        shown = algorithm[:32] if isinstance(algorithm, str) else type(algorithm).__name__
+        raise UserDataInvalid(
+            f"initdata algorithm {shown!r} is not supported (sha256, sha384 or sha512)", algorithm=shown
+        )
+
+    # CAA's struct field is a Go string: missing gives "", a non-string fails the TOML decode.
+    version = doc.get("version", "")
+    if not isinstance(version, str):
+        raise UserDataInvalid("initdata version is not a string", type=type(version).__name__)
+
+    data = doc.get("data", {})
+    if not isinstance(data, dict):
+        raise UserDataInvalid("initdata [data] is not a table", type=type(data).__name__)
+    files: list[tuple[str, bytes]] = []
+    for name, value in data.items():
+        if name not in ALLOWED_DATA_NAMES:
+            raise UserDataInvalid(
+                f"initdata [data] names a file that is not allowed: {name[:64]!r}",
+                allowed=",".join(ALLOWED_DATA_NAMES),
+            )
+        if not isinstance(value, str):
+            raise UserDataInvalid(f"initdata [data] value for {name!r} is not a string", type=type(value).__name__)
+        files.append((name, value.encode("utf-8")))
+
+    digest = hashlib.new(algorithm, toml_bytes).digest()
+    return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files))
+
+
+def load(raw: bytes, *, limit: int) -> Initdata:
+    """`parse(decode_file(raw))`: the whole path from the file CAA wrote to a validated Initdata."""
+    return parse(decode_file(raw, limit=limit))
+
+
+def expected_pcr(initial: bytes, extend: bytes) -> bytes:
+    """TPM2_PCR_Extend on a sha256 bank: new = SHA256(old || value). PCR 8 starts at 32 zero bytes."""
+    if len(initial) != PCR_EXTEND_LEN or len(extend) != PCR_EXTEND_LEN:
+        raise ValueError("sha256 PCR values and extend values are 32 bytes")
+    return hashlib.sha256(initial + extend).digest()

@@ -1,0 +1,101 @@
+"""Read one file from an ISO9660 image without mounting it (pure parsing over a file object).
+
+Enough of ECMA-119 for a cloud-init `cidata` disk: the primary volume descriptor's
+label, and a file in the root directory found by its Joliet name (UCS-2), its Rock
+Ridge NM name, or its plain ISO9660 name (upper case, `;1` version suffix).
+Reading the block device directly avoids waiting for udev's by-label link and a mount.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+SECTOR = 2048
+_JOLIET_ESCAPES = (b"%/@", b"%/C", b"%/E")
+
+
+class NotIso(Exception):
+    pass
+
+
+def _descriptors(dev: BinaryIO) -> list[bytes]:
+    out: list[bytes] = []
+    for lba in range(16, 16 + 32):
+        dev.seek(lba * SECTOR)
+        vd = dev.read(SECTOR)
+        if len(vd) < SECTOR or vd[1:6] != b"CD001":
+            if not out:
+                raise NotIso("no ISO9660 volume descriptor")
+            break
+        if vd[0] == 255:
+            break
+        out.append(vd)
+    return out
+
+
+def volume_label(dev: BinaryIO) -> str:
+    for vd in _descriptors(dev):
+        if vd[0] == 1:
+            return vd[40:72].decode("ascii", "replace").strip()
+    raise NotIso("no primary volume descriptor")
+
+
+def _records(dev: BinaryIO, extent: int, length: int, limit: int) -> list[tuple[bytes, int, int, int, bytes]]:
+    """(name, extent, size, flags, system_use) of each record in a directory extent."""
+    dev.seek(extent * SECTOR)
+    data = dev.read(min(length, limit))
+    out, pos = [], 0
+    while pos < len(data):
+        rlen = data[pos]
+        if rlen == 0:  # records never cross a sector boundary: skip the padding
+            pos = (pos // SECTOR + 1) * SECTOR
+            continue
+        rec = data[pos : pos + rlen]
+        if len(rec) < 34:
+            break
+        ext, size = struct.unpack_from("<I", rec, 2)[0], struct.unpack_from("<I", rec, 10)[0]
+        nlen = rec[32]
+        name = rec[33 : 33 + nlen]
+        su_start = 33 + nlen + (1 - nlen % 2)  # a pad byte follows an even-length name
+        out.append((name, ext, size, rec[25], rec[su_start:]))
+        pos += rlen
+    return out
+
+
+def _rock_ridge_name(su: bytes) -> str | None:
+    pos = 0
+    while pos + 4 <= len(su):
+        sig, ln = su[pos : pos + 2], su[pos + 2]
+        if ln < 4:
+            break
+        if sig == b"NM" and ln > 5:
+            return su[pos + 5 : pos + ln].decode("utf-8", "replace")
+        pos += ln
+    return None
+
+
+def _plain(name: str) -> str:
+    return name.split(";", 1)[0].rstrip(".").lower()
+
+
+def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
+    """Content of root-directory file `wanted` (e.g. "user-data"), or None if absent."""
+    vds = _descriptors(dev)
+    joliet = [vd for vd in vds if vd[0] == 2 and vd[88:91] in _JOLIET_ESCAPES]
+    for vd in joliet + [vd for vd in vds if vd[0] == 1]:
+        root = vd[156 : 156 + 34]
+        extent, length = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
+        for raw, ext, size, flags, su in _records(dev, extent, length, limit=1 << 20):
+            if flags & 0x02 or raw in (b"\x00", b"\x01"):
+                continue  # directories, "." and ".."
+            if vd[0] == 2:
+                name = raw.decode("utf-16-be", "replace").split(";", 1)[0]
+            else:
+                name = _rock_ridge_name(su) or _plain(raw.decode("ascii", "replace"))
+            if name == wanted or (vd[0] == 1 and _plain(name).replace("_", "-") == wanted):
+                if size > limit:
+                    raise ValueError(f"{wanted} is larger than {limit} bytes")
+                dev.seek(ext * SECTOR)
+                return dev.read(size)
+    return None

@@ -1,0 +1,371 @@
+"""The pod network namespace and the pod's path to the metadata service.
+
+`ensure_netns` replaces ``netns@podns.service`` (``ip netns add podns`` and
+``ip netns exec podns ip link set lo up``) and `setup_imds_nat` replaces
+cloud-api-adaptor's ``setup-nat-for-imds.sh``.
+
+Namespaces without fork: a network namespace is a per-thread attribute in
+Linux, so `unshare(CLONE_NEWNET)` and `setns()` are done by a short-lived
+helper thread (through ctypes: ``os.unshare``/``os.setns`` only arrived in
+Python 3.12).  Sockets keep the namespace they were created in, and
+``/proc/sys/net`` shows the namespace of the thread that opens it, so the
+helper thread creates what it needs and ends; the calling thread never changes
+namespace.  This is what ``ip netns add`` does, minus the fork: pyroute2's
+``netns.create`` and ``IPRoute(netns=...)`` fork a child process, which is slower
+(about 30 ms) and unsafe once the agent has started threads.  Nothing here forks,
+so every function may be called from any thread at any time.
+
+Threads and the caller's namespace: everything that is "host side" happens in
+the namespace of the *calling thread*, which is the VM's root namespace in the
+agent.  Tests call it from a thread that joined a test namespace instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from guest_agent.errors import NetworkUnavailable
+from guest_agent.network import RtnlSocket, family_of, wait_for_route
+
+T = TypeVar("T")
+
+# <sched.h>, <sys/mount.h>
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+LOOPBACK_IFINDEX = 1  # the kernel gives `lo` ifindex 1 in every network namespace
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _check(ret: int, what: str, path: str = "") -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path or None)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags, None),
+        "mount",
+        target,
+    )
+
+
+def _setns(fd: int) -> None:
+    _check(_libc.setns(fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> T:
+    """Run `fn` in a new thread and return its result (or raise its exception) here."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    result: T = box["result"]
+    return result
+
+
+def run_in_netns(path: str, fn: Callable[[], T]) -> T:
+    """Call `fn` in a helper thread that has joined the network namespace file `path`.
+
+    Whatever `fn` creates there (sockets, pyroute2 objects used inside `fn`) lives in
+    that namespace; the calling thread's namespace is not changed.
+    """
+
+    def enter_and_run() -> T:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        return fn()
+
+    return _in_thread(enter_and_run, f"netns:{os.path.basename(path)}")
+
+
+def netns_path(name: str, run_dir: str) -> str:
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"bad network namespace name: {name!r}")
+    return os.path.join(run_dir, name)
+
+
+def is_netns(path: str) -> bool:
+    """True if `path` is a bind mount of a network namespace (nsfs), like /run/netns/<name>."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_dev == os.stat("/proc/self/ns/net").st_dev
+
+
+def _lo_up() -> None:
+    with RtnlSocket.open() as rtnl:
+        rtnl.link_up(LOOPBACK_IFINDEX)
+
+
+def _prepare_run_dir(run_dir: str) -> None:
+    """Make `run_dir` exist and be a shared mount, as `ip netns add` does.
+
+    MS_SHARED lets namespace mounts made later propagate into mount namespaces
+    cloned from this one (units with PrivateMounts=, PrivateTmp=...).  A directory
+    that is not a mount point yet gets bind-mounted onto itself first (EINVAL).
+    """
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    try:
+        _mount("none", run_dir, "none", MS_SHARED | MS_REC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _mount(run_dir, run_dir, "none", MS_BIND | MS_REC)
+        _mount("none", run_dir, "none", MS_SHARED | MS_REC)
+
+
+def ensure_netns(name: str, *, run_dir: str = "/run/netns") -> bool:
+    """Create network namespace `<run_dir>/<name>` with `lo` up; reuse an existing one.
+
+    Returns True if it was created, False if it existed (its `lo` is set up again).
+    """
+    path = netns_path(name, run_dir)
+    _prepare_run_dir(run_dir)
+    if is_netns(path):
+        run_in_netns(path, _lo_up)
+        return False
+    # The mount point: an empty file, mode 0 like `ip netns add`; a stale one left by a
+    # crash between this step and the bind mount is reused.
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0))
+
+    def create() -> None:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        # This thread is now alone in a new namespace; pin it to the file so it outlives the thread.
+        _mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, "none", MS_BIND)
+        _lo_up()
+
+    try:
+        _in_thread(create, f"netns-create:{name}")
+    except BaseException:
+        if not is_netns(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    return True
+
+
+def remove_netns(name: str, *, run_dir: str = "/run/netns") -> bool:
+    """Unmount and delete `<run_dir>/<name>` (`ip netns del`); False if it did not exist."""
+    path = netns_path(name, run_dir)
+    if not os.path.lexists(path):
+        return False
+    ret = _libc.umount2(path.encode(), MNT_DETACH)
+    if ret != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted
+        _check(ret, "umount2", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# IMDS access for the pod: proxy-ARP veth pair + MASQUERADE (setup-nat-for-imds.sh)
+
+
+@dataclass(frozen=True)
+class NatResult:
+    pod_ip: str
+    imds_addr: str
+    host_veth: str
+    pod_veth: str
+    host_ifindex: int
+    pod_ifindex: int
+    pod_mac: str
+    table: str
+    rules: int  # MASQUERADE rules in `table` after setup: always 1
+    created_veth: bool  # False when an existing pair was reused
+    waited: bool  # the pod's route to IMDS was not there at the first look
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def _is_errno(exc: BaseException, code: int) -> bool:
+    return getattr(exc, "code", None) == code or getattr(exc, "errno", None) == code
+
+
+def _pod_link(pod_veth: str) -> int | None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=pod_veth)
+        return int(found[0]) if found else None
+
+
+def _pod_side(pod_veth: str, imds_addr: str) -> tuple[int, str]:
+    """In the pod namespace: veth up, route to IMDS through it; return (ifindex, MAC)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=pod_veth)
+        if not found:
+            raise NetworkUnavailable("the pod end of the IMDS veth pair is missing", device=pod_veth)
+        index = int(found[0])
+        ipr.link("set", index=index, state="up")
+        # More specific than the pod's default route (through APF's vxlan), so IMDS goes via the veth.
+        ipr.route("replace", dst=f"{imds_addr}/32", oif=index)
+        mac = str(ipr.get_links(index)[0].get("IFLA_ADDRESS"))
+        return index, mac
+
+
+def _nft_masquerade(table: str, pod_ip: str, imds_addr: str) -> int:
+    """(Re)create `ip <table>` with one postrouting MASQUERADE rule; return its rule count.
+
+    nft rule adds are not idempotent (they append), so the table is deleted and rebuilt.
+    A table of our own does not clash with iptables-nft's `ip nat` or APF's NOTRACK rules.
+    """
+    from pyroute2.nftables.expressions import ipv4addr, masq
+    from pyroute2.nftables.main import NFTables
+
+    with NFTables(nfgen_family=socket.AF_INET) as nft:
+        try:
+            nft.table("del", name=table)
+        except Exception as exc:
+            if not _is_errno(exc, errno.ENOENT):
+                raise
+        nft.table("add", name=table)
+        nft.chain("add", table=table, name="postrouting", hook="postrouting", type="nat", priority=100, policy=1)
+        # ipv4addr() packs netmasks host-endian; harmless here because both are exact /32 matches.
+        nft.rule("add", table=table, chain="postrouting", expressions=(ipv4addr(src=pod_ip, dst=imds_addr), masq()))
+        return sum(1 for r in nft.get_rules() if r.get_attr("NFTA_RULE_TABLE") == table)
+
+
+def setup_imds_nat(
+    *,
+    netns: str,
+    run_dir: str,
+    imds_addr: str,
+    table: str = "guest_agent",
+    deadline_s: float,
+    pod_ip: str | None = None,
+    host_veth: str = "veth1",
+    pod_veth: str = "veth2",
+    host_addr: str = "169.254.99.99",
+    clock: Callable[[], float] = time.monotonic,
+) -> NatResult:
+    """Give the pod namespace a path to the metadata service, idempotently.
+
+    Waits (rtnetlink events in the pod namespace, up to `deadline_s`) until the pod
+    has a route to `imds_addr`, which APF creates, and takes the pod IP from its
+    source address, unless `pod_ip` is given.  Then: veth pair `host_veth` (here,
+    with `host_addr`/32 so proxy ARP answers) / `pod_veth` (in the pod), forwarding
+    and proxy ARP, a /32 route to IMDS via the veth in the pod, the return route
+    and a permanent neighbour entry here, and a MASQUERADE rule in nft table
+    `table`.  A rerun reuses the veth pair and rebuilds the table (one rule).
+    Host-side steps act on the calling thread's network namespace.  IPv4 only.
+    """
+    if family_of(imds_addr) != socket.AF_INET:
+        raise ValueError("the IMDS NAT is IPv4 only")
+    path = netns_path(netns, run_dir)
+    if not is_netns(path):
+        raise NetworkUnavailable("the pod network namespace does not exist", netns=path)
+    waited = False
+    if pod_ip is None:
+        try:
+            route = wait_for_route(imds_addr, deadline_s=deadline_s, netns=path, clock=clock)
+        except NetworkUnavailable as exc:
+            raise NetworkUnavailable(
+                "the pod network namespace got no route to the metadata service before the deadline",
+                netns=path,
+                address=imds_addr,
+                deadline_s=deadline_s,
+            ) from exc
+        assert route.prefsrc is not None  # wait_for_route requires a source address
+        pod_ip, waited = route.prefsrc, route.waited
+    family_of(pod_ip)  # a literal address, not a name
+
+    from pyroute2 import IPRoute
+
+    created = False
+    with IPRoute() as host:
+        found = host.link_lookup(ifname=host_veth)
+        pod_index = run_in_netns(path, lambda: _pod_link(pod_veth))
+        if not (found and pod_index):
+            # Missing or half-made pair (say, a crash before the pod end moved): start over.
+            if found:
+                host.link("del", index=found[0])
+            if pod_index:
+                run_in_netns(path, lambda: _del_link(pod_veth))
+            ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # One request creates both ends, the peer directly in the pod namespace.
+                host.link("add", ifname=host_veth, kind="veth", peer={"ifname": pod_veth, "net_ns_fd": ns_fd})
+            finally:
+                os.close(ns_fd)
+            created = True
+            found = host.link_lookup(ifname=host_veth)
+        host_index = int(found[0])
+        # Proxy ARP stays silent on an interface with no IPv4 address.
+        try:
+            host.addr("add", index=host_index, address=host_addr, prefixlen=32)
+        except Exception as exc:
+            if not _is_errno(exc, errno.EEXIST):
+                raise
+        host.link("set", index=host_index, state="up")
+        _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        _write_sysctl(f"/proc/sys/net/ipv4/conf/{host_veth}/proxy_arp", "1")
+        _write_sysctl(f"/proc/sys/net/ipv4/neigh/{host_veth}/proxy_delay", "0")
+
+        pod_index, mac = run_in_netns(path, lambda: _pod_side(pod_veth, imds_addr))
+
+        host.route("replace", dst=f"{pod_ip}/32", oif=host_index)
+        # A permanent entry: replies to the pod need no ARP across the veth.
+        host.neigh("replace", dst=pod_ip, lladdr=mac, ifindex=host_index, state="permanent")
+
+    rules = _nft_masquerade(table, pod_ip, imds_addr)
+    return NatResult(
+        pod_ip=pod_ip,
+        imds_addr=imds_addr,
+        host_veth=host_veth,
+        pod_veth=pod_veth,
+        host_ifindex=host_index,
+        pod_ifindex=pod_index,
+        pod_mac=mac,
+        table=table,
+        rules=rules,
+        created_veth=created,
+        waited=waited,
+    )
+
+
+def _del_link(ifname: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=ifname):
+            ipr.link("del", index=index)

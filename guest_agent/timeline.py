@@ -1,0 +1,101 @@
+"""The stage timeline: CLOCK_MONOTONIC start/end of every stage of a run.
+
+`time.monotonic()` is CLOCK_MONOTONIC on Linux: seconds since boot (minus suspend), the
+same clock as the kernel's log timestamps and systemd's *TimestampMonotonic, so the
+figures line up with `journalctl -o short-monotonic` and `systemd-analyze`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from guest_agent.errors import AgentError
+from guest_agent.log import fields
+
+log = logging.getLogger("guest_agent.timeline")
+
+
+@dataclass
+class Stage:
+    name: str
+    start: float
+    end: float | None = None
+    ok: bool | None = None
+    error: str | None = None
+
+    @property
+    def ms(self) -> float:
+        return round(((self.end or self.start) - self.start) * 1000, 3)
+
+
+def process_start_monotonic() -> float | None:
+    """When this process was created, on the monotonic clock (before the interpreter started).
+
+    Field 22 of /proc/self/stat is the start time in clock ticks since boot.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        return int(stat.rsplit(b")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Timeline:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, status: Callable[[str], object] | None = None
+    ) -> None:
+        self.clock = clock
+        self.status = status
+        self.process_start = process_start_monotonic()
+        self.start = clock()
+        self.stages: list[Stage] = []
+        self.marks: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Stage]:
+        st = Stage(name, self.clock())
+        self.stages.append(st)
+        if self.status is not None:
+            self.status(name)
+        log.debug("[started] %s", name, extra=fields(stage=name))
+        try:
+            yield st
+        except BaseException as exc:
+            st.end, st.ok = self.clock(), False
+            if isinstance(exc, AgentError):
+                if exc.stage is None:
+                    exc.stage = name
+                st.error = exc.reason
+            else:
+                st.error = type(exc).__name__
+            log.info("[failed] %s (%.1f ms): %s", name, st.ms, st.error, extra=fields(stage=name, elapsed_ms=st.ms))
+            raise
+        st.end, st.ok = self.clock(), True
+        log.info("[finished] %s (%.1f ms)", name, st.ms, extra=fields(stage=name, elapsed_ms=st.ms))
+
+    def mark(self, name: str) -> None:
+        """A point event (e.g. READY=1 sent)."""
+        self.marks[name] = self.clock()
+
+    def durations_ms(self) -> dict[str, float]:
+        return {s.name: s.ms for s in self.stages if s.end is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clock": "CLOCK_MONOTONIC",
+            "process_start": self.process_start,
+            "agent_start": self.start,
+            "stages": [asdict(s) for s in self.stages],
+            "marks": self.marks,
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2).encode() + b"\n"

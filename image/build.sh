@@ -1,0 +1,219 @@
+#!/bin/bash
+# Build the pod VM test image: a bootable Debian 12 raw disk plus its kernel and initrd for
+# direct boot under QEMU.  Called by `make image`; needs root (mmdebstrap in root mode, chroot).
+#
+#   image/build.sh            build if the inputs changed, else say "up to date"
+#   FORCE=1 image/build.sh    rebuild the agent layer even if nothing changed
+#   FORCE=base image/build.sh also re-run mmdebstrap
+#
+# Two layers, each skipped when its inputs hash is unchanged:
+#   1. base:  mmdebstrap of the package list below -> image/cache/base-<hash>/ (about a minute cold;
+#             downloaded .debs are kept in image/cache/apt/ so a re-run does not download again).
+#   2. image: copy of the base + the agent venv (wheels built on the host, cached in
+#             image/cache/wheels/) + units + image/overlay/ -> image/build/{disk.raw,vmlinuz,initrd.img}.
+# The agent is taken from the working tree at build time, so re-run after changing guest_agent/.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+CACHE=$HERE/cache
+OUT=$HERE/build
+PY=${PYTHON:-$REPO/.venv/bin/python}
+SUITE=bookworm
+# The mirror comes from the host's apt configuration; no host name is written here.
+SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
+
+# Everything the pod VM needs.  python3-venv brings ensurepip for the agent's venv; tpm2-tools is
+# only for checks (the agent talks to /dev/tpmrm0 itself).
+PACKAGES=(
+    systemd systemd-sysv udev kmod
+    python3 python3-venv
+    iproute2 nftables tpm2-tools
+    linux-image-cloud-amd64 initramfs-tools
+)
+# Documentation and translations are never read on a pod VM.
+DPKG_EXCLUDES=(
+    --dpkgopt='path-exclude=/usr/share/man/*'
+    --dpkgopt='path-exclude=/usr/share/doc/*'
+    --dpkgopt='path-include=/usr/share/doc/*/copyright'
+    --dpkgopt='path-exclude=/usr/share/locale/*'
+    --dpkgopt='path-exclude=/usr/share/info/*'
+)
+# image/base/ is copied in before the kernel is configured: initramfs-tools settings (an initrd with
+# only what mounts the root disk: default MODULES=most is several times bigger and slower to unpack).
+BASE_FORMAT=1 # bump to force a new base when this script's base recipe changes
+
+log() { printf '[image] %s\n' "$*" >&2; }
+die() { printf '[image] error: %s\n' "$*" >&2; exit 1; }
+sha() { sha256sum | cut -c1-16; }
+
+[ "$(id -u)" = 0 ] || die "needs root (mmdebstrap --mode=root, chroot)"
+[ -r "$SOURCES" ] || die "no apt sources file at $SOURCES (set SOURCES=...)"
+for t in mmdebstrap mkfs.ext4 chroot unshare; do command -v "$t" >/dev/null || die "missing tool: $t"; done
+[ -x "$PY" ] || die "no Python at $PY (create the project venv first)"
+
+SECONDS=0
+mkdir -p "$CACHE/apt" "$CACHE/wheels" "$OUT"
+
+# ---------------------------------------------------------------- inputs
+base_hash=$( {
+    echo "format=$BASE_FORMAT suite=$SUITE"
+    printf '%s\n' "${PACKAGES[@]}" "${DPKG_EXCLUDES[@]}"
+    (cd "$HERE" && find base -type f | LC_ALL=C sort | xargs sha256sum)
+    cat "$SOURCES"
+    mmdebstrap --version 2>&1
+} | sha)
+
+# Pinned runtime dependencies, read from pyproject.toml (the single source of truth).
+mapfile -t DEPS < <("$PY" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+EOF
+)
+[ "${#DEPS[@]}" -gt 0 ] || die "no dependencies found in pyproject.toml"
+deps_hash=$(printf '%s\n' "${DEPS[@]}" | sha)
+
+image_hash=$( (
+    echo "base=$base_hash deps=$deps_hash"
+    # Agent sources, units, overlay and this script: content and path, sorted.
+    cd "$REPO" && { find pyproject.toml README.md guest_agent units image/overlay image/build.sh \
+        -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null || true; } | LC_ALL=C sort | xargs -r sha256sum
+) | sha)
+
+if [ "${FORCE:-}" = "" ] && [ -f "$OUT/disk.raw" ] && [ "$(cat "$OUT/inputs.sha256" 2>/dev/null)" = "$image_hash" ]; then
+    log "up to date ($image_hash): $OUT/disk.raw"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- layer 1: base rootfs
+BASE=$CACHE/base-$base_hash
+if [ "${FORCE:-}" = base ]; then rm -rf "$BASE"; fi
+if [ ! -f "$BASE/.complete" ]; then
+    log "base: mmdebstrap $SUITE (${#PACKAGES[@]} packages) -> $BASE"
+    rm -rf "$BASE" "$BASE.tmp"
+    # Old bases are dead weight (400+ MB each).
+    find "$CACHE" -maxdepth 1 -name 'base-*' -type d -exec rm -rf {} +
+    t=$(date +%s)
+    mmdebstrap --mode=root --variant=apt --format=directory \
+        --include="$(IFS=,; echo "${PACKAGES[*]}")" \
+        "${DPKG_EXCLUDES[@]}" \
+        --skip=essential/unlink \
+        --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+        --setup-hook="sync-in '$CACHE/apt' /var/cache/apt/archives/" \
+        --essential-hook="cp -a --no-preserve=ownership '$HERE/base/.' \"\$1\"/" \
+        --customize-hook="sync-out /var/cache/apt/archives '$CACHE/apt'" \
+        --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
+        --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" > "$1"/.packages' \
+        "$SUITE" "$BASE.tmp" "$SOURCES"
+    touch "$BASE.tmp/.complete"
+    mv "$BASE.tmp" "$BASE"
+    log "base: done in $(( $(date +%s) - t )) s"
+else
+    log "base: cached $BASE"
+fi
+
+# ---------------------------------------------------------------- wheels (built on the host)
+# Debian 12 host and image share glibc 2.36 and CPython 3.11, so cp311 wheels built here install in
+# the image; systemd-python is an sdist that needs gcc + libsystemd-dev, which the image lacks.
+WHEELS=$CACHE/wheels
+if [ ! -f "$WHEELS/.deps-$deps_hash" ]; then
+    log "wheels: ${DEPS[*]}"
+    rm -f "$WHEELS"/*.whl "$WHEELS"/.deps-*
+    # (grep: pip warns about every package the machine's extra local indexes lack.)
+    "$PY" -m pip wheel --quiet -w "$WHEELS" "${DEPS[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
+    touch "$WHEELS/.deps-$deps_hash"
+fi
+AGENT_WHEELS=$OUT/agent-wheel
+rm -rf "$AGENT_WHEELS"; mkdir -p "$AGENT_WHEELS"
+log "wheels: guest-agent from $REPO"
+# Build from a scratch copy: setuptools leaves build/ and *.egg-info in the source tree otherwise.
+SRC=$(mktemp -d); trap 'rm -rf "$SRC"' EXIT
+(cd "$REPO" && tar -cf - --exclude=__pycache__ pyproject.toml guest_agent $( [ -f README.md ] && echo README.md )) | tar -xf - -C "$SRC"
+[ -f "$SRC/README.md" ] || echo "guest-agent" > "$SRC/README.md"
+"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$AGENT_WHEELS" "$SRC" 2> >(grep -v 'is ignored: it is neither' >&2)
+
+# ---------------------------------------------------------------- layer 2: the image rootfs
+ROOT=$OUT/rootfs
+log "rootfs: copy base"
+rm -rf "$ROOT"
+cp -a "$BASE" "$ROOT"
+rm -f "$ROOT/.complete"
+
+# In-chroot steps run in a private mount namespace so /proc and /dev go away with it.
+in_root() {
+    unshare --mount --propagation private -- /bin/sh -c '
+        root=$1; shift
+        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
+        exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"
+    ' sh "$ROOT" "$@"
+}
+
+log "rootfs: agent venv /opt/guest-agent"
+mkdir -p "$ROOT/tmp/wheels"
+cp "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl "$ROOT/tmp/wheels/"
+du_before=$(du -sk "$ROOT" | cut -f1)
+in_root python3 -m venv /opt/guest-agent
+in_root /opt/guest-agent/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels guest-agent
+# pip and setuptools are only needed to install; the image never installs anything at run time.
+in_root /opt/guest-agent/bin/pip uninstall --quiet --yes pip setuptools
+rm -rf "$ROOT/tmp/wheels"
+ln -sf /opt/guest-agent/bin/guest-agent "$ROOT/usr/local/bin/guest-agent"
+venv_kb=$(du -sk "$ROOT/opt/guest-agent" | cut -f1)
+
+log "rootfs: units, overlay, presets"
+install -m 0644 -D "$REPO/units/guest-agent.service" "$ROOT/usr/lib/systemd/system/guest-agent.service"
+install -m 0644 -D "$REPO/units/agent-protocol-forwarder.service.d/10-guest-agent.conf" \
+    "$ROOT/usr/lib/systemd/system/agent-protocol-forwarder.service.d/10-guest-agent.conf"
+install -m 0644 -D "$REPO/units/80-guest-agent.preset" "$ROOT/usr/lib/systemd/system-preset/80-guest-agent.preset"
+cp -a --no-preserve=ownership "$HERE/overlay/." "$ROOT/"
+chmod 0755 "$ROOT/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/libexec/e2e-dump"
+
+# Enable by preset, as a package's postinst would.
+systemctl --root="$ROOT" preset guest-agent.service agent-protocol-forwarder.service >/dev/null
+systemctl --root="$ROOT" enable systemd-networkd.service >/dev/null 2>&1
+# A getty on the serial console can hang up the console mid-boot; the pod VM has no logins.
+systemctl --root="$ROOT" mask serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service >/dev/null 2>&1
+# No DNS this early: an empty resolv.conf makes lookups fail at once instead of timing out.
+rm -f "$ROOT/etc/resolv.conf"; : > "$ROOT/etc/resolv.conf"
+echo podvm > "$ROOT/etc/hostname"
+# Empty machine-id: every boot of a fresh overlay is a first boot, as on a new cloud VM.
+: > "$ROOT/etc/machine-id"
+printf '/dev/vda / ext4 rw,relatime 0 0\n' > "$ROOT/etc/fstab"
+
+# Kernel and initrd for direct boot; the disk does not need them.
+KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
+install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$OUT/initrd.img"
+rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/initrd.img*
+
+mv "$ROOT/.packages" "$OUT/packages.txt"
+
+# ---------------------------------------------------------------- disk
+root_kb=$(du -sk "$ROOT" | cut -f1)
+size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
+log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB (sparse)"
+rm -f "$OUT/disk.raw"
+mkfs.ext4 -q -F -L podroot -E root_owner=0:0 -d "$ROOT" "$OUT/disk.raw" "${size_mb}M"
+printf '%s\n' "root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1" > "$OUT/cmdline"
+
+"$PY" - "$OUT/manifest.json" "$image_hash" "$KVER" "$root_kb" "$venv_kb" "$du_before" "$OUT/packages.txt" <<'EOF'
+import json, os, sys
+out, h, kver, root_kb, venv_kb, before_kb, pkgs = sys.argv[1:]
+d = os.path.dirname(out)
+m = {
+    "inputs": h, "kernel": kver,
+    "rootfs_mib": round(int(root_kb) / 1024, 1),
+    "agent_venv_mib": round(int(venv_kb) / 1024, 1),
+    "disk_raw_mib": round(os.path.getsize(os.path.join(d, "disk.raw")) / 2**20, 1),
+    "disk_allocated_mib": round(os.stat(os.path.join(d, "disk.raw")).st_blocks * 512 / 2**20, 1),
+    "initrd_mib": round(os.path.getsize(os.path.join(d, "initrd.img")) / 2**20, 1),
+    "vmlinuz_mib": round(os.path.getsize(os.path.join(d, "vmlinuz")) / 2**20, 1),
+    "packages": dict(line.split(" ", 1) for line in open(pkgs).read().splitlines() if line),
+}
+json.dump(m, open(out, "w"), indent=2)
+print(json.dumps({k: v for k, v in m.items() if k != "packages"}))
+EOF
+rm -rf "$ROOT"   # the disk holds it; keeping 500 MB of loose files buys nothing
+echo "$image_hash" > "$OUT/inputs.sha256"
+log "done in $SECONDS s: $OUT/disk.raw"

@@ -1,0 +1,185 @@
+"""Fake metadata services for each cloud, enforcing the headers the real ones require.
+
+Each factory returns a handler for `FakeServer`.  Route names for scripting:
+``user-data`` (every cloud) and ``token`` (aws, alibaba, ibmcloud).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+
+from tests.fakecloud.server import Handler, Reply, Request, Script
+
+NOT_FOUND = Reply(404, "Not Found")
+
+
+class TokenBook:
+    """Issued tokens; `expire_all()` makes every issued token answer 401 (expiry)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.valid: set[str] = set()
+
+    def issue(self) -> str:
+        tok = secrets.token_urlsafe(24)
+        with self._lock:
+            self.valid.add(tok)
+        return tok
+
+    def ok(self, tok: str | None) -> bool:
+        with self._lock:
+            return tok is not None and tok in self.valid
+
+    def expire_all(self) -> None:
+        with self._lock:
+            self.valid.clear()
+
+
+def azure(user_data: bytes | None, script: Script) -> Handler:
+    """Azure IMDS: `compute/userData` returns the base64 text; `Metadata: true` is mandatory."""
+
+    def handle(req: Request) -> Reply:
+        # IMDS rejects requests without `Metadata: true` and any with X-Forwarded-For (azure.md §3.1).
+        if (req.header("metadata") or "").lower() != "true" or req.header("x-forwarded-for") is not None:
+            return Reply(400, json.dumps({"error": "Bad request. Required metadata header not specified"}))
+        if req.method != "GET" or req.path != "/metadata/instance/compute/userData":
+            return NOT_FOUND
+        if req.query.get("api-version") != ["2021-01-01"] or req.query.get("format") != ["text"]:
+            return Reply(400, json.dumps({"error": "Bad request: api-version or format"}))
+        scripted = script.take("user-data")
+        if scripted:
+            return scripted
+        body = base64.b64encode(user_data).decode() if user_data is not None else ""
+        return Reply(200, body, {"Content-Type": "text/plain; charset=utf-8"})
+
+    return handle
+
+
+def aws(user_data: bytes | None, script: Script, *, imdsv1: bool = True, tokens: TokenBook | None = None) -> Handler:
+    """EC2 IMDS: IMDSv2 token PUT, then GET with the token; IMDSv1 only if `imdsv1`."""
+    book = tokens or TokenBook()
+
+    def handle(req: Request) -> Reply:
+        if req.path == "/latest/api/token":
+            if req.method != "PUT":
+                return Reply(405, "")
+            scripted = script.take("token")
+            if scripted:
+                return scripted
+            if req.header("x-forwarded-for") is not None:
+                return Reply(403, "Forbidden")
+            ttl = req.header("x-aws-ec2-metadata-token-ttl-seconds")
+            if ttl is None or not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+                return Reply(400, "Bad Request")
+            return Reply(200, book.issue(), {"X-aws-ec2-metadata-token-ttl-seconds": ttl})
+        if req.path == "/latest/user-data" and req.method == "GET":
+            tok = req.header("x-aws-ec2-metadata-token")
+            if tok is not None and not book.ok(tok):
+                return Reply(401, "Unauthorized")  # expired or invalid token
+            if tok is None and not imdsv1:
+                return Reply(401, "Unauthorized")  # HttpTokens=required
+            scripted = script.take("user-data")
+            if scripted:
+                return scripted
+            return Reply(200, user_data) if user_data is not None else NOT_FOUND
+        return NOT_FOUND
+
+    return handle
+
+
+def gcp(user_data: bytes | None, script: Script) -> Handler:
+    """GCE metadata server by IP; `Metadata-Flavor: Google` both ways.  CAA stores base64."""
+
+    def handle(req: Request) -> Reply:
+        if req.header("metadata-flavor") != "Google" or req.header("x-forwarded-for") is not None:
+            return Reply(403, "Missing Metadata-Flavor:Google header.")
+        if req.method != "GET" or req.path != "/computeMetadata/v1/instance/attributes/user-data":
+            return Reply(404, "Not Found", {"Metadata-Flavor": "Google"})
+        scripted = script.take("user-data")
+        if scripted:
+            scripted.headers.setdefault("Metadata-Flavor", "Google")
+            return scripted
+        if user_data is None:
+            return Reply(404, "Not Found", {"Metadata-Flavor": "Google"})
+        return Reply(200, base64.b64encode(user_data), {"Metadata-Flavor": "Google"})
+
+    return handle
+
+
+def alibaba(
+    user_data: bytes | None, script: Script, *, normal_mode: bool = True, tokens: TokenBook | None = None
+) -> Handler:
+    """Alibaba ECS: hardened-mode token PUT, then GET; normal mode also answers without a token."""
+    book = tokens or TokenBook()
+
+    def handle(req: Request) -> Reply:
+        if req.path == "/latest/api/token":
+            if req.method != "PUT":
+                return Reply(405, "")
+            scripted = script.take("token")
+            if scripted:
+                return scripted
+            ttl = req.header("x-aliyun-ecs-metadata-token-ttl-seconds")
+            if ttl is None or not ttl.isdigit():
+                return Reply(400, "Bad Request")
+            return Reply(200, book.issue())
+        if req.path == "/latest/user-data" and req.method == "GET":
+            tok = req.header("x-aliyun-ecs-metadata-token")
+            if tok is not None and not book.ok(tok):
+                return Reply(401, "Unauthorized")
+            if tok is None and not normal_mode:
+                return Reply(403, "Forbidden")
+            scripted = script.take("user-data")
+            if scripted:
+                return scripted
+            return Reply(200, user_data) if user_data is not None else NOT_FOUND
+        return NOT_FOUND
+
+    return handle
+
+
+def ibmcloud(user_data: bytes | None, script: Script, *, tokens: TokenBook | None = None) -> Handler:
+    """IBM Cloud VPC metadata service: identity token, then the instance initialization JSON."""
+    book = tokens or TokenBook()
+
+    def handle(req: Request) -> Reply:
+        if req.path == "/instance_identity/v1/token":
+            if req.method != "PUT":
+                return Reply(405, "")
+            scripted = script.take("token")
+            if scripted:
+                return scripted
+            if req.header("metadata-flavor") != "ibm" or not req.query.get("version"):
+                return Reply(400, json.dumps({"errors": [{"code": "bad_request"}]}))
+            try:
+                expires = json.loads(req.body or b"{}").get("expires_in", 300)
+            except ValueError:
+                return Reply(400, "bad json")
+            if not isinstance(expires, int) or not 5 <= expires <= 3600:
+                return Reply(400, "expires_in out of range")
+            tok = book.issue()
+            return Reply(
+                200, json.dumps({"access_token": tok, "expires_in": expires}), {"Content-Type": "application/json"}
+            )
+        if req.path == "/metadata/v1/instance/initialization" and req.method == "GET":
+            auth = req.header("authorization") or ""
+            if not auth.startswith("Bearer ") or not book.ok(auth[7:]):
+                return Reply(401, json.dumps({"errors": [{"code": "unauthorized"}]}))
+            if not req.query.get("version"):
+                return Reply(400, "version required")
+            scripted = script.take("user-data")
+            if scripted:
+                return scripted
+            doc = {"keys": [], "default_trusted_profile": {"auto_link": False}}
+            if user_data is not None:
+                doc["user_data"] = user_data.decode("utf-8", "surrogateescape")
+            return Reply(200, json.dumps(doc), {"Content-Type": "application/json"})
+        return NOT_FOUND
+
+    return handle
+
+
+FACTORIES = {"azure": azure, "aws": aws, "gcp": gcp, "alibaba": alibaba, "ibmcloud": ibmcloud}

@@ -1,0 +1,275 @@
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from guest_agent import netns
+from guest_agent.errors import NetworkUnavailable
+from guest_agent.network import RtnlSocket
+from tests.netutil import Namespaces, host_snapshot, namespaces
+
+IMDS = "169.254.169.254"
+TABLE = f"ga_test_{os.getpid()}"  # unique, so a leak into the host namespace would be visible
+
+
+@pytest.fixture
+def ns(tmp_path: Path) -> Iterator[Namespaces]:
+    with namespaces(tmp_path) as created:
+        yield created
+
+
+def lo_is_up(ns: Namespaces, name: str) -> bool:
+    flags = ns.sh(name, "ip -o link show lo").split("<", 1)[1].split(">", 1)[0].split(",")
+    return "UP" in flags
+
+
+# ---------------------------------------------------------------------------------------------
+# ensure_netns / remove_netns
+
+
+def test_bad_names_are_refused(tmp_path: Path) -> None:
+    for name in ("", ".", "..", "a/b"):
+        with pytest.raises(ValueError):
+            netns.netns_path(name, str(tmp_path))
+
+
+def test_create_then_reuse(ns: Namespaces) -> None:
+    path = ns.path("podns")
+    assert netns.ensure_netns("podns", run_dir=ns.run_dir) is True
+    ns.names.append("podns")
+    assert netns.is_netns(path)
+    assert os.stat(path).st_ino != os.stat("/proc/self/ns/net").st_ino  # a new namespace, not ours
+    assert lo_is_up(ns, "podns")
+    inode = os.stat(path).st_ino
+
+    ns.sh("podns", "ip link set lo down")
+    assert netns.ensure_netns("podns", run_dir=ns.run_dir) is False
+    assert os.stat(path).st_ino == inode  # the same namespace, reused
+    assert lo_is_up(ns, "podns")  # and lo is up again
+
+
+def test_run_dir_is_a_shared_mount(ns: Namespaces) -> None:
+    ns.add("podns")
+    real = os.path.realpath(ns.run_dir)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        entries = [line.split() for line in f if line.split()[4] == real]
+    assert entries
+    assert any(field.startswith("shared:") for field in entries[-1][6:])
+
+
+def test_stale_mount_point_file_is_reused(ns: Namespaces) -> None:
+    os.makedirs(ns.run_dir, exist_ok=True)
+    path = ns.path("podns")
+    with open(path, "w"):
+        pass  # as left by a crash between creating the file and the bind mount
+    assert not netns.is_netns(path)
+    assert netns.ensure_netns("podns", run_dir=ns.run_dir) is True
+    ns.names.append("podns")
+    assert netns.is_netns(path)
+
+
+def test_remove(ns: Namespaces) -> None:
+    path = ns.add("podns")
+    assert netns.remove_netns("podns", run_dir=ns.run_dir) is True
+    assert not os.path.lexists(path)
+    assert netns.remove_netns("podns", run_dir=ns.run_dir) is False
+
+
+def test_run_in_netns_leaves_the_caller_alone(ns: Namespaces) -> None:
+    path = ns.add("podns")
+    before = os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino
+    inside = netns.run_in_netns(path, lambda: os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino)
+    assert inside == os.stat(path).st_ino
+    assert os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino == before
+
+    def boom() -> None:
+        raise RuntimeError("from the namespace thread")
+
+    with pytest.raises(RuntimeError, match="from the namespace thread"):
+        netns.run_in_netns(path, boom)
+
+
+def test_sockets_keep_their_namespace(ns: Namespaces) -> None:
+    path = ns.add("podns")
+    ns.sh("podns", f"ip addr add {IMDS}/32 dev lo")
+    with RtnlSocket(netns.run_in_netns(path, lambda: RtnlSocket.open().sock)) as rtnl:
+        code, _ = rtnl.route_get(IMDS)  # answered by the pod namespace, used from this thread
+    assert code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# setup_imds_nat: the whole path from the pod to a fake metadata server
+
+
+class FakeImds(http.server.BaseHTTPRequestHandler):
+    clients: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        FakeImds.clients.append(self.client_address[0])
+        body = b"user-data"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def require_nftables(ns: Namespaces) -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("needs the nft command (Debian package nftables) to inspect rules")
+    path = ns.add("nftprobe")
+
+    def probe() -> None:
+        from pyroute2.nftables.main import NFTables
+
+        with NFTables(nfgen_family=socket.AF_INET) as nft:
+            nft.table("add", name="probe")
+            nft.chain("add", table="probe", name="p", hook="postrouting", type="nat", priority=100, policy=1)
+
+    try:
+        netns.run_in_netns(path, probe)
+    except Exception as exc:
+        pytest.skip(f"nf_tables with NAT chains is not available: {exc}")
+
+
+@pytest.fixture
+def topology(ns: Namespaces) -> Iterator[Namespaces]:
+    """cloud (fake IMDS) <-veth-> vm (plays the VM's root namespace) ; pod (APF-style address + route).
+
+    The metadata server sits one hop away from "vm" as on a real cloud, so the pod's packets are
+    forwarded and leave through postrouting, where MASQUERADE applies.
+    """
+    require_nftables(ns)
+    cloud, vm = ns.add("cloud"), ns.add("vm")
+    ns.add("pod")
+    ns.sh("cloud", f"ip link add cl0 type veth peer name eth0 netns {vm}")
+    ns.sh("cloud", f"ip addr add 10.99.0.1/24 dev cl0; ip link set cl0 up; ip addr add {IMDS}/32 dev lo")
+    ns.sh("vm", "ip addr add 10.99.0.2/24 dev eth0; ip link set eth0 up; ip route add default via 10.99.0.1")
+    # What APF leaves in the pod namespace: the pod IP on eth0 (a vxlan there) and a default route.
+    ns.add_stub_link("pod", "eth0")
+    ns.sh("pod", "ip addr add 10.200.0.5/24 dev eth0; ip route add default via 10.200.0.1")
+
+    FakeImds.clients = []
+    server = netns.run_in_netns(cloud, lambda: http.server.HTTPServer((IMDS, 80), FakeImds))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ns
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def fetch_from_pod(ns: Namespaces, timeout: float = 10) -> bytes:
+    def get() -> bytes:
+        conn = http.client.HTTPConnection(IMDS, 80, timeout=timeout)
+        try:
+            conn.request("GET", "/metadata")
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+
+    return netns.run_in_netns(ns.path("pod"), get)
+
+
+def masquerade_rules(ns: Namespaces) -> int:
+    return ns.sh("vm", f"nft list table ip {TABLE}").count("masquerade")
+
+
+def setup_in_vm(
+    ns: Namespaces, *, pod_ip: str | None = None, host_veth: str = "veth1", pod_veth: str = "veth2"
+) -> netns.NatResult:
+    """Run setup_imds_nat from a thread whose namespace is the test's "vm" (the agent's root namespace)."""
+    return netns.run_in_netns(
+        ns.path("vm"),
+        lambda: netns.setup_imds_nat(
+            netns="pod",
+            run_dir=ns.run_dir,
+            imds_addr=IMDS,
+            table=TABLE,
+            deadline_s=10,
+            pod_ip=pod_ip,
+            host_veth=host_veth,
+            pod_veth=pod_veth,
+        ),
+    )
+
+
+def test_imds_nat_end_to_end(topology: Namespaces) -> None:
+    ns = topology
+    host_before = host_snapshot()
+    with pytest.raises(OSError):
+        fetch_from_pod(ns, timeout=0.5)  # the pod's default route leads nowhere yet
+
+    result = setup_in_vm(ns)
+    assert result.pod_ip == "10.200.0.5"
+    assert result.created_veth
+    assert result.rules == 1
+    assert fetch_from_pod(ns) == b"user-data"
+    assert FakeImds.clients == ["10.99.0.2"]  # masqueraded to the VM's address, not the pod's
+    assert masquerade_rules(ns) == 1
+    assert f"10.200.0.5 lladdr {result.pod_mac} PERMANENT" in ns.sh("vm", "ip neigh show dev veth1")
+    assert f"{IMDS} dev veth2" in ns.sh("pod", "ip route show")
+    assert ns.sh("vm", "cat /proc/sys/net/ipv4/conf/veth1/proxy_arp") == "1\n"
+    assert ns.sh("vm", "cat /proc/sys/net/ipv4/neigh/veth1/proxy_delay") == "0\n"
+    assert ns.sh("vm", "cat /proc/sys/net/ipv4/ip_forward") == "1\n"
+
+    again = setup_in_vm(ns)  # idempotent: no error, same pair, one rule
+    assert not again.created_veth
+    assert (again.host_ifindex, again.pod_mac, again.rules) == (result.host_ifindex, result.pod_mac, 1)
+    assert masquerade_rules(ns) == 1
+    assert fetch_from_pod(ns) == b"user-data"
+    assert FakeImds.clients == ["10.99.0.2", "10.99.0.2"]
+
+    links_after, tables_after = host_snapshot()
+    assert not ({"veth1", "veth2"} & (links_after - host_before[0]))
+    assert not any(TABLE in t for t in tables_after)
+
+
+def test_imds_nat_repairs_a_half_made_pair(topology: Namespaces) -> None:
+    ns = topology
+    ns.sh("vm", "ip link add veth1 type veth peer name veth2")  # a crash before the pod end moved
+    result = setup_in_vm(ns)
+    assert result.created_veth
+    assert fetch_from_pod(ns) == b"user-data"
+    assert "veth2" not in ns.sh("vm", "ip -o link show")
+
+
+def test_imds_nat_with_given_pod_ip_and_names(topology: Namespaces) -> None:
+    ns = topology
+    result = setup_in_vm(ns, pod_ip="10.200.0.5", host_veth="ga-imds0", pod_veth="ga-imds1")
+    assert (result.host_veth, result.pod_veth, result.waited) == ("ga-imds0", "ga-imds1", False)
+    assert fetch_from_pod(ns) == b"user-data"
+
+
+def test_imds_nat_deadline_without_pod_route(ns: Namespaces) -> None:
+    ns.add("vm")
+    ns.add("pod")  # APF never configured it
+    with pytest.raises(NetworkUnavailable) as caught:
+        netns.run_in_netns(
+            ns.path("vm"),
+            lambda: netns.setup_imds_nat(netns="pod", run_dir=ns.run_dir, imds_addr=IMDS, deadline_s=0.2),
+        )
+    assert "pod network namespace" in caught.value.reason
+    assert caught.value.supporting_data["deadline_s"] == 0.2
+
+
+def test_imds_nat_missing_namespace(ns: Namespaces) -> None:
+    os.makedirs(ns.run_dir, exist_ok=True)
+    vm = ns.add("vm")
+    with pytest.raises(NetworkUnavailable, match="does not exist"):
+        netns.run_in_netns(
+            vm, lambda: netns.setup_imds_nat(netns="nope", run_dir=ns.run_dir, imds_addr=IMDS, deadline_s=0.1)
+        )

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest_agent import network
+from guest_agent.errors import NetworkUnavailable
+from guest_agent.netns import run_in_netns
+from tests.netutil import Namespaces, namespaces
+
+IMDS = "169.254.169.254"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure build/parse (no privileges)
+
+
+def test_build_route_get_layout() -> None:
+    msg = network.build_route_get(IMDS, seq=7)
+    length, msg_type, flags, seq, pid = network.NLMSG_HDR.unpack_from(msg)
+    assert (length, msg_type, flags, seq, pid) == (len(msg), network.RTM_GETROUTE, network.NLM_F_REQUEST, 7, 0)
+    family, dst_len, *_ = network.RTMSG.unpack_from(msg, 16)
+    assert (family, dst_len) == (socket.AF_INET, 32)
+    attrs = list(network.iter_rtattrs(msg, 16 + network.RTMSG.size))
+    assert attrs == [(network.RTA_DST, socket.inet_aton(IMDS))]
+
+
+def test_build_route_get_ipv6() -> None:
+    msg = network.build_route_get("fd00:ec2::254", seq=1)
+    family, dst_len, *_ = network.RTMSG.unpack_from(msg, 16)
+    assert (family, dst_len) == (socket.AF_INET6, 128)
+
+
+def test_family_of_rejects_names() -> None:
+    with pytest.raises(ValueError):
+        network.family_of("metadata.google.internal")
+
+
+def test_parse_route_reply() -> None:
+    body = network.RTMSG.pack(socket.AF_INET, 32, 0, 0, 254, 0, 0, 1, 0)
+    body += network.rtattr(network.RTA_TABLE, struct.pack("=I", 254))
+    body += network.rtattr(network.RTA_DST, socket.inet_aton(IMDS))
+    body += network.rtattr(network.RTA_OIF, struct.pack("=I", 2))
+    body += network.rtattr(network.RTA_GATEWAY, socket.inet_aton("10.0.0.1"))
+    body += network.rtattr(network.RTA_PREFSRC, socket.inet_aton("10.0.0.5"))
+    data = network.nlmsg(network.RTM_NEWROUTE, 0, 3, body)
+    [(msg_type, _flags, seq, payload)] = list(network.iter_messages(data))
+    assert (msg_type, seq) == (network.RTM_NEWROUTE, 3)
+    info = network.parse_route(IMDS, payload)
+    assert (info.oif, info.gateway, info.prefsrc, info.table, info.waited) == (2, "10.0.0.1", "10.0.0.5", 254, False)
+
+
+def test_error_reply_and_truncation() -> None:
+    err = network.nlmsg(network.NLMSG_ERROR, 0, 9, struct.pack("=i", -errno.ENETUNREACH) + b"\0" * 16)
+    [(msg_type, _flags, _seq, payload)] = list(network.iter_messages(err + b"\x01\x02"))  # trailing junk ignored
+    assert msg_type == network.NLMSG_ERROR
+    assert network.error_code(payload) == errno.ENETUNREACH
+    assert list(network.iter_messages(err[:-4])) == []  # a length past the end is not trusted
+
+
+# ---------------------------------------------------------------------------------------------
+# Real netlink, in namespaces the test creates
+
+
+@pytest.fixture
+def ns(tmp_path: Path) -> Iterator[Namespaces]:
+    with namespaces(tmp_path) as created:
+        yield created
+
+
+def test_returns_at_once_when_route_exists(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.add_stub_link("vm", "eth0")
+    ns.sh("vm", "ip addr add 10.0.0.5/24 dev eth0; ip route add default via 10.0.0.1")
+    called: list[bool] = []
+    # No netns argument: the helper thread *is* in the namespace, as the agent is in the root one.
+    info = run_in_netns(path, lambda: network.wait_for_route(IMDS, deadline_s=5, on_wait=lambda: called.append(True)))
+    assert not info.waited
+    assert called == []
+    assert (info.gateway, info.prefsrc, info.table) == ("10.0.0.1", "10.0.0.5", 254)
+    assert info.ifindex == int(ns.sh("vm", "ip -o link show eth0").split(":")[0])
+
+
+def test_local_destination_counts(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.sh("vm", f"ip addr add {IMDS}/32 dev lo")
+    info = network.wait_for_route(IMDS, deadline_s=5, netns=path)
+    assert (info.ifindex, info.prefsrc, info.waited) == (1, IMDS, False)
+
+
+def test_wakes_up_when_address_and_route_appear(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.add_stub_link("vm", "eth0")
+    helpers: list[threading.Thread] = []
+
+    def configure() -> None:
+        # Like DHCP: the address first (an event that is not enough), then the default route.
+        ns.sh("vm", "ip addr add 10.0.0.5/24 dev eth0")
+        ns.sh("vm", "ip route add default via 10.0.0.1")
+
+    def start_configuring() -> None:
+        helper = threading.Thread(target=configure)
+        helpers.append(helper)
+        helper.start()
+
+    info = network.wait_for_route(IMDS, deadline_s=30, netns=path, on_wait=start_configuring)
+    for helper in helpers:
+        helper.join()
+    assert len(helpers) == 1
+    assert info.waited
+    assert info.events >= 1
+    assert (info.gateway, info.prefsrc) == ("10.0.0.1", "10.0.0.5")
+
+
+def test_route_without_source_address_keeps_waiting(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.add_stub_link("vm", "eth0")
+    ns.sh("vm", "ip route add default dev eth0")  # a route, but nothing to send from yet
+    threads: list[threading.Thread] = []
+
+    def start() -> None:
+        threads.append(threading.Thread(target=ns.sh, args=("vm", "ip addr add 10.0.0.7/24 dev eth0")))
+        threads[0].start()
+
+    info = network.wait_for_route(IMDS, deadline_s=30, netns=path, on_wait=start)
+    threads[0].join()
+    assert info.waited
+    assert info.prefsrc == "10.0.0.7"
+    assert info.gateway is None
+
+
+def test_deadline_raises_network_unavailable(ns: Namespaces) -> None:
+    path = ns.add("vm")  # only lo: the kernel answers ENETUNREACH
+    with pytest.raises(NetworkUnavailable) as caught:
+        network.wait_for_route(IMDS, deadline_s=0.2, netns=path)
+    assert caught.value.reason == "no route to the metadata service appeared before the deadline"
+    assert caught.value.supporting_data["address"] == IMDS
+    assert caught.value.supporting_data["deadline_s"] == 0.2
+    assert caught.value.exit_code == 69
+
+
+def test_reject_route_is_not_a_route(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.add_stub_link("vm", "eth0")
+    ns.sh("vm", f"ip addr add 10.0.0.5/24 dev eth0; ip route add unreachable {IMDS}/32; ip route add blackhole default")
+    with pytest.raises(NetworkUnavailable):
+        network.wait_for_route(IMDS, deadline_s=0.2, netns=path)
+
+
+def test_deadline_zero_still_looks_once(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.sh("vm", f"ip addr add {IMDS}/32 dev lo")
+    assert network.wait_for_route(IMDS, deadline_s=0, netns=path).prefsrc == IMDS
+
+
+def test_injected_clock_drives_the_deadline(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ticks = iter([0.0, 100.0, 100.0, 100.0])  # start, then already past the deadline
+    with pytest.raises(NetworkUnavailable):
+        network.wait_for_route(IMDS, deadline_s=10, netns=path, clock=lambda: next(ticks))
+
+
+def test_ipv6_route(ns: Namespaces) -> None:
+    path = ns.add("vm")
+    ns.add_stub_link("vm", "eth0")
+    ns.sh("vm", "ip -6 addr add fd00:1::5/64 dev eth0 nodad; ip -6 route add default via fd00:1::1")
+    info = network.wait_for_route("fd00:ec2::254", deadline_s=5, netns=path)
+    assert (info.gateway, info.prefsrc) == ("fd00:1::1", "fd00:1::5")

@@ -1,0 +1,243 @@
+"""TPM2_PCR_Extend bytes, response parsing, and the real thing against swtpm.
+
+swtpm runs in socket mode on unix sockets in a temporary directory. The test drives swtpm's
+data socket with the exact command bytes the agent writes to /dev/tpmrm0, then reads PCR 8
+back with tpm2-tools (`-T swtpm:path=...`, which expects the control socket at `<path>.ctrl`)
+as an independent check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from guest_agent import tpm
+from guest_agent.initdata import DEFAULT_INITDATA_TOML, expected_pcr
+
+CAA_SHA384 = bytes.fromhex(
+    "52af3178dd7ad4bf551e629b84b45bfd1fbe1434b980120267181ae3575ea20ca9013b8eadf31d27eed7ff2552d500ef"
+)
+CAA_PCR8 = "b38927609998047b40609a152e8ccb3716450321203fe11c1e0533c648334ed5"
+ZERO32 = bytes(32)
+
+# ---------------------------------------------------------------- pure
+
+
+def test_build_pcr_extend_matches_spec_layout() -> None:
+    cmd = tpm.build_pcr_extend(8, CAA_SHA384[:32])
+    # tag ST_SESSIONS, size 65, CC_PCR_Extend, pcrHandle 8, authorizationSize 9,
+    # TPM_RS_PW + empty nonce + attributes 0 + empty hmac, TPML_DIGEST_VALUES count 1, TPM_ALG_SHA256
+    header = "8002 00000041 00000182 00000008 00000009 40000009 0000 00 0000 00000001 000b"
+    expected = bytes.fromhex(header) + CAA_SHA384[:32]
+    assert len(cmd) == 65
+    assert cmd == expected
+
+
+def test_build_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        tpm.build_pcr_extend(8, CAA_SHA384)  # 48 bytes: the caller must truncate
+    with pytest.raises(ValueError):
+        tpm.build_pcr_extend(24, ZERO32)
+    with pytest.raises(ValueError):
+        tpm.build_pcr_extend(-1, ZERO32)
+
+
+def test_build_pcr_read() -> None:
+    assert tpm.build_pcr_read(8).hex() == bytes.fromhex("8001 00000014 0000017e 00000001 000b 03 000100").hex()
+    assert tpm.build_pcr_read(23).hex().endswith("000b03000080")
+
+
+def test_parse_response() -> None:
+    ok = bytes.fromhex("8002 00000013 00000000 00000000 0000 00 0000")  # params size 0 + auth response
+    assert tpm.parse_response(ok) == 0
+    assert tpm.parse_response(bytes.fromhex("80010000000a00000100")) == 0x100
+    for bad in (b"", bytes.fromhex("8001000000"), bytes.fromhex("c4010000000a00000000"), ok[:-1], ok + b"\0"):
+        with pytest.raises(tpm.TpmError):
+            tpm.parse_response(bad)
+
+
+def test_tpm_present(tmp_path: Path) -> None:
+    assert not tpm.tpm_present(str(tmp_path / "tpmrm0"))
+    (tmp_path / "file").write_bytes(b"")
+    assert not tpm.tpm_present(str(tmp_path / "file"))
+
+
+def test_missing_device_is_tpm_error(tmp_path: Path) -> None:
+    with pytest.raises(tpm.TpmError) as info:
+        tpm.extend_pcr(str(tmp_path / "tpmrm0"), 8, ZERO32)
+    assert info.value.exit_code == 70
+    assert info.value.supporting_data["device"].endswith("tpmrm0")
+
+
+# ---------------------------------------------------------------- stream transport with a scripted peer
+
+
+def _scripted_peer(sock: socket.socket, responses: list[bytes | None], received: list[bytes]) -> None:
+    """Answer each command with the next response, sent in 1-byte pieces to exercise reassembly.
+
+    None: take the command and hang up without answering.
+    """
+    with sock:
+        for resp in responses:
+            received.append(sock.recv(4096))
+            if resp is None:
+                return
+            for i in range(len(resp)):
+                sock.sendall(resp[i : i + 1])
+
+
+def _with_peer(responses: list[bytes | None], fn: Callable[[int], None]) -> list[bytes]:
+    ours, theirs = socket.socketpair()
+    received: list[bytes] = []
+    t = threading.Thread(target=_scripted_peer, args=(theirs, responses, received))
+    t.start()
+    try:
+        with ours:
+            fn(ours.fileno())
+    finally:
+        t.join()
+    return received
+
+
+def test_stream_reads_header_then_rest_and_retries() -> None:
+    ok = bytes.fromhex("8002 00000013 00000000 00000000 0000 00 0000")
+    retry = bytes.fromhex("80010000000a00000922")
+    received = _with_peer([retry, ok], lambda fd: tpm.extend_pcr(fd, 8, ZERO32))
+    assert received == [tpm.build_pcr_extend(8, ZERO32)] * 2
+
+
+def test_stream_error_rc_and_eof() -> None:
+    def extend(fd: int) -> None:
+        with pytest.raises(tpm.TpmError) as info:
+            tpm.extend_pcr(fd, 8, ZERO32)
+        assert info.value.supporting_data["rc"] == "0x9a2"
+        assert "0x9a2" in info.value.reason
+        with pytest.raises(tpm.TpmError) as info:  # peer closed: no response
+            tpm.extend_pcr(fd, 8, ZERO32)
+        assert "closed" in info.value.reason
+
+    _with_peer([bytes.fromhex("80010000000a000009a2"), None], extend)
+
+
+# ---------------------------------------------------------------- swtpm
+
+needs_swtpm = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
+
+
+class Swtpm:
+    def __init__(self, startup: bool = True) -> None:
+        # unix socket paths must fit in sun_path (108 bytes): keep the directory short
+        self.dir = Path(tempfile.mkdtemp(prefix="swtpm-"))
+        self.sock = self.dir / "tpm.sock"
+        flags = "not-need-init,startup-clear" if startup else "not-need-init"
+        self.proc = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2",
+                "--server", f"type=unixio,path={self.sock}",
+                "--ctrl", f"type=unixio,path={self.sock}.ctrl",  # where tpm2-tss's swtpm TCTI looks for it
+                "--tpmstate", f"dir={self.dir}",
+                "--flags", flags,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def connect(self) -> socket.socket:
+        # swtpm creates the socket once it is ready; poll with a bounded number of tries
+        for _ in range(500):
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else b""
+                raise RuntimeError(f"swtpm exited: {err!r}")
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(self.sock))
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                time.sleep(0.01)
+                continue
+            # blocking socket (os.read on it) but never hang the suite: SO_RCVTIMEO 10 s
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+            return s
+        raise RuntimeError("swtpm socket did not appear")
+
+    def pcrread(self, pcr: int) -> bytes:
+        """PCR value via tpm2-tools (independent of our code), or our own TPM2_PCR_Read without it."""
+        if shutil.which("tpm2_pcrread") is None:
+            with self.connect() as s:
+                return tpm.read_pcr(s.fileno(), pcr)
+        out = self.dir / "pcr.bin"
+        subprocess.run(
+            ["tpm2_pcrread", "-T", f"swtpm:path={self.sock}", f"sha256:{pcr}", "-o", str(out)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        return out.read_bytes()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def swtpm() -> Iterator[Swtpm]:
+    t = Swtpm()
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
+@needs_swtpm
+def test_swtpm_extend_matches_caa_vector(swtpm: Swtpm) -> None:
+    assert swtpm.pcrread(8) == ZERO32
+    with swtpm.connect() as s:
+        tpm.extend_pcr(s.fileno(), 8, CAA_SHA384[:32])
+        assert tpm.read_pcr(s.fileno(), 8).hex() == CAA_PCR8
+    # the session is closed before tpm2-tools connects: swtpm serves one data connection at a time
+    value = swtpm.pcrread(8)
+    assert value.hex() == CAA_PCR8
+    assert value == expected_pcr(ZERO32, CAA_SHA384[:32])
+
+
+@needs_swtpm
+def test_swtpm_extends_chain_and_touch_only_one_pcr(swtpm: Swtpm) -> None:
+    default = hashlib.sha256(DEFAULT_INITDATA_TOML).digest()
+    other = hashlib.sha256(b"second").digest()
+    with swtpm.connect() as s:
+        tpm.extend_pcr(s.fileno(), 8, default)
+        tpm.extend_pcr(s.fileno(), 8, other)
+        assert tpm.read_pcr(s.fileno(), 9) == ZERO32
+        assert tpm.read_pcr(s.fileno(), 23) == ZERO32
+    assert swtpm.pcrread(8) == expected_pcr(expected_pcr(ZERO32, default), other)
+    assert swtpm.pcrread(9) == ZERO32
+
+
+@needs_swtpm
+def test_swtpm_not_started_reports_rc() -> None:
+    t = Swtpm(startup=False)  # no TPM2_Startup: every command answers TPM_RC_INITIALIZE
+    try:
+        with t.connect() as s, pytest.raises(tpm.TpmError) as info:
+            tpm.extend_pcr(s.fileno(), 8, ZERO32)
+    finally:
+        t.stop()
+    assert info.value.supporting_data["rc"] == "0x100"
+    assert "TPM_RC_INITIALIZE" in info.value.supporting_data["name"]
+    assert info.value.exit_code == 70
