@@ -133,6 +133,14 @@ class AzureFabric:
         self._prefetch = threading.Thread(target=run, name="wireserver-prefetch", daemon=True)
         self._prefetch.start()
 
+    def wait_prefetch(self, timeout_s: float | None = None) -> bool:
+        """Block until the prefetch thread (if any) has finished; True when it has."""
+        t = self._prefetch
+        if t is None:
+            return True
+        t.join(timeout_s)
+        return not t.is_alive()
+
     def _write_kvp(self, result: str, reason: str | None, stages: dict[str, float]) -> None:
         value = kvp.build_provisioning_report(
             result,

@@ -41,10 +41,12 @@ def _open_dir(parent_fd: int, name: str, *, create: bool, dir_mode: int, path: s
         if not create:
             raise
         try:
-            os.mkdir(name, dir_mode, dir_fd=parent_fd)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
         except FileExistsError:
-            pass
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        os.fchmod(fd, dir_mode)  # explicit: the umask must not decide who can traverse /run/peerpod
+        return fd
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise WriteFailed("refusing to write through a symlink or non-directory", path=path) from exc
@@ -121,6 +123,7 @@ def _discard(s: _Staged) -> None:
 def apply(specs: list[FileSpec], *, root: str, dir_mode: int = 0o755) -> None:
     """Write every spec or none of them (see the module docstring)."""
     try:
+        os.makedirs(root, exist_ok=True)  # --root names a scratch dir that may not exist yet
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise WriteFailed("cannot open the root directory", root=root, error=exc.strerror) from exc

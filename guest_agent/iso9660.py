@@ -8,6 +8,7 @@ Reading the block device directly avoids waiting for udev's by-label link and a 
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import BinaryIO
 
@@ -79,6 +80,17 @@ def _plain(name: str) -> str:
     return name.split(";", 1)[0].rstrip(".").lower()
 
 
+def _level1(name: str) -> str:
+    """`name` as a strict ISO9660 level-1 writer stores it (ECMA-119 §7.5: d-characters, 8.3):
+    `genisoimage` without -r/-J/-l turns "user-data" into `USER_DAT.;1` (version stripped here)."""
+    base, _, ext = name.rpartition(".") if "." in name else (name, "", "")
+
+    def d(s: str, n: int) -> str:
+        return re.sub(r"[^A-Z0-9_]", "_", s.upper())[:n]
+
+    return f"{d(base, 8)}.{d(ext, 3)}"
+
+
 def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
     """Content of root-directory file `wanted` (e.g. "user-data"), or None if absent."""
     vds = _descriptors(dev)
@@ -89,11 +101,15 @@ def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
         for raw, ext, size, flags, su in _records(dev, extent, length, limit=1 << 20):
             if flags & 0x02 or raw in (b"\x00", b"\x01"):
                 continue  # directories, "." and ".."
+            level1 = False
             if vd[0] == 2:
                 name = raw.decode("utf-16-be", "replace").split(";", 1)[0]
+            elif (rr := _rock_ridge_name(su)) is not None:
+                name = rr
             else:
-                name = _rock_ridge_name(su) or _plain(raw.decode("ascii", "replace"))
-            if name == wanted or (vd[0] == 1 and _plain(name).replace("_", "-") == wanted):
+                name = _plain(raw.decode("ascii", "replace"))
+                level1 = raw.decode("ascii", "replace").split(";", 1)[0] == _level1(wanted)
+            if name == wanted or level1 or (vd[0] == 1 and _plain(name).replace("_", "-") == wanted):
                 if size > limit:
                     raise ValueError(f"{wanted} is larger than {limit} bytes")
                 dev.seek(ext * SECTOR)

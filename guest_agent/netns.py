@@ -222,7 +222,7 @@ def _is_errno(exc: BaseException, code: int) -> bool:
 def _pod_link(pod_veth: str) -> int | None:
     from pyroute2 import IPRoute
 
-    with IPRoute() as ipr:
+    with IPRoute(groups=0) as ipr:  # no multicast: requests only
         found = ipr.link_lookup(ifname=pod_veth)
         return int(found[0]) if found else None
 
@@ -231,7 +231,7 @@ def _pod_side(pod_veth: str, imds_addr: str) -> tuple[int, str]:
     """In the pod namespace: veth up, route to IMDS through it; return (ifindex, MAC)."""
     from pyroute2 import IPRoute
 
-    with IPRoute() as ipr:
+    with IPRoute(groups=0) as ipr:  # no multicast: requests only
         found = ipr.link_lookup(ifname=pod_veth)
         if not found:
             raise NetworkUnavailable("the pod end of the IMDS veth pair is missing", device=pod_veth)
@@ -280,9 +280,9 @@ def setup_imds_nat(
 ) -> NatResult:
     """Give the pod namespace a path to the metadata service, idempotently.
 
-    Waits (rtnetlink events in the pod namespace, up to `deadline_s`) until the pod
-    has a route to `imds_addr`, which APF creates, and takes the pod IP from its
-    source address, unless `pod_ip` is given.  Then: veth pair `host_veth` (here,
+    Unless `pod_ip` is given, waits (rtnetlink events in the pod namespace, up to
+    `deadline_s`) until the pod has a route to `imds_addr`, which APF creates, and
+    takes the pod IP from its source address; with `pod_ip` it does not wait.  Then: veth pair `host_veth` (here,
     with `host_addr`/32 so proxy ARP answers) / `pod_veth` (in the pod), forwarding
     and proxy ARP, a /32 route to IMDS via the veth in the pod, the return route
     and a permanent neighbour entry here, and a MASQUERADE rule in nft table
@@ -312,7 +312,7 @@ def setup_imds_nat(
     from pyroute2 import IPRoute
 
     created = False
-    with IPRoute() as host:
+    with IPRoute(groups=0) as host:
         found = host.link_lookup(ifname=host_veth)
         pod_index = run_in_netns(path, lambda: _pod_link(pod_veth))
         if not (found and pod_index):
@@ -366,6 +366,6 @@ def setup_imds_nat(
 def _del_link(ifname: str) -> None:
     from pyroute2 import IPRoute
 
-    with IPRoute() as ipr:
+    with IPRoute(groups=0) as ipr:  # no multicast: requests only
         for index in ipr.link_lookup(ifname=ifname):
             ipr.link("del", index=index)

@@ -9,7 +9,8 @@ the standard library instead of pyroute2.  Measured with ``python -X importtime`
   ``pyroute2.iproute``, ``pyroute2.netns``) costs the same, 131-190 ms, because
   the package ``__init__`` imports everything (IPDB, NDB, conntrack, asyncio).
 * ``socket`` + ``select`` + ``struct`` + ``errno``: about 7 ms, and ``socket``
-  is imported by the HTTP client anyway.
+  is imported by the HTTP client anyway; this module itself adds about 3.5 ms.
+* A call when the route already exists (two sockets, one request): about 0.3 ms.
 
 What is needed here is small: one ``RTM_GETROUTE`` request ("ip route get"),
 its reply (``RTM_NEWROUTE`` or ``NLMSG_ERROR``) and "something changed"

@@ -131,7 +131,7 @@ log "wheels: guest-agent from $REPO"
 SRC=$(mktemp -d); trap 'rm -rf "$SRC"' EXIT
 (cd "$REPO" && tar -cf - --exclude=__pycache__ pyproject.toml guest_agent $( [ -f README.md ] && echo README.md )) | tar -xf - -C "$SRC"
 [ -f "$SRC/README.md" ] || echo "guest-agent" > "$SRC/README.md"
-"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$AGENT_WHEELS" "$SRC" 2> >(grep -v 'is ignored: it is neither' >&2)
+"$PY" -m pip wheel --quiet --no-deps -w "$AGENT_WHEELS" "$SRC" 2> >(grep -v 'is ignored: it is neither' >&2)
 
 # ---------------------------------------------------------------- layer 2: the image rootfs
 ROOT=$OUT/rootfs

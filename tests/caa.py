@@ -28,7 +28,7 @@ APF_CONFIG = {
     },
     "pod-namespace": "default",
     "pod-name": "nginx-demo",
-    "tls-server-key": "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIDemoKeyNotARealKeyJustForTests0000000000000\n-----END PRIVATE KEY-----\n",
+    "tls-server-key": "-----BEGIN PRIVATE KEY-----\nDemoKeyNotARealKeyJustForTests\n-----END PRIVATE KEY-----\n",
     "tls-server-cert": "-----BEGIN CERTIFICATE-----\nMIIBDemoCertificateForTests\n-----END CERTIFICATE-----\n",
 }
 AUTH_JSON = '{"auths":{"registry.example":{"auth":"ZGVtbzpkZW1v"}}}\n'

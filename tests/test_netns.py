@@ -42,6 +42,7 @@ def test_bad_names_are_refused(tmp_path: Path) -> None:
             netns.netns_path(name, str(tmp_path))
 
 
+@pytest.mark.privileged
 def test_create_then_reuse(ns: Namespaces) -> None:
     path = ns.path("podns")
     assert netns.ensure_netns("podns", run_dir=ns.run_dir) is True
@@ -57,6 +58,7 @@ def test_create_then_reuse(ns: Namespaces) -> None:
     assert lo_is_up(ns, "podns")  # and lo is up again
 
 
+@pytest.mark.privileged
 def test_run_dir_is_a_shared_mount(ns: Namespaces) -> None:
     ns.add("podns")
     real = os.path.realpath(ns.run_dir)
@@ -66,6 +68,7 @@ def test_run_dir_is_a_shared_mount(ns: Namespaces) -> None:
     assert any(field.startswith("shared:") for field in entries[-1][6:])
 
 
+@pytest.mark.privileged
 def test_stale_mount_point_file_is_reused(ns: Namespaces) -> None:
     os.makedirs(ns.run_dir, exist_ok=True)
     path = ns.path("podns")
@@ -77,6 +80,7 @@ def test_stale_mount_point_file_is_reused(ns: Namespaces) -> None:
     assert netns.is_netns(path)
 
 
+@pytest.mark.privileged
 def test_remove(ns: Namespaces) -> None:
     path = ns.add("podns")
     assert netns.remove_netns("podns", run_dir=ns.run_dir) is True
@@ -84,6 +88,7 @@ def test_remove(ns: Namespaces) -> None:
     assert netns.remove_netns("podns", run_dir=ns.run_dir) is False
 
 
+@pytest.mark.privileged
 def test_run_in_netns_leaves_the_caller_alone(ns: Namespaces) -> None:
     path = ns.add("podns")
     before = os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino
@@ -98,6 +103,7 @@ def test_run_in_netns_leaves_the_caller_alone(ns: Namespaces) -> None:
         netns.run_in_netns(path, boom)
 
 
+@pytest.mark.privileged
 def test_sockets_keep_their_namespace(ns: Namespaces) -> None:
     path = ns.add("podns")
     ns.sh("podns", f"ip addr add {IMDS}/32 dev lo")
@@ -207,6 +213,7 @@ def setup_in_vm(
     )
 
 
+@pytest.mark.privileged
 def test_imds_nat_end_to_end(topology: Namespaces) -> None:
     ns = topology
     host_before = host_snapshot()
@@ -238,6 +245,7 @@ def test_imds_nat_end_to_end(topology: Namespaces) -> None:
     assert not any(TABLE in t for t in tables_after)
 
 
+@pytest.mark.privileged
 def test_imds_nat_repairs_a_half_made_pair(topology: Namespaces) -> None:
     ns = topology
     ns.sh("vm", "ip link add veth1 type veth peer name veth2")  # a crash before the pod end moved
@@ -247,6 +255,7 @@ def test_imds_nat_repairs_a_half_made_pair(topology: Namespaces) -> None:
     assert "veth2" not in ns.sh("vm", "ip -o link show")
 
 
+@pytest.mark.privileged
 def test_imds_nat_with_given_pod_ip_and_names(topology: Namespaces) -> None:
     ns = topology
     result = setup_in_vm(ns, pod_ip="10.200.0.5", host_veth="ga-imds0", pod_veth="ga-imds1")
@@ -254,6 +263,7 @@ def test_imds_nat_with_given_pod_ip_and_names(topology: Namespaces) -> None:
     assert fetch_from_pod(ns) == b"user-data"
 
 
+@pytest.mark.privileged
 def test_imds_nat_deadline_without_pod_route(ns: Namespaces) -> None:
     ns.add("vm")
     ns.add("pod")  # APF never configured it
@@ -266,6 +276,7 @@ def test_imds_nat_deadline_without_pod_route(ns: Namespaces) -> None:
     assert caught.value.supporting_data["deadline_s"] == 0.2
 
 
+@pytest.mark.privileged
 def test_imds_nat_missing_namespace(ns: Namespaces) -> None:
     os.makedirs(ns.run_dir, exist_ok=True)
     vm = ns.add("vm")

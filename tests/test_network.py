@@ -74,6 +74,7 @@ def ns(tmp_path: Path) -> Iterator[Namespaces]:
         yield created
 
 
+@pytest.mark.privileged
 def test_returns_at_once_when_route_exists(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.add_stub_link("vm", "eth0")
@@ -87,6 +88,7 @@ def test_returns_at_once_when_route_exists(ns: Namespaces) -> None:
     assert info.ifindex == int(ns.sh("vm", "ip -o link show eth0").split(":")[0])
 
 
+@pytest.mark.privileged
 def test_local_destination_counts(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.sh("vm", f"ip addr add {IMDS}/32 dev lo")
@@ -94,6 +96,7 @@ def test_local_destination_counts(ns: Namespaces) -> None:
     assert (info.ifindex, info.prefsrc, info.waited) == (1, IMDS, False)
 
 
+@pytest.mark.privileged
 def test_wakes_up_when_address_and_route_appear(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.add_stub_link("vm", "eth0")
@@ -118,6 +121,7 @@ def test_wakes_up_when_address_and_route_appear(ns: Namespaces) -> None:
     assert (info.gateway, info.prefsrc) == ("10.0.0.1", "10.0.0.5")
 
 
+@pytest.mark.privileged
 def test_route_without_source_address_keeps_waiting(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.add_stub_link("vm", "eth0")
@@ -135,6 +139,7 @@ def test_route_without_source_address_keeps_waiting(ns: Namespaces) -> None:
     assert info.gateway is None
 
 
+@pytest.mark.privileged
 def test_deadline_raises_network_unavailable(ns: Namespaces) -> None:
     path = ns.add("vm")  # only lo: the kernel answers ENETUNREACH
     with pytest.raises(NetworkUnavailable) as caught:
@@ -145,6 +150,7 @@ def test_deadline_raises_network_unavailable(ns: Namespaces) -> None:
     assert caught.value.exit_code == 69
 
 
+@pytest.mark.privileged
 def test_reject_route_is_not_a_route(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.add_stub_link("vm", "eth0")
@@ -153,12 +159,14 @@ def test_reject_route_is_not_a_route(ns: Namespaces) -> None:
         network.wait_for_route(IMDS, deadline_s=0.2, netns=path)
 
 
+@pytest.mark.privileged
 def test_deadline_zero_still_looks_once(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.sh("vm", f"ip addr add {IMDS}/32 dev lo")
     assert network.wait_for_route(IMDS, deadline_s=0, netns=path).prefsrc == IMDS
 
 
+@pytest.mark.privileged
 def test_injected_clock_drives_the_deadline(ns: Namespaces) -> None:
     path = ns.add("vm")
     ticks = iter([0.0, 100.0, 100.0, 100.0])  # start, then already past the deadline
@@ -166,6 +174,7 @@ def test_injected_clock_drives_the_deadline(ns: Namespaces) -> None:
         network.wait_for_route(IMDS, deadline_s=10, netns=path, clock=lambda: next(ticks))
 
 
+@pytest.mark.privileged
 def test_ipv6_route(ns: Namespaces) -> None:
     path = ns.add("vm")
     ns.add_stub_link("vm", "eth0")

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from guest_agent.config import Config
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every entry under root: path -> (mode, content or link target)."""
+    out: dict[str, tuple[int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = (st.st_mode, os.readlink(p))
+            elif p.is_file():
+                out[rel] = (st.st_mode, p.read_bytes())
+            else:
+                out[rel] = (st.st_mode, "")
+    return out
+
+
+@pytest.fixture
+def cfg() -> Config:
+    """Defaults, with the steps that need root (netns, TPM) off."""
+    c = Config()
+    return dataclasses.replace(
+        c, netns=dataclasses.replace(c.netns, enabled=False), tpm=dataclasses.replace(c.tpm, enabled=False)
+    )

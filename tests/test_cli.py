@@ -1,0 +1,73 @@
+"""The command line as operators and CAA developers use it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guest_agent import __version__, cli
+from guest_agent.errors import EXIT_CONFIG, EXIT_OK
+from tests import caa
+from tests.conftest import snapshot
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--version"])
+    assert ei.value.code == 0
+    assert capsys.readouterr().out.strip() == f"guest-agent {__version__}"
+
+
+def test_check_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ud = tmp_path / "user-data"
+    toml = caa.initdata_toml("sha256")
+    ud.write_bytes(caa.cloud_config(initdata=toml))
+    before = snapshot(tmp_path)
+    assert cli.main(["check", str(ud)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert snapshot(tmp_path) == before
+    for path, content in caa.expected_files(initdata=toml).items():
+        import hashlib
+
+        assert f"{path}" in out and hashlib.sha256(content).hexdigest() in out
+    assert "/run/peerpod/policy.rego" in out and "00600" in out
+    assert caa.digest(toml, "sha256") in out
+
+
+def test_check_reports_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ud = tmp_path / "user-data"
+    ud.write_bytes(b"#cloud-config\nruncmd: [reboot]\n")
+    assert cli.main(["check", str(ud)]) == EXIT_CONFIG
+    assert "runcmd" in capsys.readouterr().err
+
+
+def test_provision_then_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ud = tmp_path / "user-data"
+    toml = caa.initdata_toml()
+    ud.write_bytes(caa.cloud_config(initdata=toml))
+    root = tmp_path / "root"
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == EXIT_OK
+    for path, content in caa.expected_files(initdata=toml).items():
+        assert (root / path.lstrip("/")).read_bytes() == content
+    assert (root / "run/peerpod/initdata.digest").read_text() == caa.digest(toml)
+    capsys.readouterr()
+    assert cli.main(["timeline", "--root", str(root), "--json"]) == EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["clock"] == "CLOCK_MONOTONIC"
+    assert [s["name"] for s in doc["stages"]] == ["validate", "write", "measure"]
+    assert all(s["ok"] and s["end"] >= s["start"] for s in doc["stages"])
+    assert cli.main(["timeline", "--root", str(root)]) == EXIT_OK
+    assert "validate" in capsys.readouterr().out
+
+
+def test_timeline_without_a_run_is_an_error(tmp_path: Path) -> None:
+    assert cli.main(["timeline", "--root", str(tmp_path)]) != EXIT_OK
+
+
+def test_console_script_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "guest_agent", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("guest-agent ")

@@ -1,0 +1,117 @@
+"""sd_notify on a real bound AF_UNIX datagram socket, and the agent's READY=1/STATUS= sequence."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest_agent.notify import Notifier
+from tests import caa
+from tests.fakecloud import imds
+from tests.fakecloud.server import FakeServer, Script
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(10)
+    yield s, path
+    s.close()
+
+
+def recv_all(s: socket.socket) -> list[str]:
+    out = []
+    s.setblocking(False)
+    while True:
+        try:
+            out.append(s.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def test_notifier_sends_to_the_socket(
+    notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    n = Notifier()
+    assert n.status("fetch")
+    assert n.ready("config files written")
+    assert recv_all(s) == ["STATUS=fetch", "READY=1\nSTATUS=config files written"]
+
+
+def test_notifier_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"guest-agent-test-{os.getpid()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert Notifier().ready("x")
+        assert recv_all(s) == ["READY=1\nSTATUS=x"]
+    finally:
+        s.close()
+
+
+def test_notifier_without_socket_returns_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert Notifier().ready("x") is False
+
+
+def test_notifier_bad_socket_is_logged_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    n = Notifier()
+    assert n.ready("x") is False  # systemd-python raises here; the wrapper must not
+    assert n.status("y") is False
+
+
+def test_agent_sends_status_per_stage_then_ready(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
+    s, path = notify_socket
+    root = tmp_path / "root"
+    caa.make_root(str(root), {"sys_vendor": "Amazon EC2", "product_name": "m6i.large"})
+    with FakeServer("imds", imds.aws(caa.cloud_config(), Script())) as srv:
+        conf = tmp_path / "c.toml"
+        conf.write_text(f'[aws]\nimds_url = "{srv.url}"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n')
+        env = {**os.environ, "NOTIFY_SOCKET": path}
+        env.pop("JOURNAL_STREAM", None)
+        rc = subprocess.call(
+            [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)], env=env
+        )
+    assert rc == 0
+    msgs = recv_all(s)
+    statuses = [m for m in msgs if m.startswith("STATUS=")]
+    assert statuses[:6] == [
+        "STATUS=detect",
+        "STATUS=network",
+        "STATUS=fetch",
+        "STATUS=validate",
+        "STATUS=write",
+        "STATUS=measure",
+    ]
+    ready = [m for m in msgs if "READY=1" in m]
+    assert len(ready) == 1
+    assert msgs.index(ready[0]) > msgs.index("STATUS=write")  # READY=1 only after the files are written
+
+
+def test_no_ready_on_failure(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
+    s, path = notify_socket
+    root = tmp_path / "root"
+    caa.make_root(str(root), {"sys_vendor": "Amazon EC2"})
+    with FakeServer("imds", imds.aws(b"#cloud-config\nruncmd: [reboot]\n", Script())) as srv:
+        conf = tmp_path / "c.toml"
+        conf.write_text(f'[aws]\nimds_url = "{srv.url}"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n')
+        env = {**os.environ, "NOTIFY_SOCKET": path}
+        rc = subprocess.call(
+            [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)], env=env
+        )
+    assert rc == 78
+    msgs = recv_all(s)
+    assert not any("READY=1" in m for m in msgs)
+    assert any(m.startswith("STATUS=failed: user-data has keys") for m in msgs)

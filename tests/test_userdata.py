@@ -1,0 +1,207 @@
+"""User-data decoding and validation: CAA's shapes accepted, everything else refused."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from guest_agent import cli, initdata, userdata
+from guest_agent.config import Config
+from guest_agent.errors import EXIT_CONFIG, UserDataInvalid
+from tests import caa
+from tests.conftest import snapshot
+
+
+def files_of(plan: userdata.Plan) -> dict[str, bytes]:
+    return {f.path: f.content for f in plan.files}
+
+
+def test_caa_template_output_is_written_byte_for_byte(cfg: Config) -> None:
+    toml = caa.initdata_toml("sha384")
+    raw = caa.cloud_config(initdata=toml)
+    plan = userdata.plan(raw, cfg)
+    got = files_of(plan)
+    for path, content in caa.expected_files(initdata=toml).items():
+        assert got[path] == content, path
+    assert got["/run/peerpod/aa.toml"] == caa.AA_TOML.encode()
+    assert got["/run/peerpod/cdh.toml"] == caa.CDH_TOML.encode()
+    assert got["/run/peerpod/policy.rego"] == caa.POLICY_REGO.encode()
+    assert got["/run/peerpod/initdata.digest"] == hashlib.sha384(toml).hexdigest().encode()
+    assert all(f.mode == 0o600 for f in plan.files if f.path != "/run/peerpod/initdata.digest")
+    assert plan.user_data_sha256 == hashlib.sha256(raw).hexdigest()
+
+
+def test_apf_json_keeps_caa_formatting(cfg: Config) -> None:
+    got = files_of(userdata.plan(caa.cloud_config(), cfg))
+    assert got["/run/peerpod/apf.json"] == caa.apf_json().encode() + b"\n"  # YAML `|`: one trailing newline
+
+
+def test_without_initdata_the_default_is_used_and_aa_toml_exists(cfg: Config) -> None:
+    plan = userdata.plan(caa.cloud_config(initdata=None), cfg)
+    got = files_of(plan)
+    assert plan.initdata_is_default
+    assert got["/run/peerpod/aa.toml"] == b""
+    assert got["/run/peerpod/initdata.digest"] == b"adb48cc14fea9403d3d51f3b5f5068fd4d80445a14e94f1b3d5dbabaad66478d"
+    assert initdata.decode_file(got["/run/peerpod/initdata"], limit=1 << 20) == initdata.DEFAULT_INITDATA_TOML
+
+
+def test_initdata_files_win_over_write_files(cfg: Config) -> None:
+    extra = "  - path: /run/peerpod/aa.toml\n    content: from-write-files\n"
+    got = files_of(userdata.plan(caa.cloud_config(initdata=caa.initdata_toml(), extra_entries=extra), cfg))
+    assert got["/run/peerpod/aa.toml"] == caa.AA_TOML.encode()
+
+
+@pytest.mark.parametrize("layers", ["b64", "gz", "gz+b64", "b64+gz+b64"])
+def test_optional_gzip_and_base64_layers(cfg: Config, layers: str) -> None:
+    raw = caa.cloud_config()
+    for layer in layers.split("+"):
+        raw = base64.b64encode(raw) if layer == "b64" else gzip.compress(raw)
+    assert files_of(userdata.plan(raw, cfg))["/run/peerpod/apf.json"].startswith(b"{")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "encode"),
+    [
+        ("b64", lambda b: base64.b64encode(b).decode()),
+        ("base64", lambda b: base64.b64encode(b).decode()),
+        ("gz+b64", lambda b: base64.b64encode(gzip.compress(b)).decode()),
+        ("gzip+base64", lambda b: base64.b64encode(gzip.compress(b)).decode()),
+        ("text/plain", lambda b: b.decode()),
+    ],
+)
+def test_write_files_encodings(cfg: Config, encoding: str, encode: object) -> None:
+    content = b'{"auths": {}}'
+    doc = (
+        "#cloud-config\nwrite_files:\n"
+        f"  - path: /run/peerpod/auth.json\n    encoding: {encoding}\n    content: '{encode(content)}'\n"  # type: ignore[operator]
+        "    permissions: '0640'\n"
+    )
+    spec = next(f for f in userdata.plan(doc.encode(), cfg).files if f.path == "/run/peerpod/auth.json")
+    assert spec.content == content
+    assert spec.mode == 0o640
+
+
+def test_yaml_octal_permissions(cfg: Config) -> None:
+    doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    permissions: 0644\n"
+    spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
+    assert spec.mode == 0o644
+
+
+def test_owner_by_name_and_number(cfg: Config) -> None:
+    doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    owner: root:0\n"
+    spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
+    assert (spec.uid, spec.gid) == (0, 0)
+
+
+def test_empty_cloud_config_writes_only_initdata_defaults(cfg: Config) -> None:
+    plan = userdata.plan(b"#cloud-config\n", cfg)
+    assert sorted(files_of(plan)) == [
+        "/run/peerpod/aa.toml",
+        "/run/peerpod/initdata",
+        "/run/peerpod/initdata.digest",
+    ]
+
+
+BOMB = gzip.compress(b"#cloud-config\n" + b" " * (3 * 1024 * 1024))
+
+REJECTIONS: dict[str, tuple[bytes, str]] = {
+    "path traversal": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/../../etc/passwd\n    content: x\n",
+        "not normalised",
+    ),
+    "dot segment": (b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/./apf.json\n    content: x\n", "normalised"),
+    "double slash": (b"#cloud-config\nwrite_files:\n  - path: //run/peerpod/apf.json\n    content: x\n", "normalised"),
+    "relative path": (b"#cloud-config\nwrite_files:\n  - path: run/peerpod/apf.json\n    content: x\n", "absolute"),
+    "not allowed": (b"#cloud-config\nwrite_files:\n  - path: /etc/passwd\n    content: x\n", "allow-list"),
+    "policy.rego via write_files": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/policy.rego\n    content: x\n",
+        "allow-list",
+    ),
+    "runcmd": (caa.cloud_config() + b"runcmd:\n  - [touch, /tmp/pwned]\n", "refuses"),
+    "bootcmd only": (b"#cloud-config\nbootcmd: [reboot]\n", "refuses"),
+    "unknown entry key": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: x\n    append: true\n",
+        "unsupported keys",
+    ),
+    "duplicate path": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: a\n"
+        b"  - path: /run/peerpod/apf.json\n    content: b\n",
+        "twice",
+    ),
+    "invalid yaml": (b"#cloud-config\nwrite_files: [\n  - path: {\n", "not valid YAML"),
+    "not cloud-config": (b"#!/bin/sh\nreboot\n", "#cloud-config"),
+    "not utf-8": (b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: \xff\xfe\n", "UTF-8"),
+    "oversized": (b"#cloud-config\n#" + b"x" * (300 * 1024) + b"\n", "size limit"),
+    "gzip bomb": (BOMB, "size limit"),
+    "bad permissions": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: x\n    permissions: '4755'\n",
+        "out of range",
+    ),
+    "bad encoding": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: x\n    encoding: rot13\n",
+        "encoding",
+    ),
+    "bad base64 content": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: '!!!'\n    encoding: b64\n",
+        "base64",
+    ),
+    "unknown owner": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: x\n    owner: nosuchuser\n",
+        "unknown user",
+    ),
+    "list document": (b"#cloud-config\n- a\n- b\n", "mapping"),
+    "initdata unknown algorithm": (
+        caa.cloud_config(initdata=b'algorithm = "md5"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'),
+        "algorithm",
+    ),
+    "initdata disallowed name": (
+        caa.cloud_config(initdata=caa.initdata_toml(data={"aa.toml": "x", "../../etc/shadow": "x"})),
+        "initdata",
+    ),
+    "initdata not base64": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/initdata\n    content: '***'\n",
+        "base64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_rejections_raise_a_reason(cfg: Config, case: str) -> None:
+    raw, fragment = REJECTIONS[case]
+    with pytest.raises(UserDataInvalid) as ei:
+        userdata.plan(raw, cfg)
+    assert fragment.lower() in ei.value.describe().lower()
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_rejections_write_nothing(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`guest-agent provision` exits 78 with a one-line reason and the root is untouched."""
+    root = tmp_path / "root"
+    (root / "run/peerpod").mkdir(parents=True)
+    (root / "run/peerpod/apf.json").write_bytes(b"old")  # a previous boot's file stays as it was
+    ud = tmp_path / "user-data"
+    ud.write_bytes(REJECTIONS[case][0])
+    before = snapshot(root)
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == EXIT_CONFIG
+    assert snapshot(root) == before
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("guest-agent: error:")]
+    assert len(errors) == 1, errors  # one line with the reason
+
+
+def test_size_limits_come_from_config(cfg: Config) -> None:
+    small = dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_user_data_bytes=100))
+    with pytest.raises(UserDataInvalid, match="size limit"):
+        userdata.plan(caa.cloud_config(), small)
+
+
+def test_allow_list_comes_from_config(cfg: Config) -> None:
+    extended = dataclasses.replace(
+        cfg, files=dataclasses.replace(cfg.files, allowed_paths=(*cfg.files.allowed_paths, "/run/peerpod/extra"))
+    )
+    doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/extra\n    content: x\n"
+    assert "/run/peerpod/extra" in files_of(userdata.plan(doc, extended))
