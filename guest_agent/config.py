@@ -13,7 +13,6 @@ back to a default on a machine nobody can log in to.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,7 +187,10 @@ def config_files(root: str, extra: str | None) -> list[Path]:
 
 def load(root: str = "/", extra: str | None = None) -> Config:
     cfg = Config()
-    for path in config_files(root, extra):
+    paths = config_files(root, extra)
+    if paths:
+        import tomllib  # ~9 ms, only when there is a file to read
+    for path in paths:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

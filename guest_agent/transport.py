@@ -7,7 +7,6 @@ where it overlaps with reading DMI and waiting for the network.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import threading
 import time
@@ -30,12 +29,17 @@ _preload_thread: threading.Thread | None = None
 
 
 def preload() -> None:
-    """Import requests in the background; `new_session()` joins the thread."""
+    """Import requests and PyYAML in the background; `new_session()` joins the thread.
+
+    On a real boot the agent starts before DHCP has finished, so these ~100 ms of imports
+    run while the network wait blocks in poll(); they are off the network-up -> Ready path.
+    """
     global _preload_thread
     if _preload_thread is None:
 
         def _imp() -> None:
             import requests  # noqa: F401
+            import yaml  # noqa: F401
 
         _preload_thread = threading.Thread(target=_imp, name="preload-requests", daemon=True)
         _preload_thread.start()
@@ -100,6 +104,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # ~5 ms: only when a server sent an HTTP-date
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -170,10 +170,10 @@ cp -a --no-preserve=ownership "$HERE/overlay/." "$ROOT/"
 chmod 0755 "$ROOT/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/libexec/e2e-dump"
 
 # Enable by preset, as a package's postinst would.
-systemctl --root="$ROOT" preset guest-agent.service agent-protocol-forwarder.service >/dev/null
+systemctl --root="$ROOT" preset guest-agent.service agent-protocol-forwarder.service >/dev/null 2>&1
 systemctl --root="$ROOT" enable systemd-networkd.service >/dev/null 2>&1
-# A getty on the serial console can hang up the console mid-boot; the pod VM has no logins.
-systemctl --root="$ROOT" mask serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service >/dev/null 2>&1
+# No logins on a pod VM, and a getty on the serial console can hang it up mid-report.
+systemctl --root="$ROOT" mask getty.target serial-getty@ttyS0.service serial-getty@ttyS1.service >/dev/null 2>&1
 # No DNS this early: an empty resolv.conf makes lookups fail at once instead of timing out.
 rm -f "$ROOT/etc/resolv.conf"; : > "$ROOT/etc/resolv.conf"
 echo podvm > "$ROOT/etc/hostname"

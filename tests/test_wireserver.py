@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,10 @@ def servers() -> Iterator[Callable[..., FakeWireserver]]:
         ws.stop()
 
 
-def client(url: str, sleep: Callable[[float], None] = Sleeps(), **kw: Any) -> WireserverClient:
+def client(url: str, sleep: Callable[[float], None] | None = None, **kw: Any) -> WireserverClient:
     kw.setdefault("connect_timeout_s", 1.0)
     kw.setdefault("read_timeout_s", 2.0)
-    return WireserverClient(url, session=transport.new_session(), sleep=sleep, agent_name=AGENT, **kw)
+    return WireserverClient(url, session=transport.new_session(), sleep=sleep or Sleeps(), agent_name=AGENT, **kw)
 
 
 def deadline(s: float = 30.0) -> Deadline:
@@ -330,7 +331,7 @@ def test_json_client_error_after_json_worked_is_final(servers: Callable[..., Fak
 
 def test_never_answering_wireserver_reaches_the_deadline(servers: Callable[..., FakeWireserver]) -> None:
     ws = servers(blackhole=True)
-    c = client(ws.url, sleep=transport.time.sleep, connect_timeout_s=0.1, read_timeout_s=0.1)
+    c = client(ws.url, sleep=time.sleep, connect_timeout_s=0.1, read_timeout_s=0.1)
     with pytest.raises(FabricError) as ei:
         c.report("Ready", deadline=Deadline(0.6))
     assert "did not acknowledge the Ready report before the deadline" in ei.value.reason
@@ -343,7 +344,7 @@ def test_refused_connections_reach_the_deadline() -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    c = client(f"http://127.0.0.1:{port}", sleep=transport.time.sleep, connect_timeout_s=0.1)
+    c = client(f"http://127.0.0.1:{port}", sleep=time.sleep, connect_timeout_s=0.1)
     with pytest.raises(FabricError) as ei:
         c.report("Ready", deadline=Deadline(0.5))
     assert ei.value.supporting_data["last_error"] == "POST /provisioning/health: connection failed"

@@ -1,0 +1,484 @@
+"""End-to-end: boot the pod VM image under QEMU against a fake Azure and check what it did.
+
+    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata] [--keep]
+
+Everything runs inside a private network namespace holding only `lo` (the script re-executes
+itself under `unshare --net`): the fake IMDS and wireserver on 127.0.0.1, swtpm, QEMU with
+`-netdev user,restrict=on` whose guestfwd rules relay the guest's 169.254.169.254:80 and
+168.63.129.16:80 to them through socat.  Nothing the guest does can reach a real address.
+
+Results come out of the guest through a test-only unit (e2e-dump.service, pulled in by
+`systemd.wants=` on the kernel command line) that writes one checksummed document to a second
+serial port once boot has finished, then waits; meanwhile the harness probes the stand-in APF
+through hostfwd and stops QEMU.  Guest monotonic times are mapped onto the host clock with the
+E2E-SYNC lines the unit prints on the console.  Every wait is bounded; every process is killed
+on exit.  Exit status 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.e2e import guest, userdata  # noqa: E402
+
+IMAGE = REPO / "image" / "build"
+APF_PORT = 15150
+HOSTFWD_PORT = 15150  # on 127.0.0.1 inside the private netns: nothing else can be there
+AZURE_SMBIOS = [
+    "type=1,manufacturer=Microsoft Corporation,product=Virtual Machine,version=Hyper-V UEFI Release v4.1",
+    "type=3,manufacturer=Microsoft Corporation,asset=7783-7084-3265-9085-8269-3286-77",
+]
+BOOT_TIMEOUT_S = 300.0  # QEMU start to dump received; a TCG boot takes 20-40 s
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Procs:
+    """Child processes, each killed (process group) on exit whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+    def close(self) -> None:
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+def wait_for_path(path: Path, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear in {timeout_s} s")
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- one boot
+
+
+@dataclass
+class Scenario:
+    name: str
+    user_data: bytes
+    expected: userdata.Expected | None  # None: provisioning must fail
+    azure: bool = True  # fake IMDS + wireserver + Azure DMI; else cidata ISO and QEMU's DMI
+
+
+@dataclass
+class BootResult:
+    scenario: Scenario
+    workdir: Path
+    qemu_rc: int | None = None
+    console: list[guest.ConsoleLine] = field(default_factory=list)
+    dump: dict[str, Any] | None = None
+    server_log: list[dict[str, Any]] = field(default_factory=list)
+    t0_wall: float = 0.0  # time.time() just before QEMU started
+    t_dump: float | None = None  # host seconds since QEMU start when the dump was complete
+    apf_banner: str | None = None
+    apf_error: str | None = None
+    wall_s: float = 0.0
+
+
+def make_cidata(workdir: Path, user_data: bytes) -> Path:
+    src = workdir / "cidata"
+    src.mkdir()
+    (src / "user-data").write_bytes(user_data)
+    (src / "meta-data").write_text("instance-id: e2e-cidata\nlocal-hostname: podvm\n")
+    iso = workdir / "seed.iso"
+    subprocess.run(
+        ["genisoimage", "-quiet", "-o", str(iso), "-V", "cidata", "-J", "-r", str(src)], check=True, timeout=30
+    )
+    return iso
+
+
+def read_console(p: subprocess.Popen[bytes], t0: float, out: list[guest.ConsoleLine], raw: Path) -> None:
+    assert p.stdout is not None
+    with raw.open("w", encoding="utf-8") as f:
+        for bline in p.stdout:
+            t = time.monotonic() - t0
+            text = bline.decode("utf-8", "replace").rstrip("\r\n")
+            out.append(guest.ConsoleLine(t, text))
+            f.write(f"{t:9.3f} {text}\n")
+            f.flush()
+
+
+def probe_apf(port: int, timeout_s: float = 10.0) -> tuple[str | None, str | None]:
+    """The stand-in APF's one-line banner through hostfwd.  slirp accepts the host connection even
+    when nothing listens in the guest (then closes it), so only the banner proves APF answered."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.settimeout(timeout_s)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+        return (data.decode("utf-8", "replace").strip() or None), (None if data else "closed without a banner")
+    except OSError as e:
+        return None, repr(e)
+
+
+def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) -> BootResult:
+    res = BootResult(sc, workdir)
+    wall0 = time.monotonic()
+    workdir.mkdir(parents=True)
+    netdev = "user,id=n0,restrict=on,ipv6=off,net=168.0.0.0/7,host=168.0.0.1,dhcpstart=168.0.0.4,dns=168.0.0.2"
+    qemu_extra: list[str] = []
+    server_log = workdir / "servers.jsonl"
+    if sc.azure:
+        ud = workdir / "user-data"
+        ud.write_bytes(sc.user_data)
+        fake = procs.start(
+            "fakecloud",
+            [sys.executable, "-m", "tests.fakecloud", "--cloud", "azure", "--user-data", str(ud), "--log", str(server_log)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=(workdir / "fakecloud.err").open("wb"),
+        )
+        ports = json.loads(_readline(fake, 15.0))
+        # guestfwd: every guest connection to these addresses gets its own socat to the fake.
+        for addr, port in (("169.254.169.254", ports["imds_port"]), ("168.63.129.16", ports["wireserver_port"])):
+            netdev += f",guestfwd=tcp:{addr}:80-cmd:socat - TCP:127.0.0.1:{port}"
+        for s in AZURE_SMBIOS:
+            qemu_extra += ["-smbios", s]
+        qemu_extra += ["-uuid", str(uuid.uuid4())]
+    else:
+        iso = make_cidata(workdir, sc.user_data)
+        qemu_extra += ["-drive", f"file={iso},if=virtio,format=raw,readonly=on"]
+    netdev += f",hostfwd=tcp:127.0.0.1:{HOSTFWD_PORT}-:{APF_PORT}"
+
+    tpm_dir = workdir / "tpm"
+    tpm_dir.mkdir()
+    tpm_sock = workdir / "swtpm.sock"
+    procs.start(
+        "swtpm",
+        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tpm_dir}", "--ctrl", f"type=unixio,path={tpm_sock}",
+         "--terminate", "--log", f"file={workdir / 'swtpm.log'}"],
+    )  # fmt: skip
+    wait_for_path(tpm_sock, 10.0)
+
+    overlay = workdir / "overlay.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(IMAGE / "disk.raw"), str(overlay)],
+        check=True,
+        timeout=30,
+    )
+    cmdline = (IMAGE / "cmdline").read_text().strip()
+    cmdline += " systemd.wants=e2e-dump.service e2e.hold=120"
+    if sc.name == "valid":
+        cmdline += " e2e.netns_probe=1"
+    ttys1 = workdir / "ttyS1.log"
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-kernel", str(IMAGE / "vmlinuz"), "-initrd", str(IMAGE / "initrd.img"), "-append", cmdline,
+        "-drive", f"file={overlay},if=virtio,format=qcow2",
+        "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
+        "-chardev", f"socket,id=chrtpm,path={tpm_sock}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+        "-device", "tpm-tis,tpmdev=tpm0",
+        "-serial", "stdio", "-serial", f"file:{ttys1}",
+        *qemu_extra,
+    ]  # fmt: skip
+    (workdir / "qemu.argv").write_text(json.dumps(argv, indent=1))
+    res.t0_wall = time.time()
+    t0 = time.monotonic()
+    qemu = procs.start(
+        "qemu", argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=(workdir / "qemu.err").open("wb")
+    )
+    reader = threading.Thread(target=read_console, args=(qemu, t0, res.console, workdir / "console.log"), daemon=True)
+    reader.start()
+
+    deadline = t0 + args.timeout
+    while time.monotonic() < deadline and qemu.poll() is None:
+        if ttys1.exists():
+            res.dump = guest.parse_dump(ttys1.read_text(errors="replace"))
+            if res.dump is not None:
+                res.t_dump = time.monotonic() - t0
+                break
+        time.sleep(0.2)
+    if res.dump is None:
+        log(f"{sc.name}: no dump from the guest (QEMU {'exited' if qemu.poll() is not None else 'timed out'})")
+    else:
+        res.apf_banner, res.apf_error = probe_apf(HOSTFWD_PORT)
+    res.qemu_rc = qemu.poll()
+    procs.stop(qemu)
+    reader.join(5)
+    for name, p in procs.procs:
+        if name == "fakecloud":
+            procs.stop(p)
+    if server_log.exists():
+        res.server_log = [json.loads(x) for x in server_log.read_text().splitlines() if x.strip()]
+    res.wall_s = time.monotonic() - wall0
+    return res
+
+
+def _readline(p: subprocess.Popen[bytes], timeout_s: float) -> str:
+    assert p.stdout is not None
+    box: list[bytes] = []
+    t = threading.Thread(target=lambda: box.append(p.stdout.readline() if p.stdout else b""), daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if not box or not box[0]:
+        raise RuntimeError(f"no ports line from the fake cloud within {timeout_s} s (exit {p.poll()})")
+    return box[0].decode()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+class Checks:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.results: list[tuple[bool, str]] = []
+
+    def check(self, ok: bool, what: str, detail: object = "") -> bool:
+        self.results.append((bool(ok), what if ok else f"{what}: {detail}"))
+        return bool(ok)
+
+    @property
+    def failed(self) -> list[str]:
+        return [w for ok, w in self.results if not ok]
+
+
+def figures(res: BootResult) -> dict[str, float | None]:
+    """Seconds from QEMU start: guest monotonic times shifted by the measured clock offset,
+    host-side events (fake server log) relative to the stamp taken just before QEMU started."""
+    d = res.dump or {}
+    off = guest.clock_offset(res.console)
+    units = d.get("units", {})
+
+    def g(mono: float | None) -> float | None:
+        return None if mono is None or off is None else round(mono + off, 2)
+
+    def host(t: float | None) -> float | None:
+        return None if t is None else round(t - res.t0_wall, 2)
+
+    tl = d.get("timeline", {})
+    imds = [e["t"] for e in res.server_log if e.get("server") == "imds" and e.get("status") == 200]
+    ready = [t for t, state, _ in guest.health_reports(res.server_log) if state == "Ready"]
+    return {
+        "dhcp_lease": g(guest.dhcp_lease_mono(d.get("journal", {}).get("networkd", []))),
+        "agent_process_start": g(tl.get("process_start") if isinstance(tl, dict) else None),
+        "user_data_fetched(guest)": g(guest.stage_end(tl, "fetch")),
+        "user_data_served(host)": host(imds[0] if imds else None),
+        "READY=1": g(guest.usec(units.get("guest-agent.service", {}), "ActiveEnterTimestampMonotonic")),
+        "Ready_received(host)": host(ready[0] if ready else None),
+        "APF_listening": g(guest.usec(units.get("agent-protocol-forwarder.service", {}), "ActiveEnterTimestampMonotonic")),
+        "multi-user.target": g(guest.usec(units.get("multi-user.target", {}), "ActiveEnterTimestampMonotonic")),
+        "dump_complete(host)": None if res.t_dump is None else round(res.t_dump, 2),
+    }
+
+
+def check_boot(res: BootResult) -> Checks:
+    sc = res.scenario
+    c = Checks(sc.name)
+    d = res.dump
+    if not c.check(d is not None, "guest dump received", f"see {res.workdir}/console.log"):
+        return c
+    assert d is not None
+    units = d["units"]
+    ga, apf = units["guest-agent.service"], units["agent-protocol-forwarder.service"]
+    fig = figures(res)
+    reports = guest.health_reports(res.server_log)
+    states = [s for _, s, _ in reports]
+
+    if sc.expected is not None:
+        exp = sc.expected
+        c.check(ga.get("ActiveState") == "active" and ga.get("Result") == "success", "guest-agent active", ga)
+        c.check(ga.get("NRestarts") == "0", "guest-agent not restarted", ga.get("NRestarts"))
+        pp = d["peerpod"]
+        for name, content in sorted(exp.files.items()):
+            ent = pp.get(name)
+            want = hashlib.sha256(content).hexdigest()
+            c.check(ent is not None and ent.get("sha256") == want, f"/run/peerpod/{name} content", ent)
+            c.check(ent is not None and ent.get("mode") == "0o600", f"/run/peerpod/{name} mode 0600", ent and ent["mode"])
+        extra = sorted(set(pp) - set(exp.files) - {"."})
+        c.check(not extra, "no other files in /run/peerpod", extra)
+        digest = base64.b64decode(pp.get("initdata.digest", {}).get("b64", "")).decode()
+        c.check(digest == exp.initdata_digest, "initdata.digest", digest)
+        pcr = guest.pcr_value(d["pcr8"]["out"])
+        c.check(pcr == exp.pcr8, "PCR 8 = sha256(zero32 || digest[:32])", f"{pcr} != {exp.pcr8} ({d['pcr8']})")
+        c.check(apf.get("ActiveState") == "active", "APF active", apf)
+        c.check(
+            res.apf_banner == f"agent-protocol-forwarder stand-in pod={exp.pod}",
+            "APF answers on 15150 through hostfwd",
+            res.apf_banner or res.apf_error,
+        )
+        podns = d["netns"]["podns_lo"]
+        c.check(podns["rc"] == 0 and "UP" in podns["out"], "podns usable from the host mount namespace, lo up", podns)
+        if "netns_probe" in d:
+            pr = d["netns_probe"]
+            c.check(pr["unit_sandbox"]["propagates"], "netns made under the unit's sandbox is visible to the host", pr["unit_sandbox"])
+            c.check(
+                not pr["protect_system"]["propagates"],
+                "(control) netns made under ProtectSystem=strict is not visible to the host",
+                pr["protect_system"],
+            )
+        mu = fig["multi-user.target"]
+        ready1 = fig["READY=1"]
+        c.check(ready1 is not None and mu is not None and ready1 <= mu, "READY=1 before multi-user.target", fig)
+        if sc.azure:
+            c.check(states[:1] == ["Ready"] and "NotReady" not in states, "wireserver received Ready", states)
+            rr = fig["Ready_received(host)"]
+            c.check(rr is not None and mu is not None and rr <= mu, "Ready received before multi-user.target", fig)
+            fields = guest.structured_fields(d["journal"]["guest-agent"])
+            want_fields = {"GUEST_AGENT_STAGE", "GUEST_AGENT_ELAPSED_MS", "GUEST_AGENT_PROVIDER", "MESSAGE_ID"}
+            c.check(want_fields <= fields, "journal has the structured fields", sorted(fields))
+    else:
+        c.check(ga.get("ExecMainStatus") == "78", "guest-agent exits 78 (invalid user-data)", ga)
+        c.check(ga.get("NRestarts") == "0", "guest-agent not restarted after 78", ga.get("NRestarts"))
+        c.check(apf.get("ActiveEnterTimestampMonotonic", "0") == "0", "APF never started", apf)
+        c.check(res.apf_banner is None, "nothing answers on 15150", res.apf_banner)
+        if sc.azure:
+            not_ready = [b for _, s, b in reports if s == "NotReady"]
+            c.check(bool(not_ready) and "Ready" not in states, "wireserver received NotReady, never Ready", states)
+            c.check(any("runcmd" in b for b in not_ready), "NotReady names the reason (runcmd)", not_ready[:1])
+        pp = d["peerpod"]
+        c.check("apf.json" not in pp, "no apf.json written from invalid user-data", sorted(pp))
+    if sc.azure:
+        # Every request the guest made went to the two fake services (the only guestfwd targets);
+        # with restrict=on in a netns holding only lo there is nowhere else to go.
+        other = [e for e in res.server_log if e.get("server") not in ("imds", "wireserver")]
+        c.check(not other, "guest traffic only to the fake IMDS and wireserver", other)
+    return c
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def scenarios(names: list[str]) -> list[Scenario]:
+    ud, exp = userdata.valid()
+    all_ = {
+        "valid": Scenario("valid", ud, exp),
+        "invalid": Scenario("invalid", userdata.invalid(), None),
+        "cidata": Scenario("cidata", *userdata.valid("nginx-cidata"), azure=False),
+    }
+    return [all_[n] for n in names]
+
+
+def enter_private_netns(argv: list[str]) -> None:
+    """Re-execute under `unshare --net` unless already done; then bring lo up and check it is alone."""
+    if os.environ.get("E2E_NETNS") != "1":
+        env = dict(os.environ, E2E_NETNS="1")
+        os.execvpe("unshare", ["unshare", "--net", "--", sys.executable, *argv], env)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+    links = sorted(os.listdir("/sys/class/net"))
+    if links != ["lo"]:
+        raise SystemExit(f"private network namespace has unexpected links: {links}")
+
+
+def preflight() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (unshare --net, swtpm, QEMU)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "swtpm", "socat", "genisoimage", "unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"missing tool: {tool}"
+    for f in ("disk.raw", "vmlinuz", "initrd.img", "cmdline"):
+        if not (IMAGE / f).exists():
+            return f"no image: {IMAGE / f} (run `make image`)"
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boots", default="valid,invalid,cidata", help="comma-separated: valid, invalid, cidata")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
+    ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S, help="per boot, seconds")
+    ap.add_argument("--workdir", help="default: a new directory under /tmp")
+    args = ap.parse_args()
+    why = preflight()
+    if why:
+        print(f"e2e: {why}", file=sys.stderr)
+        return 2
+    enter_private_netns([str(Path(__file__).resolve()), *sys.argv[1:]])
+
+    top = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="guest-agent-e2e-"))
+    t_all = time.monotonic()
+    results: list[tuple[BootResult, Checks]] = []
+    for sc in scenarios(args.boots.split(",")):
+        log(f"boot {sc.name}: starting")
+        procs = Procs()
+        try:
+            res = boot(sc, top / sc.name, procs, args)
+        finally:
+            procs.close()
+        checks = check_boot(res)
+        results.append((res, checks))
+        log(f"boot {sc.name}: {len(checks.results) - len(checks.failed)}/{len(checks.results)} checks passed "
+            f"in {res.wall_s:.1f} s")  # fmt: skip
+        for ok, what in checks.results:
+            print(f"    {'ok  ' if ok else 'FAIL'} {what}")
+        (top / sc.name / "figures.json").write_text(json.dumps(figures(res), indent=2))
+
+    print_figures(results)
+    failed = sum(len(c.failed) for _, c in results)
+    passed = sum(len(c.results) - len(c.failed) for _, c in results)
+    log(f"total {time.monotonic() - t_all:.0f} s; work directory {top}")
+    if failed == 0 and not args.keep:
+        shutil.rmtree(top, ignore_errors=True)
+    print(f"e2e: {passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def print_figures(results: list[tuple[BootResult, Checks]]) -> None:
+    rows = [figures(r) for r, _ in results]
+    if not rows:
+        return
+    names = [r.scenario.name for r, _ in results]
+    print("\nboot figures (seconds from QEMU start; TCG):")
+    print(f"  {'':28}" + "".join(f"{n:>10}" for n in names))
+    for key in rows[0]:
+        vals = "".join(f"{'-' if row[key] is None else f'{row[key]:.2f}':>10}" for row in rows)
+        print(f"  {key:28}{vals}")
+    for (r, _), row in zip(results, rows, strict=True):
+        d = r.dump or {}
+        an = d.get("analyze", "").strip().splitlines()
+        if an:
+            print(f"  {r.scenario.name}: {an[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
