@@ -96,11 +96,16 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log_fields: dict[str, str])
     if args.command == "timeline":
         return _timeline(cfg, root, as_json=args.json)
     if args.command in ("report-ready", "report-failure"):
+        from guest_agent.errors import FabricError
         from guest_agent.fabric import AzureFabric
 
         fabric = AzureFabric(cfg.azure, root=root)
         res = fabric.report_ready({}) if args.command == "report-ready" else fabric.report_failure(args.reason, {})
-        print(f"acknowledged: {res}")
+        if res is None:
+            raise FabricError("the wireserver did not acknowledge the report (or azure.report_ready is off)")
+        print(
+            f"acknowledged: {res.state} via the {res.flavour} endpoint, HTTP {res.status}, {res.round_trips} requests"
+        )
         return EXIT_OK
     if args.command == "netns":
         return _netns(args, cfg, root)

@@ -60,7 +60,7 @@ def initdata_toml(algorithm: str = "sha384", data: dict[str, str] | None = None)
 
 def encode_initdata(toml: bytes) -> str:
     """CAA's initdata.Encode: gzip then base64 on one line."""
-    return base64.b64encode(gzip.compress(toml)).decode()
+    return base64.b64encode(gzip.compress(toml, mtime=0)).decode()  # mtime 0: reproducible, as Go's encoder
 
 
 def digest(toml: bytes, algorithm: str = "sha384") -> str:

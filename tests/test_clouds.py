@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +29,7 @@ from guest_agent.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, MetadataUnavailabl
 from tests import caa
 from tests.fakecloud import imds
 from tests.fakecloud.server import FakeServer, Handler, Reply, Request, Script
+from tests.fakecloud.wireserver import FakeWireserver
 
 USER_DATA = caa.cloud_config()
 CLOUDS = ("azure", "aws", "gcp", "alibaba", "ibmcloud")
@@ -39,6 +43,7 @@ DATA_PATH = {
 TOKEN_PATH = {"aws": "/latest/api/token", "alibaba": "/latest/api/token", "ibmcloud": "/instance_identity/v1/token"}
 TOKEN_HEADER = {"aws": "x-aws-ec2-metadata-token", "alibaba": "x-aliyun-ecs-metadata-token"}
 TTL_HEADER = {"aws": "x-aws-ec2-metadata-token-ttl-seconds", "alibaba": "x-aliyun-ecs-metadata-token-ttl-seconds"}
+FACTORY: dict[str, Callable[..., Handler]] = {**imds.FACTORIES}  # their keyword options differ
 FIRST_BACKOFF = Config().fetch.backoff_initial_s  # 0.1 s before the first retry
 
 
@@ -60,7 +65,7 @@ class FakeTime:
 def make_cfg(cloud: str, url: str, *, deadline_s: float = 3.0, timeout_s: float = 0.3) -> Config:
     c = Config()
     fetch = dataclasses.replace(c.fetch, deadline_s=deadline_s, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
-    section: object = {
+    section: Any = {
         "azure": dataclasses.replace(c.azure, imds_url=url),
         "aws": dataclasses.replace(c.aws, imds_url=url),
         "gcp": dataclasses.replace(c.gcp, metadata_url=url),
@@ -83,18 +88,34 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Handler], FakeServer]]:
+@pytest.fixture(scope="module")
+def running() -> Iterator[list[FakeServer]]:
+    """Servers are stopped together at the end of the module: each `stop()` waits up to
+    0.5 s for `serve_forever`'s poll, which would otherwise dominate the run time."""
     started: list[FakeServer] = []
+    yield started
+    stoppers = [threading.Thread(target=s.stop) for s in started]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join()
 
+
+@pytest.fixture
+def serve(running: list[FakeServer]) -> Callable[[Handler], FakeServer]:
     def start(handler: Handler) -> FakeServer:
         server = FakeServer("imds", handler).start()
-        started.append(server)
+        running.append(server)
         return server
 
-    yield start
-    for s in started:
-        s.stop()
+    return start
+
+
+@pytest.fixture
+def wireserver(running: list[FakeServer]) -> FakeWireserver:
+    ws = FakeWireserver().start()
+    running.append(ws.server)
+    return ws
 
 
 @pytest.fixture
@@ -143,7 +164,7 @@ def test_token_clouds_request_shape(
     cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
 ) -> None:
     book = imds.TokenBook()
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script(), tokens=book))
+    server = serve(FACTORY[cloud](USER_DATA, Script(), tokens=book))
     assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA  # raw bytes, not base64
     put, get = server.requests
     assert (put.method, put.path) == ("PUT", "/latest/api/token")
@@ -200,7 +221,7 @@ def test_no_proxy_even_when_the_environment_sets_one(
         monkeypatch.setenv(var, proxy)
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script()))
+    server = serve(FACTORY[cloud](USER_DATA, Script()))
     # Control: a default session honours the variable, so this environment really points at the proxy.
     with pytest.raises(requests.exceptions.ProxyError):
         requests.Session().get(server.url + "/", timeout=2)
@@ -230,7 +251,7 @@ def test_retried_then_200(
     cloud: str, case: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
 ) -> None:
     make_reply, delay = RETRIED[case]
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script({"user-data": [make_reply()]})))
+    server = serve(FACTORY[cloud](USER_DATA, Script({"user-data": [make_reply()]})))
     assert fetch(cloud, server.url, tmp_path, ft, deadline_s=5.0) == USER_DATA
     assert ft.sleeps == [delay]
     assert len(data_requests(server, cloud)) == 2
@@ -278,7 +299,7 @@ def test_connection_refused_until_the_deadline(cloud: str, ft: FakeTime, tmp_pat
 def test_invalid_base64_fails_at_once(
     cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
 ) -> None:
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script({"user-data": [Reply(200, "#cloud-config: not base64!")]})))
+    server = serve(FACTORY[cloud](USER_DATA, Script({"user-data": [Reply(200, "#cloud-config: not base64!")]})))
     with pytest.raises(UserDataInvalid) as ei:
         fetch(cloud, server.url, tmp_path, ft)
     assert ei.value.exit_code == EXIT_CONFIG == 78
@@ -305,7 +326,7 @@ FAIL_FAST = [
 def test_refused_fails_fast(
     cloud: str, status: int, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
 ) -> None:
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script({"user-data": [Reply(status, "refused")]})))
+    server = serve(FACTORY[cloud](USER_DATA, Script({"user-data": [Reply(status, "refused")]})))
     with pytest.raises(MetadataUnavailable) as ei:
         fetch(cloud, server.url, tmp_path, ft)
     assert ei.value.exit_code == EXIT_UNAVAILABLE
@@ -323,7 +344,7 @@ def test_token_refused_falls_back_to_tokenless_get(
     cloud: str, token_status: int, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
 ) -> None:
     # aws: IMDSv1 allowed (imdsv1=True); alibaba: normal mode (no token required)
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script({"token": [Reply(token_status, "no")]})))
+    server = serve(FACTORY[cloud](USER_DATA, Script({"token": [Reply(token_status, "no")]})))
     assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA
     put, get = server.requests
     assert (put.method, put.path, get.method, get.path) == ("PUT", "/latest/api/token", "GET", "/latest/user-data")
@@ -336,7 +357,7 @@ def test_token_required_and_refused_fails_fast(
     cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
 ) -> None:
     strict = {"imdsv1": False} if cloud == "aws" else {"normal_mode": False}
-    server = serve(imds.FACTORIES[cloud](USER_DATA, Script({"token": [Reply(403, "Forbidden")]}), **strict))
+    server = serve(FACTORY[cloud](USER_DATA, Script({"token": [Reply(403, "Forbidden")]}), **strict))
     with pytest.raises(MetadataUnavailable) as ei:
         fetch(cloud, server.url, tmp_path, ft)
     assert "requires one" in ei.value.reason
@@ -352,7 +373,7 @@ def test_token_endpoint_5xx_is_retried_when_tokens_are_required(
     strict = {"imdsv1": False} if cloud == "aws" else {"normal_mode": False}
     book = imds.TokenBook()
     script = Script({"token": [Reply(500, "oops")]})
-    server = serve(imds.FACTORIES[cloud](USER_DATA, script, tokens=book, **strict))
+    server = serve(FACTORY[cloud](USER_DATA, script, tokens=book, **strict))
     assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA
     assert [(r.method, r.path) for r in server.requests] == [
         ("PUT", "/latest/api/token"),
@@ -372,9 +393,9 @@ def test_expired_token_is_replaced(
 ) -> None:
     book = imds.TokenBook()
     if how == "token-book":
-        handler = expire_after_first_token(imds.FACTORIES[cloud](USER_DATA, Script(), tokens=book), book)
+        handler = expire_after_first_token(FACTORY[cloud](USER_DATA, Script(), tokens=book), book)
     else:
-        handler = imds.FACTORIES[cloud](USER_DATA, Script({"user-data": [Reply(401, "expired")]}), tokens=book)
+        handler = FACTORY[cloud](USER_DATA, Script({"user-data": [Reply(401, "expired")]}), tokens=book)
     server = serve(handler)
     assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA
     assert [r.method for r in server.requests] == ["PUT", "GET", "PUT", "GET"]
@@ -488,16 +509,21 @@ def peerpod_files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
-def test_cli_run_writes_the_files(cloud: str, serve: Callable[[Handler], FakeServer], tmp_path: Path) -> None:
-    from tests.fakecloud.wireserver import FakeWireserver
-
-    server = serve(imds.FACTORIES[cloud](caa.cloud_config(initdata=INITDATA), Script()))
-    with FakeWireserver() as ws:
-        rc = run_agent(cloud, tmp_path, server.url, wireserver=ws.url if cloud == "azure" else None)
-        reports = ws.accepted()
+def test_cli_run_writes_the_files(
+    cloud: str, serve: Callable[[Handler], FakeServer], wireserver: FakeWireserver, tmp_path: Path
+) -> None:
+    server = serve(FACTORY[cloud](caa.cloud_config(initdata=INITDATA), Script()))
+    rc = run_agent(cloud, tmp_path, server.url, wireserver=wireserver.url if cloud == "azure" else None)
+    reports = wireserver.accepted()
     assert rc == 0
     files = peerpod_files(tmp_path)
     expected = caa.expected_files(initdata=INITDATA)
+    # caa.encode_initdata gzips with the current time in the header, so the two encodings of
+    # INITDATA may differ in their mtime field: compare what they decode to.
+    got_initdata = files.get("/run/peerpod/initdata") or b""
+    assert gzip.decompress(base64.b64decode(got_initdata)) == INITDATA
+    assert got_initdata.endswith(b"==\n") and got_initdata.count(b"\n") == 1
+    files["/run/peerpod/initdata"] = expected["/run/peerpod/initdata"]
     assert {k: files.get(k) for k in expected} == expected
     # what initdata itself carries, and its digest, are written beside them
     assert {k: v for k, v in files.items() if k not in expected} == {
@@ -518,13 +544,12 @@ def test_cli_run_unreachable_exits_69(tmp_path: Path) -> None:
     assert peerpod_files(tmp_path) == {}
 
 
-def test_cli_run_invalid_user_data_exits_78(serve: Callable[[Handler], FakeServer], tmp_path: Path) -> None:
-    from tests.fakecloud.wireserver import FakeWireserver
-
+def test_cli_run_invalid_user_data_exits_78(
+    serve: Callable[[Handler], FakeServer], wireserver: FakeWireserver, tmp_path: Path
+) -> None:
     server = serve(imds.azure(USER_DATA, Script({"user-data": [Reply(200, "%%% not base64 %%%")]})))
-    with FakeWireserver() as ws:
-        rc = run_agent("azure", tmp_path, server.url, wireserver=ws.url)
-        reports = ws.accepted()
+    rc = run_agent("azure", tmp_path, server.url, wireserver=wireserver.url)
+    reports = wireserver.accepted()
     assert rc == 78
     assert peerpod_files(tmp_path) == {}
     assert len(server.requests) == 1

@@ -32,7 +32,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +172,17 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
         ud.write_bytes(sc.user_data)
         fake = procs.start(
             "fakecloud",
-            [sys.executable, "-m", "tests.fakecloud", "--cloud", "azure", "--user-data", str(ud), "--log", str(server_log)],
+            [
+                sys.executable,
+                "-m",
+                "tests.fakecloud",
+                "--cloud",
+                "azure",
+                "--user-data",
+                str(ud),
+                "--log",
+                str(server_log),
+            ],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=(workdir / "fakecloud.err").open("wb"),
@@ -306,7 +315,9 @@ def figures(res: BootResult) -> dict[str, float | None]:
         "user_data_served(host)": host(imds[0] if imds else None),
         "READY=1": g(guest.usec(units.get("guest-agent.service", {}), "ActiveEnterTimestampMonotonic")),
         "Ready_received(host)": host(ready[0] if ready else None),
-        "APF_listening": g(guest.usec(units.get("agent-protocol-forwarder.service", {}), "ActiveEnterTimestampMonotonic")),
+        "APF_listening": g(
+            guest.usec(units.get("agent-protocol-forwarder.service", {}), "ActiveEnterTimestampMonotonic")
+        ),
         "multi-user.target": g(guest.usec(units.get("multi-user.target", {}), "ActiveEnterTimestampMonotonic")),
         "dump_complete(host)": None if res.t_dump is None else round(res.t_dump, 2),
     }
@@ -334,7 +345,11 @@ def check_boot(res: BootResult) -> Checks:
             ent = pp.get(name)
             want = hashlib.sha256(content).hexdigest()
             c.check(ent is not None and ent.get("sha256") == want, f"/run/peerpod/{name} content", ent)
-            c.check(ent is not None and ent.get("mode") == "0o600", f"/run/peerpod/{name} mode 0600", ent and ent["mode"])
+            # initdata.digest is public (it is what PCR 8 measures): the agent writes it 0644.
+            mode = "0o644" if name == "initdata.digest" else "0o600"
+            c.check(
+                ent is not None and ent.get("mode") == mode, f"/run/peerpod/{name} mode {mode[2:]}", ent and ent["mode"]
+            )
         extra = sorted(set(pp) - set(exp.files) - {"."})
         c.check(not extra, "no other files in /run/peerpod", extra)
         digest = base64.b64decode(pp.get("initdata.digest", {}).get("b64", "")).decode()
@@ -351,7 +366,11 @@ def check_boot(res: BootResult) -> Checks:
         c.check(podns["rc"] == 0 and "UP" in podns["out"], "podns usable from the host mount namespace, lo up", podns)
         if "netns_probe" in d:
             pr = d["netns_probe"]
-            c.check(pr["unit_sandbox"]["propagates"], "netns made under the unit's sandbox is visible to the host", pr["unit_sandbox"])
+            c.check(
+                pr["unit_sandbox"]["propagates"],
+                "netns made under the unit's sandbox is visible to the host",
+                pr["unit_sandbox"],
+            )
             c.check(
                 not pr["protect_system"]["propagates"],
                 "(control) netns made under ProtectSystem=strict is not visible to the host",
@@ -405,7 +424,9 @@ def enter_private_netns(argv: list[str]) -> None:
         env = dict(os.environ, E2E_NETNS="1")
         os.execvpe("unshare", ["unshare", "--net", "--", sys.executable, *argv], env)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
-    links = sorted(os.listdir("/sys/class/net"))
+    # (Not /sys/class/net: sysfs shows the namespace of whoever mounted it.)
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True, timeout=10).stdout
+    links = sorted(line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
     if links != ["lo"]:
         raise SystemExit(f"private network namespace has unexpected links: {links}")
 
@@ -473,7 +494,7 @@ def print_figures(results: list[tuple[BootResult, Checks]]) -> None:
     for key in rows[0]:
         vals = "".join(f"{'-' if row[key] is None else f'{row[key]:.2f}':>10}" for row in rows)
         print(f"  {key:28}{vals}")
-    for (r, _), row in zip(results, rows, strict=True):
+    for r, _ in results:
         d = r.dump or {}
         an = d.get("analyze", "").strip().splitlines()
         if an:

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imds-port", type=int, default=0)
     p.add_argument("--wireserver-port", type=int, default=0)
     p.add_argument("--log", help="append one JSON line per request here")
+    p.add_argument("--no-json-endpoint", action="store_true", help="wireserver without /provisioning/health")
     args = p.parse_args(argv)
 
     user_data = None
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cloud == "azure":
         from tests.fakecloud import wireserver
 
-        ws = wireserver.FakeWireserver(host=args.bind, port=args.wireserver_port, log=log)
+        ws = wireserver.FakeWireserver(
+            host=args.bind, port=args.wireserver_port, log=log, json_endpoint=not args.no_json_endpoint
+        )
         servers.append(ws.server)
         ports["wireserver_port"] = ws.server.port
     for s in servers:

@@ -78,6 +78,9 @@ class FakeServer:
 
         class _H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # http.server sends headers and body in two writes; with Nagle on, a reused
+            # connection stalls ~40 ms on the delayed ACK, which would swamp every timing.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -118,7 +121,9 @@ class FakeServer:
 
         self._httpd = ThreadingHTTPServer((host, port), _H)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"fake-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: self._httpd.serve_forever(poll_interval=0.05), name=f"fake-{name}", daemon=True
+        )
 
     def _record(self, req: Request, reply: Reply) -> None:
         with self._event:

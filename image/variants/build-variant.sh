@@ -1,0 +1,176 @@
+#!/bin/bash
+# Build the comparison images for the boot benchmark (tests/bootbench, `make bench-boot`):
+#
+#   image/variants/build-variant.sh floor       the base of image/build.sh, no agent at all
+#   image/variants/build-variant.sh cloudinit   the same base + Debian 12's cloud-init and waagent,
+#                                               configured as Debian's Azure images are
+#   image/variants/build-variant.sh guest-agent image/build.sh's disk + the benchmark's report unit
+#
+# Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,manifest.json}.
+# Every variant gets the same benchmark overlay (image/variants/overlay-bench: accounting defaults,
+# the provisioning slice, the report unit); the guest-agent image is left as build.sh made it apart
+# from those files, which are written into a copy of its disk with debugfs (no mount needed).
+#
+# The package list, dpkg excludes and base layer come from image/build.sh without editing it: the
+# PACKAGES=( ) and DPKG_EXCLUDES=( ) arrays are read out of that file, and the floor copies build.sh's
+# cached base rootfs (image/cache/base-*).  A shared image/recipe.sh sourced by both would be cleaner.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+IMAGE=$(cd "$HERE/.." && pwd)
+REPO=$(cd "$IMAGE/.." && pwd)
+PY=${PYTHON:-$REPO/.venv/bin/python}
+SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
+SUITE=bookworm
+VARIANT=${1:?usage: build-variant.sh floor|cloudinit|guest-agent}
+CACHE=$HERE/cache
+OUT=$HERE/build/$VARIANT
+# The incumbents: Debian 12's cloud-init 22.4.2 and waagent 2.7.3 (its python3 agent).
+# openssh-server: Debian's Azure images have it, and waagent's cloud-init provisioning handler waits
+# for an SSH host key (which cloud-init's ssh module regenerates) before it reports Ready.
+INCUMBENTS=(cloud-init waagent openssh-server)
+
+log() { printf '[variant %s] %s\n' "$VARIANT" "$*" >&2; }
+die() { printf '[variant %s] error: %s\n' "$VARIANT" "$*" >&2; exit 1; }
+sha() { sha256sum | cut -c1-16; }
+[ "$(id -u)" = 0 ] || die "needs root"
+SECONDS=0
+mkdir -p "$CACHE/apt" "$OUT"
+
+# PACKAGES and DPKG_EXCLUDES exactly as image/build.sh has them.
+eval "$(sed -n '/^PACKAGES=(/,/^)/p; /^DPKG_EXCLUDES=(/,/^)/p' "$IMAGE/build.sh")"
+[ "${#PACKAGES[@]}" -gt 0 ] || die "could not read PACKAGES from image/build.sh"
+
+in_root() {
+    unshare --mount --propagation private -- /bin/sh -c '
+        root=$1; shift
+        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
+        exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"
+    ' sh "$ROOT" "$@"
+}
+
+bench_overlay_files() { (cd "$HERE/overlay-bench" && find . -type f | LC_ALL=C sort); }
+
+# ---------------------------------------------------------------- guest-agent: copy + debugfs
+if [ "$VARIANT" = guest-agent ]; then
+    SRC=$IMAGE/build
+    [ -f "$SRC/disk.raw" ] || die "no $SRC/disk.raw: run image/build.sh (make image) first"
+    log "copy $SRC/disk.raw (inputs $(cat "$SRC/inputs.sha256" 2>/dev/null))"
+    cp --sparse=always "$SRC/disk.raw" "$OUT/disk.raw.tmp"
+    cmds=$(mktemp); trap 'rm -f "$cmds"' EXIT
+    # mkdir for every directory of the overlay (errors for existing ones are harmless), then files.
+    (cd "$HERE/overlay-bench" && find . -mindepth 1 -type d | LC_ALL=C sort | sed 's|^\.|mkdir |') > "$cmds"
+    bench_overlay_files | while read -r f; do
+        p=${f#.}
+        printf 'rm %s\nwrite %s %s\n' "$p" "$HERE/overlay-bench/$f" "$p"
+        # debugfs copies the mode of the source file; owner root.
+        printf 'set_inode_field %s uid 0\nset_inode_field %s gid 0\n' "$p" "$p"
+    done >> "$cmds"
+    debugfs -w -f "$cmds" "$OUT/disk.raw.tmp" >/dev/null 2>"$OUT/debugfs.log" || die "debugfs failed (see $OUT/debugfs.log)"
+    e2fsck -fn "$OUT/disk.raw.tmp" >/dev/null || die "e2fsck after debugfs"
+    mv "$OUT/disk.raw.tmp" "$OUT/disk.raw"
+    cp "$SRC/vmlinuz" "$SRC/initrd.img" "$OUT/"
+    "$PY" - "$SRC/manifest.json" "$OUT/manifest.json" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+json.dump({"variant": "guest-agent", "source": "image/build.sh", "inputs": m["inputs"],
+           "rootfs_mib": m["rootfs_mib"], "packages": m["packages"]}, open(sys.argv[2], "w"), indent=2)
+PYEOF
+    log "done in $SECONDS s"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- base rootfs
+case "$VARIANT" in
+floor)
+    # build.sh's own cached base layer (same packages, same excludes, same image/base files).
+    BASE=$(ls -d "$IMAGE"/cache/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
+    [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
+    ;;
+cloudinit)
+    base_hash=$( {
+        echo "suite=$SUITE"; printf '%s\n' "${PACKAGES[@]}" "${INCUMBENTS[@]}" "${DPKG_EXCLUDES[@]}"
+        (cd "$IMAGE" && find base -type f | LC_ALL=C sort | xargs sha256sum); cat "$SOURCES"
+    } | sha)
+    BASE=$CACHE/base-cloudinit-$base_hash
+    if [ ! -f "$BASE/.complete" ]; then
+        log "mmdebstrap $SUITE + ${INCUMBENTS[*]} -> $BASE"
+        rm -rf "$BASE" "$BASE.tmp"
+        find "$CACHE" -maxdepth 1 -name 'base-cloudinit-*' -type d -exec rm -rf {} +
+        # Same recipe as build.sh's layer 1, with the incumbents added to the package list.
+        mmdebstrap --mode=root --variant=apt --format=directory \
+            --include="$(IFS=,; echo "${PACKAGES[*]},${INCUMBENTS[*]}")" \
+            "${DPKG_EXCLUDES[@]}" \
+            --skip=essential/unlink \
+            --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+            --setup-hook="sync-in '$CACHE/apt' /var/cache/apt/archives/" \
+            --essential-hook="cp -a --no-preserve=ownership '$IMAGE/base/.' \"\$1\"/" \
+            --customize-hook="sync-out /var/cache/apt/archives '$CACHE/apt'" \
+            --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
+            --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" > "$1"/.packages' \
+            "$SUITE" "$BASE.tmp" "$SOURCES"
+        touch "$BASE.tmp/.complete"
+        mv "$BASE.tmp" "$BASE"
+    fi
+    ;;
+*) die "unknown variant $VARIANT" ;;
+esac
+log "base: $BASE"
+
+ROOT=$OUT/rootfs
+rm -rf "$ROOT"
+cp -a "$BASE" "$ROOT"
+rm -f "$ROOT/.complete"
+cp "$BASE/.packages" "$OUT/packages.txt" 2>/dev/null || in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
+rm -f "$ROOT/.packages"
+
+# ---------------------------------------------------------------- what every image of the project has
+# (the non-agent steps of build.sh's layer 2, kept identical): networkd with Azure's routes, no
+# gettys, empty resolv.conf, hostname, empty machine-id, fstab.
+install -m 0644 -D "$IMAGE/overlay/etc/systemd/network/20-podvm.network" "$ROOT/etc/systemd/network/20-podvm.network"
+systemctl --root="$ROOT" enable systemd-networkd.service >/dev/null 2>&1
+systemctl --root="$ROOT" mask serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service >/dev/null 2>&1
+rm -f "$ROOT/etc/resolv.conf"; : > "$ROOT/etc/resolv.conf"
+echo podvm > "$ROOT/etc/hostname"
+: > "$ROOT/etc/machine-id"
+printf '/dev/vda / ext4 rw,relatime 0 0\n' > "$ROOT/etc/fstab"
+
+if [ "$VARIANT" = cloudinit ]; then
+    log "cloud-init + waagent configuration, stand-in APF after cloud-init"
+    cp -a --no-preserve=ownership "$HERE/overlay-cloudinit/." "$ROOT/"
+    # The same stand-in forwarder as the guest-agent image (image/overlay), ordered after cloud-init.
+    install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
+    install -m 0644 -D "$IMAGE/overlay/usr/lib/systemd/system/agent-protocol-forwarder.service" \
+        "$ROOT/usr/lib/systemd/system/agent-protocol-forwarder.service"
+    # waagent.conf as Debian's Azure images use it: cloud-init provisions, waagent reports and runs
+    # extensions.  Only the keys that differ from the package's file are changed.
+    sed -i -e 's/^Provisioning.Agent=.*/Provisioning.Agent=cloud-init/' \
+           -e 's/^ResourceDisk.Format=.*/ResourceDisk.Format=n/' \
+           -e 's/^ResourceDisk.EnableSwap=.*/ResourceDisk.EnableSwap=n/' "$ROOT/etc/waagent.conf"
+    grep -q '^Provisioning.Agent=cloud-init' "$ROOT/etc/waagent.conf" || echo 'Provisioning.Agent=cloud-init' >> "$ROOT/etc/waagent.conf"
+    systemctl --root="$ROOT" enable agent-protocol-forwarder.service walinuxagent.service \
+        cloud-init-local.service cloud-init.service cloud-config.service cloud-final.service >/dev/null 2>&1
+fi
+
+# Kernel and initrd for direct boot (as build.sh does).
+KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
+install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$OUT/initrd.img"
+rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/initrd.img*
+
+# Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
+root_kb=$(du -sk "$ROOT" | cut -f1)
+cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/"
+
+size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
+log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB"
+rm -f "$OUT/disk.raw"
+mkfs.ext4 -q -F -L podroot -E root_owner=0:0 -d "$ROOT" "$OUT/disk.raw" "${size_mb}M"
+"$PY" - "$OUT/manifest.json" "$VARIANT" "$KVER" "$root_kb" "$OUT/packages.txt" <<'PYEOF'
+import json, sys
+out, variant, kver, root_kb, pkgs = sys.argv[1:]
+json.dump({"variant": variant, "kernel": kver, "rootfs_mib": round(int(root_kb) / 1024, 1),
+           "packages": dict(l.split(" ", 1) for l in open(pkgs).read().splitlines() if l)}, open(out, "w"), indent=2)
+PYEOF
+rm -rf "$ROOT"
+log "done in $SECONDS s: $OUT/disk.raw"

@@ -1,0 +1,149 @@
+"""Cloud detection from DMI strings (clouds.md §1.3) and reading them from a guest root."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from guest_agent import clouds
+from guest_agent.clouds import Facts
+from guest_agent.config import Config
+from tests import caa
+
+CASES: dict[str, tuple[dict[str, str], str]] = {
+    # Azure: the chassis asset tag alone (cloud-init ds-identify), or vendor + product
+    "azure-full": (caa.AZURE_DMI, "azure"),
+    "azure-asset-tag-only": ({"chassis_asset_tag": "7783-7084-3265-9085-8269-3286-77"}, "azure"),
+    "azure-vendor-product": ({"sys_vendor": "Microsoft Corporation", "product_name": "Virtual Machine"}, "azure"),
+    "azure-board-vendor-product": (
+        {"board_vendor": "Microsoft Corporation", "product_name": "Virtual Machine"},
+        "azure",
+    ),
+    # Nitro: product_name is the instance type, the vendor strings say Amazon EC2
+    "aws-nitro": (
+        {
+            "sys_vendor": "Amazon EC2",
+            "product_name": "m6i.large",
+            "bios_vendor": "Amazon EC2",
+            "board_vendor": "Amazon EC2",
+        },
+        "aws",
+    ),
+    "aws-nitro-sys-vendor-only": ({"sys_vendor": "Amazon EC2", "product_name": "trn1.32xlarge"}, "aws"),
+    "aws-nitro-bios-vendor-only": ({"bios_vendor": "Amazon EC2"}, "aws"),
+    # Xen generation: "Xen" vendor, the BIOS version names amazon, the UUID starts with ec2
+    "aws-xen": (
+        {
+            "sys_vendor": "Xen",
+            "product_name": "HVM domU",
+            "bios_version": "4.2.amazon",
+            "product_uuid": "EC2E1916-9099-7CAF-FD21-012345ABCDEF",
+        },
+        "aws",
+    ),
+    "aws-xen-bios-version": ({"sys_vendor": "Xen", "product_name": "HVM domU", "bios_version": "4.11.amazon"}, "aws"),
+    "aws-uuid-upper": ({"product_uuid": "EC2E1916-9099-7CAF-FD21-012345ABCDEF"}, "aws"),
+    "aws-uuid-lower": ({"product_uuid": "ec2e1916-9099-7caf-fd21-012345abcdef"}, "aws"),
+    "gcp-product": ({"sys_vendor": "Google", "product_name": "Google Compute Engine"}, "gcp"),
+    "gcp-product-google": ({"product_name": "Google"}, "gcp"),
+    "gcp-board-vendor": ({"board_vendor": "Google"}, "gcp"),
+    "gcp-serial": ({"product_serial": "GoogleCloud-6A1B2C3D4E5F60718293A4B5C6D7E8F9"}, "gcp"),
+    "alibaba-sys-vendor": ({"sys_vendor": "Alibaba Cloud", "product_name": "Alibaba Cloud ECS"}, "alibaba"),
+    "alibaba-product": ({"product_name": "Alibaba Cloud ECS"}, "alibaba"),
+    "ibmcloud": ({"sys_vendor": "QEMU", "chassis_vendor": "IBM:Cloud Compute Server 1.0:Nitro"}, "ibmcloud"),
+    "ibmcloud-other-version": ({"chassis_vendor": "IBM:Cloud Compute Server 2.0"}, "ibmcloud"),
+    # libvirt / byom: only a cidata disk can carry user-data
+    "qemu-q35": ({"sys_vendor": "QEMU", "product_name": "Standard PC (Q35 + ICH9, 2009)"}, "cidata"),
+    "qemu-i440fx": ({"sys_vendor": "QEMU", "product_name": "Standard PC (i440FX + PIIX, 1996)"}, "cidata"),
+    "no-dmi": ({}, "cidata"),  # s390x, containers
+    # near misses
+    "hyper-v-not-azure": ({"sys_vendor": "Microsoft Corporation", "product_name": "Surface Laptop"}, "cidata"),
+    "ibm-not-vpc": ({"chassis_vendor": "IBM"}, "cidata"),
+    "uuid-without-ec2-prefix": ({"product_uuid": "4a1e2f3c-5b6d-4e7f-8a9b-0c1d2e3f4a5b"}, "cidata"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_detect(case: str) -> None:
+    dmi, expected = CASES[case]
+    assert clouds.detect(Facts(dmi)) == expected
+
+
+@pytest.mark.parametrize("case", ["azure-full", "aws-nitro", "gcp-product", "alibaba-sys-vendor", "ibmcloud"])
+def test_cidata_seed_wins_over_dmi(case: str) -> None:
+    # byom and the docker provider put user-data at /media/cidata/user-data on any hardware
+    assert clouds.detect(Facts(CASES[case][0], cidata_seed=True)) == "cidata"
+
+
+def test_read_facts_from_a_root(tmp_path: Path) -> None:
+    caa.make_root(str(tmp_path), caa.AZURE_DMI)  # values written with a trailing newline
+    facts = clouds.read_facts(str(tmp_path), Config())
+    assert facts.dmi == caa.AZURE_DMI
+    assert not facts.cidata_seed
+    assert clouds.detect(facts) == "azure"
+
+
+def test_read_facts_tolerates_missing_and_unreadable_files(tmp_path: Path) -> None:
+    caa.make_root(str(tmp_path), {"sys_vendor": "  Amazon EC2  ", "product_name": "c7i.large"})
+    # an unreadable entry (root-only product_serial for a normal user): a directory fails open() for root too
+    os.mkdir(tmp_path / "sys/class/dmi/id/product_serial")
+    facts = clouds.read_facts(str(tmp_path), Config())
+    assert facts.dmi == {"sys_vendor": "Amazon EC2", "product_name": "c7i.large"}
+    assert facts.get("chassis_asset_tag") == ""
+    assert clouds.detect(facts) == "aws"
+
+
+def test_read_facts_without_any_dmi(tmp_path: Path) -> None:
+    facts = clouds.read_facts(str(tmp_path), Config())
+    assert facts == Facts({}, cidata_seed=False)
+    assert clouds.detect(facts) == "cidata"
+
+
+def test_read_facts_non_utf8_value(tmp_path: Path) -> None:
+    d = tmp_path / "sys/class/dmi/id"
+    d.mkdir(parents=True)
+    (d / "product_name").write_bytes(b"Caf\xe9 Board\n")
+    assert clouds.read_facts(str(tmp_path), Config()).get("product_name") == "Caf\ufffd Board"
+
+
+def test_read_facts_sees_the_cidata_seed(tmp_path: Path) -> None:
+    caa.make_root(str(tmp_path), caa.AZURE_DMI)
+    seed = tmp_path / "media/cidata"
+    seed.mkdir(parents=True)
+    (seed / "user-data").write_bytes(b"#cloud-config\n")
+    facts = clouds.read_facts(str(tmp_path), Config())
+    assert facts.cidata_seed
+    assert clouds.detect(facts) == "cidata"
+
+
+def test_read_facts_seed_follows_the_configured_mount_dir(tmp_path: Path) -> None:
+    seed = tmp_path / "srv/seed"
+    seed.mkdir(parents=True)
+    (seed / "user-data").write_bytes(b"#cloud-config\n")
+    cfg = Config()
+    assert not clouds.read_facts(str(tmp_path), cfg).cidata_seed
+    cfg = dataclasses.replace(cfg, cidata=dataclasses.replace(cfg.cidata, mount_dir="/srv/seed"))
+    assert clouds.read_facts(str(tmp_path), cfg).cidata_seed
+
+
+def test_a_seed_directory_is_not_a_seed(tmp_path: Path) -> None:
+    (tmp_path / "media/cidata/user-data").mkdir(parents=True)
+    assert not clouds.read_facts(str(tmp_path), Config()).cidata_seed
+
+
+@pytest.mark.parametrize(
+    ("provider", "address"),
+    [
+        ("azure", "169.254.169.254"),
+        ("aws", "169.254.169.254"),
+        ("gcp", "169.254.169.254"),
+        ("alibaba", "100.100.100.200"),
+        ("ibmcloud", "169.254.169.254"),
+        ("cidata", None),
+    ],
+)
+def test_metadata_address(provider: str, address: str | None) -> None:
+    assert clouds.metadata_address(provider, Config()) == address
