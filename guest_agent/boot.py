@@ -198,8 +198,9 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
 
     nat_result: list[AgentError | None] = []
     nat: threading.Thread | None = None
-    if cfg.netns.enabled and cfg.netns.imds_nat and addr is not None:
-        nat = threading.Thread(target=_nat_worker, args=(cfg, root, addr, nat_result), name="imds-nat", daemon=True)
+    nat_addr = cfg.netns.imds_addr or addr
+    if cfg.netns.enabled and cfg.netns.imds_nat and nat_addr:
+        nat = threading.Thread(target=_nat_worker, args=(cfg, root, nat_addr, nat_result), name="imds-nat", daemon=True)
         nat.start()
     code = EXIT_OK
     if fabric is not None:

@@ -474,7 +474,10 @@ URL_KEY = {"azure": "imds_url", "aws": "imds_url"}
 INITDATA = caa.initdata_toml()
 
 
-def run_agent(cloud: str, root: Path, url: str, *, deadline_s: float = 10.0, wireserver: str | None = None) -> int:
+def run_agent(
+    cloud: str, root: Path, url: str, *, deadline_s: float = 10.0, wireserver: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`guest-agent run --root ROOT --config CFG` as systemd would run it (minus the notify socket)."""
     caa.make_root(str(root), DMI[cloud])
     lines = [
         "[fetch]",
@@ -499,8 +502,8 @@ def run_agent(cloud: str, root: Path, url: str, *, deadline_s: float = 10.0, wir
         text=True,
         timeout=120,
     )
-    print(proc.stderr)
-    return proc.returncode
+    print(proc.stderr)  # shown by pytest on failure
+    return proc
 
 
 def peerpod_files(root: Path) -> dict[str, bytes]:
@@ -513,9 +516,9 @@ def test_cli_run_writes_the_files(
     cloud: str, serve: Callable[[Handler], FakeServer], wireserver: FakeWireserver, tmp_path: Path
 ) -> None:
     server = serve(FACTORY[cloud](caa.cloud_config(initdata=INITDATA), Script()))
-    rc = run_agent(cloud, tmp_path, server.url, wireserver=wireserver.url if cloud == "azure" else None)
+    proc = run_agent(cloud, tmp_path, server.url, wireserver=wireserver.url if cloud == "azure" else None)
     reports = wireserver.accepted()
-    assert rc == 0
+    assert proc.returncode == 0
     files = peerpod_files(tmp_path)
     expected = caa.expected_files(initdata=INITDATA)
     # caa.encode_initdata gzips with the current time in the header, so the two encodings of
@@ -540,7 +543,10 @@ def test_cli_run_writes_the_files(
 
 
 def test_cli_run_unreachable_exits_69(tmp_path: Path) -> None:
-    assert run_agent("aws", tmp_path, closed_port_url(), deadline_s=1.0) == 69
+    proc = run_agent("aws", tmp_path, closed_port_url(), deadline_s=1.0)
+    assert proc.returncode == 69
+    assert "provisioning failed: fetching user-data (aws) failed until the deadline" in proc.stderr
+    assert "Connection refused" in proc.stderr
     assert peerpod_files(tmp_path) == {}
 
 
@@ -548,9 +554,10 @@ def test_cli_run_invalid_user_data_exits_78(
     serve: Callable[[Handler], FakeServer], wireserver: FakeWireserver, tmp_path: Path
 ) -> None:
     server = serve(imds.azure(USER_DATA, Script({"user-data": [Reply(200, "%%% not base64 %%%")]})))
-    rc = run_agent("azure", tmp_path, server.url, wireserver=wireserver.url)
+    proc = run_agent("azure", tmp_path, server.url, wireserver=wireserver.url)
     reports = wireserver.accepted()
-    assert rc == 78
+    assert proc.returncode == 78
+    assert "provisioning failed: Azure userData is not valid base64" in proc.stderr
     assert peerpod_files(tmp_path) == {}
     assert len(server.requests) == 1
     assert [r.state for r in reports] == ["NotReady"]

@@ -54,6 +54,12 @@ def retry_or_fail(resp: Response, what: str) -> Retry:
     raise MetadataUnavailable(f"{what} was refused by the metadata service", status=resp.status, detail=reason)
 
 
+def is_token(value: str) -> bool:
+    """A session token we can send back: visible ASCII only (RFC 9110 §5.5 field values).
+    Anything else (a broken or hostile answer) would make requests raise on the next call."""
+    return bool(value) and all("!" <= c <= "~" for c in value)
+
+
 def require_body(resp: Response, what: str) -> bytes:
     body = resp.body.strip()
     if not body:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from guest_agent.clouds import FetchContext, cidata
-from guest_agent.clouds.http import request, retry_or_fail
+from guest_agent.clouds.http import is_token, request, retry_or_fail
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import Retry
 
@@ -21,7 +21,7 @@ def parse_token(body: bytes) -> str:
         tok = json.loads(body)["access_token"]
     except (ValueError, KeyError, TypeError):
         raise Retry("IBM metadata token answer has no access_token") from None
-    if not isinstance(tok, str) or not tok:
+    if not isinstance(tok, str) or not is_token(tok):
         raise Retry("IBM metadata token answer has no access_token")
     return tok
 

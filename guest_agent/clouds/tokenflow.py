@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from guest_agent.clouds import FetchContext
-from guest_agent.clouds.http import Response, request, require_body, retry_or_fail
+from guest_agent.clouds.http import Response, is_token, request, require_body, retry_or_fail
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import RETRY_STATUS, Retry, http_retry_reason
 
@@ -38,8 +38,9 @@ class TokenFlow:
 
     def _get_token(self, ctx: FetchContext) -> None:
         resp = request(ctx, "PUT", self.base + self.f.token_path, headers={self.f.ttl_header: str(self.ttl_s)})
-        if resp.status == 200 and resp.body.strip():
-            self.token, self.token_failure = resp.body.strip().decode("ascii", "replace"), None
+        token = resp.body.strip().decode("ascii", "replace")
+        if resp.status == 200 and is_token(token):
+            self.token, self.token_failure = token, None
         else:
             self.token, self.token_failure = None, resp
 

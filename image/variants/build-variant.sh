@@ -142,12 +142,9 @@ if [ "$VARIANT" = cloudinit ]; then
     install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
     install -m 0644 -D "$IMAGE/overlay/usr/lib/systemd/system/agent-protocol-forwarder.service" \
         "$ROOT/usr/lib/systemd/system/agent-protocol-forwarder.service"
-    # waagent.conf as Debian's Azure images use it: cloud-init provisions, waagent reports and runs
-    # extensions.  Only the keys that differ from the package's file are changed.
-    sed -i -e 's/^Provisioning.Agent=.*/Provisioning.Agent=cloud-init/' \
-           -e 's/^ResourceDisk.Format=.*/ResourceDisk.Format=n/' \
-           -e 's/^ResourceDisk.EnableSwap=.*/ResourceDisk.EnableSwap=n/' "$ROOT/etc/waagent.conf"
-    grep -q '^Provisioning.Agent=cloud-init' "$ROOT/etc/waagent.conf" || echo 'Provisioning.Agent=cloud-init' >> "$ROOT/etc/waagent.conf"
+    # waagent.conf: Debian's package default, as Debian's Azure images ship it (it already says
+    # Provisioning.Agent=cloud-init: cloud-init provisions, waagent reports Ready and runs extensions).
+    grep -q '^Provisioning.Agent=cloud-init' "$ROOT/etc/waagent.conf" || die "waagent.conf: Provisioning.Agent is not cloud-init"
     systemctl --root="$ROOT" enable agent-protocol-forwarder.service walinuxagent.service \
         cloud-init-local.service cloud-init.service cloud-config.service cloud-final.service >/dev/null 2>&1
 fi
