@@ -82,19 +82,25 @@ class Backoff:
     retry_after_max_s: float = 30.0
 
     def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """Delay before retry number `attempt` (1-based): doubling, capped; Retry-After wins."""
+        """Delay before retry number `attempt` (1-based): doubling, capped at max_s.
+
+        A server's Retry-After lengthens the delay (up to retry_after_max_s) but never
+        shortens it: `Retry-After: 0` must not turn the loop into a flood (Azure IMDS
+        allows 5 requests/s)."""
+        backoff = float(min(self.initial_s * 2.0 ** (attempt - 1), self.max_s))
         if retry_after_s is not None:
-            return min(max(retry_after_s, 0.0), self.retry_after_max_s)
-        return float(min(self.initial_s * 2.0 ** (attempt - 1), self.max_s))
+            return max(backoff, min(retry_after_s, self.retry_after_max_s))
+        return backoff
 
 
 class Retry(Exception):
     """Raised by an attempt: worth trying again (after `retry_after_s` if the server said so)."""
 
-    def __init__(self, reason: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, reason: str, *, retry_after_s: float | None = None, immediate: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.immediate = immediate  # our own decision (e.g. refetch a stale goal state), not a server's
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
@@ -136,7 +142,7 @@ def retry_until(
             if r.reason != last:
                 log.warning("%s: %s (attempt %d, retrying until the deadline)", what, r.reason, n)
                 last = r.reason
-            delay = backoff.delay(n, r.retry_after_s)
+            delay = 0.0 if r.immediate else backoff.delay(n, r.retry_after_s)
             if delay >= deadline.remaining():
                 if on_deadline is not None:
                     raise on_deadline(r.reason) from None

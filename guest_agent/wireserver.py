@@ -429,7 +429,7 @@ class WireserverClient:
                     gs = self._read_goal_state_once(s, deadline, count, roles)
                 except Retry as r:
                     log.debug("goal-state prefetch: %s (attempt %d)", r.reason, n)
-                    delay = self.backoff.delay(n, r.retry_after_s)
+                    delay = 0.0 if r.immediate else self.backoff.delay(n, r.retry_after_s)
                     if delay >= deadline.remaining() or self._prefetch_cancel.wait(delay):
                         return None
                     continue
@@ -530,7 +530,7 @@ class WireserverClient:
                 gone[0] += 1
                 raise Retry(
                     f"the XML health report: HTTP {resp.status} (stale goal state)",
-                    retry_after_s=0.0 if gone[0] == 1 else None,
+                    immediate=gone[0] == 1,
                 )
             self._raise_for(resp, "the XML health report")
             raise AssertionError("unreachable")

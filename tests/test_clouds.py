@@ -352,6 +352,18 @@ def test_token_refused_falls_back_to_tokenless_get(
     assert ft.sleeps == []
 
 
+@pytest.mark.parametrize("token", [b"\xff\xfetoken", b"tok\nen", b"tok en"], ids=["not-ascii", "newline", "space"])
+@pytest.mark.parametrize("cloud", ["aws", "alibaba"])
+def test_unusable_token_is_a_token_failure(
+    cloud: str, token: bytes, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
+) -> None:
+    # A token that cannot be sent back as a header value (requests would raise on it) is
+    # treated like a refused token: tokenless fallback, not an internal error.
+    server = serve(FACTORY[cloud](USER_DATA, Script({"token": [Reply(200, token)]})))
+    assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA
+    assert server.requests[1].header(TOKEN_HEADER[cloud]) is None
+
+
 @pytest.mark.parametrize("cloud", ["aws", "alibaba"])
 def test_token_required_and_refused_fails_fast(
     cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
@@ -439,8 +451,14 @@ def test_ibmcloud_token_refused_fails_fast(
 
 @pytest.mark.parametrize(
     "reply",
-    [Reply(500, "oops"), Reply(200, "not json"), Reply(200, '{"expires_in": 300}')],
-    ids=["500", "not-json", "no-access-token"],
+    [
+        Reply(500, "oops"),
+        Reply(200, "not json"),
+        Reply(200, '{"expires_in": 300}'),
+        Reply(200, json.dumps({"access_token": "tok\nen"})),
+        Reply(200, json.dumps({"access_token": "t\u20ac"})),
+    ],
+    ids=["500", "not-json", "no-access-token", "token-with-newline", "token-not-ascii"],
 )
 def test_ibmcloud_token_not_yet_is_retried(
     reply: Reply, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path

@@ -31,8 +31,11 @@ def request(
             data=data,
             timeout=timeout_for(ctx.deadline, fc.connect_timeout_s, fc.read_timeout_s),
             allow_redirects=False,
+            stream=True,
         )
-        body = r.content[: ctx.cfg.limits.max_user_data_bytes * 2 + 1]
+        with r:
+            # Bounded read: an untrusted answer cannot make the agent buffer more than this.
+            body = r.raw.read(ctx.cfg.limits.max_user_data_bytes * 2 + 1, decode_content=True)
     except requests.Timeout as exc:
         raise Retry(f"timed out ({type(exc).__name__})") from None
     except requests.ConnectionError as exc:

@@ -22,7 +22,7 @@ def parse_token(body: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         raise Retry("IBM metadata token answer has no access_token") from None
     if not isinstance(tok, str) or not is_token(tok):
-        raise Retry("IBM metadata token answer has no access_token")
+        raise Retry("IBM metadata token answer has no usable access_token")
     return tok
 
 

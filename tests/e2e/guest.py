@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 SYNC_RE = re.compile(r"E2E-SYNC (\d+\.\d+) (\S+)")
-KERNEL_TS_RE = re.compile(r"^\[\s*(\d+\.\d+)\]")
 DHCP_RE = re.compile(r"DHCPv4 address (\S+)")
 
 
@@ -37,14 +36,16 @@ def parse_dump(text: str) -> dict[str, Any] | None:
 
 
 def clock_offset(lines: list[ConsoleLine]) -> float | None:
-    """Host time minus guest CLOCK_MONOTONIC, from the E2E-SYNC lines (and kernel timestamps).
+    """Host time minus guest CLOCK_MONOTONIC, from the E2E-SYNC lines.
 
     Each line arrives at or after the moment it was written, so every line gives an upper bound
     of the offset; the smallest is the best estimate (the serial port adds latency, never less).
+    Kernel `[ 1.234]` stamps are not used: printk's clock is not CLOCK_MONOTONIC (under TCG they
+    were measured 0.5 s apart).
     """
     best: float | None = None
     for ln in lines:
-        m = SYNC_RE.search(ln.text) or KERNEL_TS_RE.search(ln.text)
+        m = SYNC_RE.search(ln.text)
         if m:
             off = ln.t - float(m.group(1))
             best = off if best is None else min(best, off)
