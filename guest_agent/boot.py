@@ -167,7 +167,11 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             from guest_agent import network
 
             with tl.stage("network"):
-                route = network.wait_for_route(addr, deadline_s=cfg.network.deadline_s)
+                route = network.wait_for_route(
+                    addr,
+                    deadline_s=cfg.network.deadline_s,
+                    on_wait=lambda: log.info("no route to %s yet: waiting for netlink events", addr),
+                )
             log.info("route to %s via ifindex %s, source %s", addr, route.oif, route.prefsrc)
         if fabric is not None:
             fabric.start_prefetch()  # goal state GET overlaps the user-data fetch

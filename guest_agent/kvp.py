@@ -153,7 +153,7 @@ def append_report(kvp_dir: str, key: str, value: str, *, booted_at: float | None
     Returns True when the record is on disk.
     """
     if not os.path.isdir(kvp_dir):
-        log.warning("no KVP directory %s: skipping the %s record (not on Hyper-V?)", kvp_dir, key)
+        log.info("no KVP directory %s: skipping the %s record (not on Hyper-V?)", kvp_dir, key)
         return False
     path = os.path.join(kvp_dir, POOL_FILE)
     try:
