@@ -32,6 +32,21 @@ test: lint typecheck pytest
 
 bench: venv
 	$(PY) -m tests.bench $(if $(N),--runs $(N))
+	$(PY) -m tests.bench_fabric
+
+# The pod VM image (root: mmdebstrap in root mode); rebuilt only when its inputs changed.
+image: venv
+	image/build.sh
+
+# Boot the image under QEMU (TCG) against a fake Azure, inside a private network namespace.
+e2e: image
+	$(PY) tests/e2e/run.py
+
+# guest-agent vs cloud-init + waagent vs no agent, booted interleaved; writes docs/benchmarks.md.
+bench-boot: image
+	$(PY) -m pip install -q 'matplotlib==3.11.2'
+	for v in guest-agent floor cloudinit; do image/variants/build-variant.sh $$v || exit 1; done
+	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

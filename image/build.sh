@@ -17,7 +17,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 CACHE=$HERE/cache
-OUT=$HERE/build
+OUT=${IMAGE_OUT:-$HERE/build}  # IMAGE_OUT: build elsewhere (A/B experiments)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SUITE=bookworm
 # The mirror comes from the host's apt configuration; no host name is written here.
@@ -41,7 +41,7 @@ DPKG_EXCLUDES=(
 )
 # image/base/ is copied in before the kernel is configured: initramfs-tools settings (an initrd with
 # only what mounts the root disk: default MODULES=most is several times bigger and slower to unpack).
-BASE_FORMAT=1 # bump to force a new base when this script's base recipe changes
+BASE_FORMAT=2 # bump to force a new base when this script's base recipe changes
 
 log() { printf '[image] %s\n' "$*" >&2; }
 die() { printf '[image] error: %s\n' "$*" >&2; exit 1; }
@@ -95,7 +95,10 @@ if [ ! -f "$BASE/.complete" ]; then
     # Old bases are dead weight (400+ MB each).
     find "$CACHE" -maxdepth 1 -name 'base-*' -type d -exec rm -rf {} +
     t=$(date +%s)
+    # merged-usr hook: debootstrap-style /usr symlinks + the tiny usr-is-merged package, instead of
+    # the usrmerge package, which drags in perl (~46 MB) for a conversion nothing needs here.
     mmdebstrap --mode=root --variant=apt --format=directory \
+        --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
         --include="$(IFS=,; echo "${PACKAGES[*]}")" \
         "${DPKG_EXCLUDES[@]}" \
         --skip=essential/unlink \
@@ -152,7 +155,6 @@ in_root() {
 log "rootfs: agent venv /opt/guest-agent"
 mkdir -p "$ROOT/tmp/wheels"
 cp "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl "$ROOT/tmp/wheels/"
-du_before=$(du -sk "$ROOT" | cut -f1)
 in_root python3 -m venv /opt/guest-agent
 in_root /opt/guest-agent/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels guest-agent
 # pip and setuptools are only needed to install; the image never installs anything at run time.
@@ -197,9 +199,9 @@ rm -f "$OUT/disk.raw"
 mkfs.ext4 -q -F -L podroot -E root_owner=0:0 -d "$ROOT" "$OUT/disk.raw" "${size_mb}M"
 printf '%s\n' "root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1" > "$OUT/cmdline"
 
-"$PY" - "$OUT/manifest.json" "$image_hash" "$KVER" "$root_kb" "$venv_kb" "$du_before" "$OUT/packages.txt" <<'EOF'
+"$PY" - "$OUT/manifest.json" "$image_hash" "$KVER" "$root_kb" "$venv_kb" "$OUT/packages.txt" <<'EOF'
 import json, os, sys
-out, h, kver, root_kb, venv_kb, before_kb, pkgs = sys.argv[1:]
+out, h, kver, root_kb, venv_kb, pkgs = sys.argv[1:]
 d = os.path.dirname(out)
 m = {
     "inputs": h, "kernel": kver,

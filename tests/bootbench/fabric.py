@@ -188,6 +188,8 @@ class BenchWireserver(FakeWireserver):
         comp = (req.query.get("comp") or [""])[0]
         if req.path == "/bench/settled":
             return self._settle()
+        if req.path == "/HealthService":
+            return Reply(200, "")  # waagent's health-service observations (telemetry only)
         if req.path.startswith("/bench/statusblob"):
             return Reply(201, "")
         if req.path == "/" and comp == "versions":

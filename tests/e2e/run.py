@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from tests.e2e import guest, userdata  # noqa: E402
 
-IMAGE = REPO / "image" / "build"
+IMAGE_DIR = REPO / "image" / "build"
 APF_PORT = 15150
 HOSTFWD_PORT = 15150  # on 127.0.0.1 inside the private netns: nothing else can be there
 AZURE_SMBIOS = [
@@ -162,6 +162,7 @@ def probe_apf(port: int, timeout_s: float = 10.0) -> tuple[str | None, str | Non
 
 def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) -> BootResult:
     res = BootResult(sc, workdir)
+    image = Path(args.image).resolve()
     wall0 = time.monotonic()
     workdir.mkdir(parents=True)
     netdev = "user,id=n0,restrict=on,ipv6=off,net=168.0.0.0/7,host=168.0.0.1,dhcpstart=168.0.0.4,dns=168.0.0.2"
@@ -211,19 +212,19 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
 
     overlay = workdir / "overlay.qcow2"
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(IMAGE / "disk.raw"), str(overlay)],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image / "disk.raw"), str(overlay)],
         check=True,
         timeout=30,
     )
-    cmdline = (IMAGE / "cmdline").read_text().strip()
+    cmdline = (image / "cmdline").read_text().strip()
     cmdline += " systemd.wants=e2e-dump.service e2e.hold=120"
-    if sc.name == "valid":
-        cmdline += " e2e.netns_probe=1"
+    if sc.name == "valid" and not args.no_probes:
+        cmdline += " e2e.netns_probe=1 e2e.restart_probe=1"
     ttys1 = workdir / "ttyS1.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
         "-nodefaults", "-display", "none", "-no-reboot",
-        "-kernel", str(IMAGE / "vmlinuz"), "-initrd", str(IMAGE / "initrd.img"), "-append", cmdline,
+        "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"), "-append", cmdline,
         "-drive", f"file={overlay},if=virtio,format=qcow2",
         "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
         "-chardev", f"socket,id=chrtpm,path={tpm_sock}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
@@ -376,6 +377,18 @@ def check_boot(res: BootResult) -> Checks:
                 "(control) netns made under ProtectSystem=strict is not visible to the host",
                 pr["protect_system"],
             )
+        if "restart_probe" in d:
+            rp = d["restart_probe"]
+            c.check(
+                rp["wanted"]["e2e-dep-w"].get("ActiveState") == "active",
+                "a dependent wanted by a unit that failed once and restarted gets started (APF drop-in design)",
+                rp,
+            )
+            c.check(
+                rp["control"]["e2e-dep-c"].get("ActiveState") != "active",
+                "(control) without that Wants=, the dependent stays failed after the restart",
+                rp,
+            )
         mu = fig["multi-user.target"]
         ready1 = fig["READY=1"]
         c.check(ready1 is not None and mu is not None and ready1 <= mu, "READY=1 before multi-user.target", fig)
@@ -431,15 +444,15 @@ def enter_private_netns(argv: list[str]) -> None:
         raise SystemExit(f"private network namespace has unexpected links: {links}")
 
 
-def preflight() -> str | None:
+def preflight(image: Path) -> str | None:
     if os.geteuid() != 0:
         return "needs root (unshare --net, swtpm, QEMU)"
     for tool in ("qemu-system-x86_64", "qemu-img", "swtpm", "socat", "genisoimage", "unshare", "ip"):
         if shutil.which(tool) is None:
             return f"missing tool: {tool}"
     for f in ("disk.raw", "vmlinuz", "initrd.img", "cmdline"):
-        if not (IMAGE / f).exists():
-            return f"no image: {IMAGE / f} (run `make image`)"
+        if not (image / f).exists():
+            return f"no image: {image / f} (run `make image`)"
     return None
 
 
@@ -449,8 +462,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
     ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S, help="per boot, seconds")
     ap.add_argument("--workdir", help="default: a new directory under /tmp")
+    ap.add_argument("--image", default=str(IMAGE_DIR), help="directory with disk.raw, vmlinuz, initrd.img, cmdline")
+    ap.add_argument("--no-probes", action="store_true", help="skip the netns/restart probes (timing runs)")
     args = ap.parse_args()
-    why = preflight()
+    image = Path(args.image).resolve()
+    why = preflight(image)
     if why:
         print(f"e2e: {why}", file=sys.stderr)
         return 2
@@ -499,6 +515,17 @@ def print_figures(results: list[tuple[BootResult, Checks]]) -> None:
         an = d.get("analyze", "").strip().splitlines()
         if an:
             print(f"  {r.scenario.name}: {an[0]}")
+    print("agent stages (start-end, seconds from QEMU start):")
+    for r, _ in results:
+        tl = (r.dump or {}).get("timeline", {})
+        off = guest.clock_offset(r.console)
+        if not isinstance(tl, dict) or off is None:
+            continue
+        parts = [
+            f"{st['name']} {st['start'] + off:.2f}-{(st['end'] or st['start']) + off:.2f}"
+            for st in tl.get("stages", [])
+        ]
+        print(f"  {r.scenario.name}: " + ", ".join(parts))
 
 
 if __name__ == "__main__":
