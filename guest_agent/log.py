@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 import sys
 from typing import Any
 
@@ -31,31 +33,63 @@ def journal_fields(record: logging.LogRecord) -> dict[str, str]:
     return {k: str(v) for k, v in record.__dict__.items() if k not in _STD_ATTRS and k.isupper()}
 
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def encode_journal_entry(fields: dict[str, str]) -> bytes:
+    """journald's native protocol (systemd.journal-fields(7), "Native Journal Protocol").
+
+    One `KEY=value\n` per field; a value containing a newline is sent as `KEY\n`, its
+    length as a little-endian uint64, the bytes, then `\n`.
+    """
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
 class JournalHandler(logging.Handler):
-    """Sends each record with `systemd.journal.send` (native protocol, one datagram)."""
+    """Sends each record to journald as one datagram with its structured fields.
 
-    def __init__(self, fields: dict[str, str]) -> None:
+    The native protocol is a few lines over the AF_UNIX socket the interpreter already
+    has; `systemd.journal` would cost ~20 ms of imports (~0.5 s under QEMU TCG) on the
+    boot's critical path for the same datagram.
+    """
+
+    def __init__(self, fields: dict[str, str], socket_path: str = JOURNAL_SOCKET) -> None:
         super().__init__()
-        from systemd import journal  # lazy: ~17 ms, only when running under journald
-
-        self._send = journal.send
         self.fields = fields  # added to every record (e.g. GUEST_AGENT_PROVIDER once known)
+        self.socket_path = socket_path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def entry(self, record: logging.LogRecord) -> dict[str, str]:
+        return {
+            "MESSAGE": self.format(record),
+            "PRIORITY": _PRIORITY.get(record.levelno, "6"),
+            "SYSLOG_IDENTIFIER": IDENTIFIER,
+            "CODE_FILE": record.pathname,
+            "CODE_LINE": str(record.lineno),
+            "CODE_FUNC": record.funcName,
+            **self.fields,
+            **journal_fields(record),
+        }
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = self.format(record)
-            self._send(
-                msg,
-                PRIORITY=_PRIORITY.get(record.levelno, "6"),
-                SYSLOG_IDENTIFIER=IDENTIFIER,
-                CODE_FILE=record.pathname,
-                CODE_LINE=record.lineno,
-                CODE_FUNC=record.funcName,
-                **self.fields,
-                **journal_fields(record),
-            )
+            self.sock.sendto(encode_journal_entry(self.entry(record)), self.socket_path)
+        except OSError:
+            # journald gone or the entry too large for a datagram: never lose the line.
+            sys.stderr.write(f"<{_PRIORITY.get(record.levelno, '6')}>{record.getMessage()}\n")
         except Exception:
             self.handleError(record)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
 
 
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -90,11 +124,7 @@ def setup(level: int = logging.INFO, *, journal: bool | None = None) -> dict[str
     fields: dict[str, str] = {}
     if journal is None:
         journal = under_journald()
-    handler: logging.Handler
-    try:
-        handler = JournalHandler(fields) if journal else StderrHandler(fields)
-    except ImportError:
-        handler = StderrHandler(fields)
+    handler: logging.Handler = JournalHandler(fields) if journal else StderrHandler(fields)
     logger = logging.getLogger("guest_agent")
     logger.handlers[:] = [handler]
     logger.setLevel(level)

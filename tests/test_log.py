@@ -1,0 +1,95 @@
+"""Structured journal entries over journald's native protocol, received on a real socket."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest_agent import log as agent_log
+
+
+def parse_entry(data: bytes) -> dict[str, str]:
+    """The inverse of the native protocol, as journald reads it."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        nl = data.index(b"\n", pos)
+        line = data[pos:nl]
+        if b"=" in line:
+            k, _, v = line.partition(b"=")
+            fields[k.decode()] = v.decode()
+            pos = nl + 1
+        else:
+            (n,) = struct.unpack_from("<Q", data, nl + 1)
+            start = nl + 9
+            fields[line.decode()] = data[start : start + n].decode()
+            assert data[start + n : start + n + 1] == b"\n"
+            pos = start + n + 1
+    return fields
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[tuple[socket.socket, logging.Logger, dict[str, str]]]:
+    path = str(tmp_path / "journal.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(5)
+    fields: dict[str, str] = {}
+    handler = agent_log.JournalHandler(fields, socket_path=path)
+    logger = logging.getLogger("guest_agent.test-journal")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    yield s, logger, fields
+    handler.close()
+    s.close()
+
+
+def test_entry_carries_structured_fields(journal: tuple[socket.socket, logging.Logger, dict[str, str]]) -> None:
+    s, logger, fields = journal
+    fields["GUEST_AGENT_PROVIDER"] = "azure"
+    logger.info(
+        "user-data applied",
+        extra={"MESSAGE_ID": agent_log.MSG_APPLIED, **agent_log.fields(stage="ready", elapsed_ms=1.5)},
+    )
+    e = parse_entry(s.recv(65536))
+    assert e["MESSAGE"] == "user-data applied"
+    assert e["MESSAGE_ID"] == agent_log.MSG_APPLIED
+    assert e["PRIORITY"] == "6"
+    assert e["SYSLOG_IDENTIFIER"] == "guest-agent"
+    assert e["GUEST_AGENT_PROVIDER"] == "azure"
+    assert e["GUEST_AGENT_STAGE"] == "ready"
+    assert e["GUEST_AGENT_ELAPSED_MS"] == "1.5"
+    assert e["CODE_FUNC"] == "test_entry_carries_structured_fields"
+
+
+def test_multiline_values_use_the_length_prefixed_form(
+    journal: tuple[socket.socket, logging.Logger, dict[str, str]],
+) -> None:
+    s, logger, _ = journal
+    logger.error("line one\nline two", extra=agent_log.fields(reason="a\nb"))
+    e = parse_entry(s.recv(65536))
+    assert e["MESSAGE"] == "line one\nline two"
+    assert e["GUEST_AGENT_REASON"] == "a\nb"
+    assert e["PRIORITY"] == "3"
+
+
+def test_journald_gone_falls_back_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = agent_log.JournalHandler({}, socket_path=str(tmp_path / "absent.sock"))
+    logger = logging.getLogger("guest_agent.test-journal-gone")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.warning("still visible")
+    handler.close()
+    assert "<4>still visible" in capsys.readouterr().err
+
+
+def test_lowercase_extra_keys_are_not_fields() -> None:
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    rec.__dict__.update({"GUEST_AGENT_STAGE": "fetch", "private": "no"})
+    assert agent_log.journal_fields(rec) == {"GUEST_AGENT_STAGE": "fetch"}
