@@ -247,6 +247,21 @@ def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabr
     return err.exit_code
 
 
+def fail_early(err: AgentError, cfg: Config, root: str, deps: Deps | None = None) -> int:
+    """A failure before the boot path could start (the agent's own config is invalid):
+    still tell systemd and, on Azure, the fabric, so the VM fails fast."""
+    deps = deps or Deps()
+    fabric = None
+    try:
+        if cfg.provider == "azure" or clouds.detect(clouds.read_facts(root, cfg)) == "azure":
+            from guest_agent.fabric import AzureFabric
+
+            fabric = AzureFabric(cfg.azure, root=root, session_factory=deps.session_factory, clock=deps.clock)
+    except Exception as exc:  # detection itself failing must not hide the original error
+        log.warning("cannot tell whether to report to the fabric: %r", exc)
+    return fail(err, Timeline(clock=deps.clock), cfg, root, deps, fabric)
+
+
 def summary(tl: Timeline) -> None:
     parts = " ".join(f"{k}={v:.1f}ms" for k, v in tl.durations_ms().items())
     log.info("timeline: %s", parts, extra={"MESSAGE_ID": MSG_TIMELINE})

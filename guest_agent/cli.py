@@ -67,7 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from guest_agent import config
 
-        cfg = config.load(args.root, args.config)
+        try:
+            cfg = config.load(args.root, args.config)
+        except AgentError as err:
+            if args.command == "run":
+                # The VM must still fail fast: report with the default configuration.
+                from guest_agent import boot
+
+                return boot.fail_early(err, Config(), args.root)
+            raise
         return _dispatch(args, cfg, log_fields)
     except AgentError as err:
         log.error("%s", err.describe())
