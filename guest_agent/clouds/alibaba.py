@@ -7,7 +7,7 @@ we try the token first and fall back to the bare GET, as on AWS.
 from __future__ import annotations
 
 from guest_agent.clouds import FetchContext
-from guest_agent.clouds.tokenflow import Flavour, TokenFlow
+from guest_agent.clouds.tokenflow import Flavour, fetch_with
 
 FLAVOUR = Flavour(
     name="Alibaba ECS metadata",
@@ -19,7 +19,4 @@ FLAVOUR = Flavour(
 
 
 def fetch(ctx: FetchContext) -> bytes:
-    flow = ctx.state.get("alibaba")
-    if flow is None:
-        flow = ctx.state["alibaba"] = TokenFlow(FLAVOUR, ctx.cfg.alibaba.metadata_url, ctx.cfg.alibaba.token_ttl_s)
-    return flow.fetch(ctx)
+    return fetch_with(ctx, FLAVOUR, ctx.cfg.alibaba.metadata_url, ctx.cfg.alibaba.token_ttl_s)

@@ -7,7 +7,7 @@ expire during a slow boot.
 from __future__ import annotations
 
 from guest_agent.clouds import FetchContext
-from guest_agent.clouds.tokenflow import Flavour, TokenFlow
+from guest_agent.clouds.tokenflow import Flavour, fetch_with
 
 FLAVOUR = Flavour(
     name="EC2 IMDS",
@@ -19,7 +19,4 @@ FLAVOUR = Flavour(
 
 
 def fetch(ctx: FetchContext) -> bytes:
-    flow = ctx.state.get("aws")
-    if flow is None:
-        flow = ctx.state["aws"] = TokenFlow(FLAVOUR, ctx.cfg.aws.imds_url, ctx.cfg.aws.token_ttl_s)
-    return flow.fetch(ctx)
+    return fetch_with(ctx, FLAVOUR, ctx.cfg.aws.imds_url, ctx.cfg.aws.token_ttl_s)

@@ -66,3 +66,11 @@ class TokenFlow:
                 status=resp.status,
             )
         raise retry_or_fail(resp, what)
+
+
+def fetch_with(ctx: FetchContext, flavour: Flavour, base_url: str, ttl_s: int) -> bytes:
+    """One attempt; the flow (and its token) lives in the context across attempts."""
+    flow = ctx.state.get(flavour.name)
+    if not isinstance(flow, TokenFlow):
+        flow = ctx.state[flavour.name] = TokenFlow(flavour, base_url, ttl_s)
+    return flow.fetch(ctx)

@@ -58,8 +58,18 @@ def azure(user_data: bytes | None, script: Script) -> Handler:
     return handle
 
 
-def aws(user_data: bytes | None, script: Script, *, imdsv1: bool = True, tokens: TokenBook | None = None) -> Handler:
-    """EC2 IMDS: IMDSv2 token PUT, then GET with the token; IMDSv1 only if `imdsv1`."""
+def _token_service(
+    user_data: bytes | None,
+    script: Script,
+    *,
+    ttl_header: str,
+    token_header: str,
+    tokenless_status: int | None,
+    tokens: TokenBook | None,
+) -> Handler:
+    """PUT /latest/api/token then GET /latest/user-data with the token header (EC2 IMDSv2,
+    Alibaba hardened mode).  `tokenless_status`: what a GET without a token gets
+    (None: served, i.e. IMDSv1 / Alibaba normal mode allowed)."""
     book = tokens or TokenBook()
 
     def handle(req: Request) -> Reply:
@@ -71,16 +81,16 @@ def aws(user_data: bytes | None, script: Script, *, imdsv1: bool = True, tokens:
                 return scripted
             if req.header("x-forwarded-for") is not None:
                 return Reply(403, "Forbidden")
-            ttl = req.header("x-aws-ec2-metadata-token-ttl-seconds")
+            ttl = req.header(ttl_header)
             if ttl is None or not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
                 return Reply(400, "Bad Request")
-            return Reply(200, book.issue(), {"X-aws-ec2-metadata-token-ttl-seconds": ttl})
+            return Reply(200, book.issue(), {ttl_header: ttl})
         if req.path == "/latest/user-data" and req.method == "GET":
-            tok = req.header("x-aws-ec2-metadata-token")
+            tok = req.header(token_header)
             if tok is not None and not book.ok(tok):
                 return Reply(401, "Unauthorized")  # expired or invalid token
-            if tok is None and not imdsv1:
-                return Reply(401, "Unauthorized")  # HttpTokens=required
+            if tok is None and tokenless_status is not None:
+                return Reply(tokenless_status, "Unauthorized" if tokenless_status == 401 else "Forbidden")
             scripted = script.take("user-data")
             if scripted:
                 return scripted
@@ -88,6 +98,34 @@ def aws(user_data: bytes | None, script: Script, *, imdsv1: bool = True, tokens:
         return NOT_FOUND
 
     return handle
+
+
+def aws(user_data: bytes | None, script: Script, *, imdsv1: bool = True, tokens: TokenBook | None = None) -> Handler:
+    """EC2 IMDS: IMDSv2 token PUT, then GET with the token; IMDSv1 only if `imdsv1`
+    (HttpTokens=required answers a tokenless GET with 401)."""
+    return _token_service(
+        user_data,
+        script,
+        ttl_header="x-aws-ec2-metadata-token-ttl-seconds",
+        token_header="x-aws-ec2-metadata-token",
+        tokenless_status=None if imdsv1 else 401,
+        tokens=tokens,
+    )
+
+
+def alibaba(
+    user_data: bytes | None, script: Script, *, normal_mode: bool = True, tokens: TokenBook | None = None
+) -> Handler:
+    """Alibaba ECS: hardened-mode token PUT, then GET; normal mode also answers without a token
+    (hardened-only mode answers a tokenless GET with 403)."""
+    return _token_service(
+        user_data,
+        script,
+        ttl_header="x-aliyun-ecs-metadata-token-ttl-seconds",
+        token_header="x-aliyun-ecs-metadata-token",
+        tokenless_status=None if normal_mode else 403,
+        tokens=tokens,
+    )
 
 
 def gcp(user_data: bytes | None, script: Script) -> Handler:
@@ -105,38 +143,6 @@ def gcp(user_data: bytes | None, script: Script) -> Handler:
         if user_data is None:
             return Reply(404, "Not Found", {"Metadata-Flavor": "Google"})
         return Reply(200, base64.b64encode(user_data), {"Metadata-Flavor": "Google"})
-
-    return handle
-
-
-def alibaba(
-    user_data: bytes | None, script: Script, *, normal_mode: bool = True, tokens: TokenBook | None = None
-) -> Handler:
-    """Alibaba ECS: hardened-mode token PUT, then GET; normal mode also answers without a token."""
-    book = tokens or TokenBook()
-
-    def handle(req: Request) -> Reply:
-        if req.path == "/latest/api/token":
-            if req.method != "PUT":
-                return Reply(405, "")
-            scripted = script.take("token")
-            if scripted:
-                return scripted
-            ttl = req.header("x-aliyun-ecs-metadata-token-ttl-seconds")
-            if ttl is None or not ttl.isdigit():
-                return Reply(400, "Bad Request")
-            return Reply(200, book.issue())
-        if req.path == "/latest/user-data" and req.method == "GET":
-            tok = req.header("x-aliyun-ecs-metadata-token")
-            if tok is not None and not book.ok(tok):
-                return Reply(401, "Unauthorized")
-            if tok is None and not normal_mode:
-                return Reply(403, "Forbidden")
-            scripted = script.take("user-data")
-            if scripted:
-                return scripted
-            return Reply(200, user_data) if user_data is not None else NOT_FOUND
-        return NOT_FOUND
 
     return handle
 
