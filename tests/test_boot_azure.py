@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from guest_agent import boot
+import pytest
+
+from guest_agent import boot, cli
 from guest_agent.config import Config
-from guest_agent.errors import EXIT_CONFIG, ConfigError
+from guest_agent.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError
 from tests import caa
+from tests.fakecloud import imds
+from tests.fakecloud.server import FakeServer, Script
 from tests.fakecloud.wireserver import FakeWireserver
 
 
@@ -32,3 +36,64 @@ def test_config_error_off_azure_reports_nothing(tmp_path: Path) -> None:
         cfg = dataclasses.replace(cfg, azure=dataclasses.replace(cfg.azure, wireserver_url=ws.url))
         assert boot.fail_early(ConfigError("bad"), cfg, str(tmp_path)) == EXIT_CONFIG
         assert ws.server.requests == []
+
+
+def _azure_root(tmp_path: Path, imds_url: str, ws_url: str, extra: str = "") -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    caa.make_root(str(root), caa.AZURE_DMI)
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f'[azure]\nimds_url = "{imds_url}"\nwireserver_url = "{ws_url}"\nfailure_deadline_s = 10.0\n'
+        f"[netns]\nenabled = false\n[tpm]\nenabled = false\n{extra}"
+    )
+    return root, conf
+
+
+def closed_port() -> str:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connection refused
+    return f"http://127.0.0.1:{port}"
+
+
+def test_metadata_unreachable_reports_not_ready(tmp_path: Path) -> None:
+    with FakeWireserver() as ws:
+        root, conf = _azure_root(tmp_path, closed_port(), ws.url, "[fetch]\ndeadline_s = 1.0\n")
+        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_UNAVAILABLE
+        reports = ws.accepted()
+    assert [r.state for r in reports] == ["NotReady"]
+    assert "fetching user-data (azure) failed until the deadline" in (reports[0].description or "")
+    assert not (root / "run/peerpod").exists()
+
+
+def test_write_error_reports_not_ready(tmp_path: Path) -> None:
+    with FakeWireserver() as ws, FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv:
+        root, conf = _azure_root(tmp_path, srv.url, ws.url)
+        (root / "run/peerpod").mkdir(parents=True)
+        (root / "run/peerpod/auth.json").symlink_to("/etc/shadow")  # planted by an attacker
+        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_SOFTWARE
+        reports = ws.accepted()
+    assert [r.state for r in reports] == ["NotReady"]
+    assert "symlink" in (reports[0].description or "")
+    assert sorted(p.name for p in (root / "run/peerpod").iterdir()) == ["auth.json"]
+
+
+def test_report_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeWireserver() as ws:
+        root, conf = _azure_root(tmp_path, closed_port(), ws.url)
+        assert cli.main(["report-failure", "--root", str(root), "--config", str(conf), "--reason", "disk full"]) == 0
+        # An operator's explicit command is obeyed (the boot path itself never does this).
+        assert cli.main(["report-ready", "--root", str(root), "--config", str(conf)]) == 0
+        reports = ws.accepted()
+    assert [(r.state, r.description) for r in reports] == [("NotReady", "disk full"), ("Ready", None)]
+    out = capsys.readouterr().out
+    assert "acknowledged: NotReady" in out and "acknowledged: Ready" in out
+
+
+def test_report_command_without_a_wireserver_exits_69(tmp_path: Path) -> None:
+    root, conf = _azure_root(tmp_path, closed_port(), closed_port(), "")
+    conf.write_text(conf.read_text().replace("failure_deadline_s = 10.0", "failure_deadline_s = 1.0"))
+    assert cli.main(["report-failure", "--root", str(root), "--config", str(conf), "--reason", "x"]) == EXIT_UNAVAILABLE
