@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test lint typecheck pytest bench image e2e bench-boot clean
+.PHONY: all venv demo test lint typecheck pytest pytest-deps bench image e2e bench-boot clean
 
 all: test
 
 $(VENV)/.installed: pyproject.toml
+	.ci/apt-deps build
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -28,7 +29,10 @@ typecheck: venv
 pytest: venv
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+test: lint typecheck pytest-deps pytest
+
+pytest-deps:
+	.ci/apt-deps test
 
 bench: venv
 	$(PY) -m tests.bench $(if $(N),--runs $(N))
@@ -36,6 +40,7 @@ bench: venv
 
 # The pod VM image (root: mmdebstrap in root mode); rebuilt only when its inputs changed.
 image: venv
+	.ci/apt-deps image
 	image/build.sh
 
 # Boot the image under QEMU (TCG) against a fake Azure, inside a private network namespace.
