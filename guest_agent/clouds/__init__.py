@@ -106,17 +106,12 @@ class FetchContext:
 
 
 def provider_module(name: str) -> ModuleType:
-    from guest_agent.clouds import alibaba, aws, azure, cidata, gcp, ibmcloud
+    """Import only the provider in use (each pulls in its own helpers)."""
+    import importlib
 
-    modules: dict[str, ModuleType] = {
-        "azure": azure,
-        "aws": aws,
-        "gcp": gcp,
-        "alibaba": alibaba,
-        "ibmcloud": ibmcloud,
-        "cidata": cidata,
-    }
-    return modules[name]
+    if name not in ("azure", "aws", "gcp", "alibaba", "ibmcloud", "cidata"):
+        raise ValueError(f"unknown provider {name!r}")
+    return importlib.import_module(f"guest_agent.clouds.{name}")
 
 
 def metadata_address(name: str, cfg: Config) -> str | None:
