@@ -67,9 +67,9 @@ def digest(toml: bytes, algorithm: str = "sha384") -> str:
     return hashlib.new(algorithm, toml).hexdigest()
 
 
-def apf_json() -> str:
+def apf_json(pod_name: str | None = None) -> str:
     # json.MarshalIndent(cfg, "", "    "): 4-space indent, no trailing newline.
-    return json.dumps(APF_CONFIG, indent=4)
+    return json.dumps({**APF_CONFIG, "pod-name": pod_name or APF_CONFIG["pod-name"]}, indent=4)
 
 
 def _block(content: str) -> str:
