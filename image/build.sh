@@ -23,25 +23,9 @@ SUITE=bookworm
 # The mirror comes from the host's apt configuration; no host name is written here.
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 
-# Everything the pod VM needs.  python3-venv brings ensurepip for the agent's venv; tpm2-tools is
-# only for checks (the agent talks to /dev/tpmrm0 itself).
-PACKAGES=(
-    systemd systemd-sysv udev kmod
-    python3 python3-venv
-    iproute2 nftables tpm2-tools
-    linux-image-cloud-amd64 initramfs-tools
-)
-# Documentation and translations are never read on a pod VM.
-DPKG_EXCLUDES=(
-    --dpkgopt='path-exclude=/usr/share/man/*'
-    --dpkgopt='path-exclude=/usr/share/doc/*'
-    --dpkgopt='path-include=/usr/share/doc/*/copyright'
-    --dpkgopt='path-exclude=/usr/share/locale/*'
-    --dpkgopt='path-exclude=/usr/share/info/*'
-)
-# image/base/ is copied in before the kernel is configured: initramfs-tools settings (an initrd with
-# only what mounts the root disk: default MODULES=most is several times bigger and slower to unpack).
-BASE_FORMAT=2 # bump to force a new base when this script's base recipe changes
+# PACKAGES, DPKG_EXCLUDES, BASE_FORMAT and mmdebstrap_base(): the recipe shared with the variants.
+# shellcheck source=image/recipe.sh
+source "$HERE/recipe.sh"
 
 log() { printf '[image] %s\n' "$*" >&2; }
 die() { printf '[image] error: %s\n' "$*" >&2; exit 1; }
@@ -77,7 +61,7 @@ deps_hash=$(printf '%s\n' "${DEPS[@]}" | sha)
 image_hash=$( (
     echo "base=$base_hash deps=$deps_hash"
     # Agent sources, units, overlay and this script: content and path, sorted.
-    cd "$REPO" && { find pyproject.toml README.md guest_agent units image/overlay image/build.sh \
+    cd "$REPO" && { find pyproject.toml README.md guest_agent units image/overlay image/build.sh image/recipe.sh \
         -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null || true; } | LC_ALL=C sort | xargs -r sha256sum
 ) | sha)
 
@@ -95,20 +79,7 @@ if [ ! -f "$BASE/.complete" ]; then
     # Old bases are dead weight (400+ MB each).
     find "$CACHE" -maxdepth 1 -name 'base-*' -type d -exec rm -rf {} +
     t=$(date +%s)
-    # merged-usr hook: debootstrap-style /usr symlinks + the tiny usr-is-merged package, instead of
-    # the usrmerge package, which drags in perl (~46 MB) for a conversion nothing needs here.
-    mmdebstrap --mode=root --variant=apt --format=directory \
-        --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
-        --include="$(IFS=,; echo "${PACKAGES[*]}")" \
-        "${DPKG_EXCLUDES[@]}" \
-        --skip=essential/unlink \
-        --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
-        --setup-hook="sync-in '$CACHE/apt' /var/cache/apt/archives/" \
-        --essential-hook="cp -a --no-preserve=ownership '$HERE/base/.' \"\$1\"/" \
-        --customize-hook="sync-out /var/cache/apt/archives '$CACHE/apt'" \
-        --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
-        --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" > "$1"/.packages' \
-        "$SUITE" "$BASE.tmp" "$SOURCES"
+    mmdebstrap_base "$BASE.tmp" "$CACHE/apt"
     touch "$BASE.tmp/.complete"
     mv "$BASE.tmp" "$BASE"
     log "base: done in $(( $(date +%s) - t )) s"

@@ -37,9 +37,9 @@ sha() { sha256sum | cut -c1-16; }
 SECONDS=0
 mkdir -p "$CACHE/apt" "$OUT"
 
-# PACKAGES and DPKG_EXCLUDES exactly as image/build.sh has them.
-eval "$(sed -n '/^PACKAGES=(/,/^)/p; /^DPKG_EXCLUDES=(/,/^)/p' "$IMAGE/build.sh")"
-[ "${#PACKAGES[@]}" -gt 0 ] || die "could not read PACKAGES from image/build.sh"
+# PACKAGES, DPKG_EXCLUDES and mmdebstrap_base(): the same recipe as image/build.sh.
+# shellcheck source=image/recipe.sh
+source "$IMAGE/recipe.sh"
 
 in_root() {
     unshare --mount --propagation private -- /bin/sh -c '
@@ -89,7 +89,8 @@ floor)
     ;;
 cloudinit)
     base_hash=$( {
-        echo "suite=$SUITE"; printf '%s\n' "${PACKAGES[@]}" "${INCUMBENTS[@]}" "${DPKG_EXCLUDES[@]}"
+        echo "suite=$SUITE format=$BASE_FORMAT"; sha256sum "$IMAGE/recipe.sh"
+        printf '%s\n' "${PACKAGES[@]}" "${INCUMBENTS[@]}" "${DPKG_EXCLUDES[@]}"
         (cd "$IMAGE" && find base -type f | LC_ALL=C sort | xargs sha256sum); cat "$SOURCES"
     } | sha)
     BASE=$CACHE/base-cloudinit-$base_hash
@@ -97,18 +98,8 @@ cloudinit)
         log "mmdebstrap $SUITE + ${INCUMBENTS[*]} -> $BASE"
         rm -rf "$BASE" "$BASE.tmp"
         find "$CACHE" -maxdepth 1 -name 'base-cloudinit-*' -type d -exec rm -rf {} +
-        # Same recipe as build.sh's layer 1, with the incumbents added to the package list.
-        mmdebstrap --mode=root --variant=apt --format=directory \
-            --include="$(IFS=,; echo "${PACKAGES[*]},${INCUMBENTS[*]}")" \
-            "${DPKG_EXCLUDES[@]}" \
-            --skip=essential/unlink \
-            --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
-            --setup-hook="sync-in '$CACHE/apt' /var/cache/apt/archives/" \
-            --essential-hook="cp -a --no-preserve=ownership '$IMAGE/base/.' \"\$1\"/" \
-            --customize-hook="sync-out /var/cache/apt/archives '$CACHE/apt'" \
-            --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
-            --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" > "$1"/.packages' \
-            "$SUITE" "$BASE.tmp" "$SOURCES"
+        # build.sh's base recipe, with the incumbents added to the package list.
+        mmdebstrap_base "$BASE.tmp" "$CACHE/apt" "${INCUMBENTS[@]}"
         touch "$BASE.tmp/.complete"
         mv "$BASE.tmp" "$BASE"
     fi

@@ -1,0 +1,48 @@
+# The base recipe shared by image/build.sh (the pod VM) and image/variants/build-variant.sh (the
+# benchmark's cloud-init + waagent and no-agent variants), so every variant differs only in what it
+# adds.  Sourced, not run.  Needs: SUITE, SOURCES set by the caller.
+
+RECIPE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# Everything the pod VM needs.  python3-venv brings ensurepip for the agent's venv; tpm2-tools is
+# only for checks (the agent talks to /dev/tpmrm0 itself).
+PACKAGES=(
+    systemd systemd-sysv udev kmod
+    python3 python3-venv
+    iproute2 nftables tpm2-tools
+    linux-image-cloud-amd64 initramfs-tools
+)
+# Documentation and translations are never read on a pod VM.
+DPKG_EXCLUDES=(
+    --dpkgopt='path-exclude=/usr/share/man/*'
+    --dpkgopt='path-exclude=/usr/share/doc/*'
+    --dpkgopt='path-include=/usr/share/doc/*/copyright'
+    --dpkgopt='path-exclude=/usr/share/locale/*'
+    --dpkgopt='path-exclude=/usr/share/info/*'
+)
+# image/base/ is copied in before the kernel is configured: initramfs-tools settings (an initrd with
+# only what mounts the root disk: default MODULES=most is several times bigger and slower to unpack).
+BASE_FORMAT=2 # bump to force a new base when this script's base recipe changes
+
+
+# mmdebstrap_base DEST APT_CACHE [EXTRA_PACKAGE...]: the base root file system in DEST.
+mmdebstrap_base() {
+    local dest=$1 apt_cache=$2
+    shift 2
+    local include
+    include=$(IFS=,; echo "${PACKAGES[*]}${*:+,}$(IFS=,; echo "$*")")
+    # merged-usr hook: debootstrap-style /usr symlinks + the tiny usr-is-merged package, instead of
+    # the usrmerge package, which drags in perl (~46 MB) for a conversion nothing needs here.
+    mmdebstrap --mode=root --variant=apt --format=directory \
+        --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+        --include="$include" \
+        "${DPKG_EXCLUDES[@]}" \
+        --skip=essential/unlink \
+        --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+        --setup-hook="sync-in '$apt_cache' /var/cache/apt/archives/" \
+        --essential-hook="cp -a --no-preserve=ownership '$RECIPE_DIR/base/.' \"\$1\"/" \
+        --customize-hook="sync-out /var/cache/apt/archives '$apt_cache'" \
+        --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
+        --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" > "$1"/.packages' \
+        "$SUITE" "$dest" "$SOURCES"
+}
