@@ -62,7 +62,28 @@ def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
     return raw
 
 
-def measure(idata: initdata.Initdata, cfg: Config, root: str) -> str:
+def _pcr_marker(cfg: Config) -> str:
+    # /run is a tmpfs: the marker lives exactly as long as the PCR value, so a rerun of the
+    # agent in the same boot does not extend twice (the verifier replays exactly one extend).
+    return f"{cfg.state_dir}/pcr{cfg.tpm.pcr}.extended"
+
+
+def check_measurement(idata: initdata.Initdata, cfg: Config, root: str) -> bool:
+    """Before anything is written: True if this boot's PCR already holds this initdata.
+
+    Raises if it holds another one: the files must not change under a measurement that no
+    longer describes them."""
+    marker = under_root(root, _pcr_marker(cfg))
+    if not cfg.tpm.enabled or not marker.is_file():
+        return False
+    if marker.read_text().strip() == idata.digest_hex:
+        return True
+    from guest_agent.tpm import TpmError
+
+    raise TpmError("PCR already extended with a different initdata in this boot", pcr=cfg.tpm.pcr)
+
+
+def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) -> str:
     """Extend the TPM PCR with the first 32 bytes of the initdata digest, once per boot."""
     from guest_agent import tpm
 
@@ -72,18 +93,11 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str) -> str:
     if not tpm.tpm_present(device):
         log.info("no TPM at %s: initdata not measured into a PCR", cfg.tpm.device, extra=fields(stage="measure"))
         return "absent"
-    # /run is a tmpfs: the marker lives exactly as long as the PCR value, so a rerun
-    # of the agent in the same boot does not extend twice (the verifier replays one).
-    marker = f"{cfg.state_dir}/pcr{cfg.tpm.pcr}.extended"
-    marker_path = under_root(root, marker)
-    if marker_path.is_file():
-        done = marker_path.read_text().strip()
-        if done == idata.digest_hex:
-            log.info("PCR %d already extended with this initdata in this boot", cfg.tpm.pcr)
-            return "already"
-        raise tpm.TpmError("PCR already extended with a different initdata in this boot", pcr=cfg.tpm.pcr)
-    tpm.extend_pcr(device, cfg.tpm.pcr, idata.pcr_extend_value)
-    files.write_atomic(marker, idata.digest_hex.encode(), root=root, mode=0o644)
+    if already:
+        return "already"
+    with tpm.connect(device) as dev:
+        tpm.extend_pcr(dev, cfg.tpm.pcr, idata.pcr_extend_value)
+    files.write_atomic(_pcr_marker(cfg), idata.digest_hex.encode(), root=root, mode=0o644)
     return "extended"
 
 
@@ -91,6 +105,7 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
     """Validate everything, write everything, measure: the part shared with `provision`."""
     with tl.stage("validate"):
         plan = userdata.plan(raw, cfg)
+        already = check_measurement(plan.initdata, cfg, root)
     with tl.stage("write"):
         files.apply(list(plan.files), root=root, dir_mode=cfg.files.dir_mode)
     for spec in plan.files:
@@ -108,7 +123,7 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
             ),
         )
     with tl.stage("measure"):
-        result = measure(plan.initdata, cfg, root)
+        result = measure(plan.initdata, cfg, root, already=already)
     log.info(
         "initdata %s digest %s (%s), PCR %d: %s",
         "default" if plan.initdata_is_default else "from user-data",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from guest_agent.errors import EXIT_SOFTWARE, AgentError
 
@@ -127,11 +129,32 @@ def parse_pcr_read(resp: bytes) -> bytes:
 
 
 def tpm_present(device: str) -> bool:
-    """True if `device` is a character device (e.g. /dev/tpmrm0 exists)."""
+    """True if `device` is a TPM: a character device (/dev/tpmrm0), or a unix stream socket
+    speaking the raw TPM command stream (swtpm's `--server type=unixio`, for tests)."""
     try:
-        return stat.S_ISCHR(os.stat(device).st_mode)
+        mode = os.stat(device).st_mode
     except OSError:
         return False
+    return stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+
+
+@contextmanager
+def connect(device: str) -> Iterator[str | int]:
+    """What `extend_pcr`/`read_pcr` take: the device path itself, or a connected socket's fd."""
+    if not stat.S_ISSOCK(os.stat(device).st_mode):
+        yield device
+        return
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(10)
+        try:
+            s.connect(device)
+        except OSError as exc:
+            raise TpmError("cannot connect to the TPM socket", device=device, error=str(exc)) from exc
+        s.setblocking(True)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        yield s.fileno()
 
 
 def _read_response(fd: int) -> bytes:

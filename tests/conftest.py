@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from guest_agent.config import Config
+from tests.swtpm import Swtpm
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
@@ -33,3 +35,12 @@ def cfg() -> Config:
     return dataclasses.replace(
         c, netns=dataclasses.replace(c.netns, enabled=False), tpm=dataclasses.replace(c.tpm, enabled=False)
     )
+
+
+@pytest.fixture
+def swtpm() -> Iterator[Swtpm]:
+    t = Swtpm()
+    try:
+        yield t
+    finally:
+        t.stop()

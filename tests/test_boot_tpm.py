@@ -1,0 +1,54 @@
+"""The boot path's measurement against a real swtpm: PCR 8 extended once per boot, checked with
+tpm2-tools; a rerun of the agent in the same boot does not extend again."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from guest_agent import cli
+from guest_agent.errors import EXIT_OK, EXIT_SOFTWARE
+from guest_agent.initdata import expected_pcr
+from tests import caa
+from tests.conftest import snapshot
+from tests.swtpm import Swtpm, needs_swtpm
+
+ZERO32 = bytes(32)
+
+
+def setup_root(tmp_path: Path, swtpm: Swtpm, toml: bytes) -> tuple[Path, Path, Path]:
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    (root / "dev/tpmrm0").symlink_to(swtpm.sock)  # --root: the agent opens <root>/dev/tpmrm0
+    ud = tmp_path / "user-data"
+    ud.write_bytes(caa.cloud_config(initdata=toml))
+    conf = tmp_path / "c.toml"
+    conf.write_text("[tpm]\nenabled = true\n")
+    return root, ud, conf
+
+
+@needs_swtpm
+def test_provision_extends_pcr8_once(tmp_path: Path, swtpm: Swtpm, capsys: pytest.CaptureFixture[str]) -> None:
+    toml = caa.initdata_toml("sha384")
+    root, ud, conf = setup_root(tmp_path, swtpm, toml)
+    argv = ["provision", "--root", str(root), "--user-data", str(ud), "--config", str(conf)]
+    assert cli.main(argv) == EXIT_OK
+    assert cli.main(argv) == EXIT_OK  # the unit restarted in the same boot: no second extend
+    digest = hashlib.sha384(toml).digest()
+    assert swtpm.pcrread(8) == expected_pcr(ZERO32, digest[:32])
+    assert (root / "run/guest-agent/pcr8.extended").read_text() == digest.hex()
+    err = capsys.readouterr().err
+    assert "PCR 8: extended" in err and "PCR 8: already" in err
+
+
+@needs_swtpm
+def test_other_initdata_in_the_same_boot_is_refused(tmp_path: Path, swtpm: Swtpm) -> None:
+    root, ud, conf = setup_root(tmp_path, swtpm, caa.initdata_toml("sha256"))
+    argv = ["provision", "--root", str(root), "--user-data", str(ud), "--config", str(conf)]
+    assert cli.main(argv) == EXIT_OK
+    before = snapshot(root / "run/peerpod")
+    ud.write_bytes(caa.cloud_config(initdata=caa.initdata_toml("sha512")))
+    assert cli.main(argv) == EXIT_SOFTWARE  # the PCR already holds another measurement ...
+    assert snapshot(root / "run/peerpod") == before  # ... so nothing was rewritten under it
