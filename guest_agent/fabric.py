@@ -142,6 +142,11 @@ class AzureFabric:
         return not t.is_alive()
 
     def _write_kvp(self, result: str, reason: str | None, stages: dict[str, float]) -> None:
+        kvp_dir = _under(self.root, self.cfg.kvp_dir)
+        if not os.path.isdir(kvp_dir):
+            log.info("no KVP directory %s: no PROVISIONING_REPORT record (not on Hyper-V?)", kvp_dir)
+            self.kvp_written = False
+            return
         value = kvp.build_provisioning_report(
             result,
             agent=self.agent,
@@ -151,7 +156,7 @@ class AzureFabric:
             stages=stages,
         )
         # Flushed before the POST: the host reads KVP when the health report arrives (azure.md §4.3).
-        self.kvp_written = kvp.append_report(_under(self.root, self.cfg.kvp_dir), kvp.PROVISIONING_REPORT_KEY, value)
+        self.kvp_written = kvp.append_report(kvp_dir, kvp.PROVISIONING_REPORT_KEY, value)
 
     def report_ready(self, stages: dict[str, float]) -> ReportResult | None:
         """KVP success record, then Ready until acknowledged or cfg.ready_deadline_s.

@@ -10,15 +10,11 @@ Nothing here may fail provisioning: `append_report` logs and returns False inste
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import errno
 import fcntl
-import io
 import logging
 import os
 import time
-import uuid
 
 log = logging.getLogger("guest_agent.kvp")
 
@@ -84,6 +80,8 @@ def _field(key: str, value: object) -> str:
 
 
 def iso8601_utc(timestamp: float) -> str:
+    import datetime as dt
+
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -115,6 +113,9 @@ def build_provisioning_report(
 
 def parse_provisioning_report(text: str) -> dict[str, str]:
     """The inverse of `build_provisioning_report` (for tests and tools)."""
+    import csv
+    import io
+
     row = next(csv.reader(io.StringIO(text), delimiter="|", quotechar="'"), [])
     return dict(f.split("=", 1) for f in row if "=" in f)
 
@@ -126,6 +127,8 @@ def vm_id_from_dmi(product_uuid: str, gen1: bool) -> str:
     (cloud-init sources/azure/identity.py, azure-init status.rs; azure.md §4.3).  An unparsable
     value gives the all-zero UUID, as azure-init falls back to.
     """
+    import uuid
+
     try:
         u = uuid.UUID(product_uuid.strip())
     except ValueError:

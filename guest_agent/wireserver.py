@@ -26,11 +26,9 @@ import os
 import re
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape
 
 from guest_agent import __version__
 from guest_agent.errors import AgentError, FabricError
@@ -45,6 +43,8 @@ from guest_agent.transport import (
 )
 
 if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
+
     import requests
 
 log = logging.getLogger("guest_agent.wireserver")
@@ -100,6 +100,12 @@ class GoalStateIncomplete(FabricError):
     """The goal state has no RoleInstance yet: the client reads it again (WALinuxAgent does too)."""
 
 
+def escape(text: str) -> str:
+    """XML character data escaping (what xml.sax.saxutils.escape does, without importing
+    xml.sax, whose urllib.request import is ~50 ms under TCG on the JSON flow that needs no XML)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
@@ -123,6 +129,8 @@ def parse_goal_state(xml: bytes) -> GoalState:
     # A goal state never has a DTD; refusing one rules out entity tricks from an untrusted host.
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise FabricError("the wireserver goal state carries a DTD, which it never should")
+    import xml.etree.ElementTree as ET  # only the goal-state (XML) flow parses XML
+
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
@@ -305,6 +313,9 @@ class WireserverClient:
         self._lock = threading.Lock()
         self._goal_state: GoalState | None = None
         self._goal_state_prefetched = False
+        # The prefetch keeps the raw body and parses nothing: XML (and its ~10 ms ElementTree
+        # import) is needed only if the JSON endpoint turns out to be absent.
+        self._prefetched_raw: bytes | None = None
         self._prefetch_running = False
         self._prefetch_cancel = threading.Event()
         self._prefetch_done = threading.Event()
@@ -361,9 +372,7 @@ class WireserverClient:
 
     # -- goal state
 
-    def _read_goal_state_once(
-        self, session: requests.Session, deadline: Deadline, count: _Count, roles: _RoleRetries
-    ) -> GoalState:
+    def _get_goal_state_body(self, session: requests.Session, deadline: Deadline, count: _Count) -> bytes:
         resp = self._send(
             session,
             "GET",
@@ -374,18 +383,27 @@ class WireserverClient:
         )
         if resp.status != 200:
             self._raise_for(resp, "the goal-state request")
+        return resp.body
+
+    def _parse_counting(self, body: bytes, roles: _RoleRetries) -> GoalState:
         try:
-            return parse_goal_state(resp.body)
+            return parse_goal_state(body)
         except GoalStateIncomplete as exc:
             roles.n += 1
             if roles.n >= ROLE_INSTANCE_READS:
                 raise FabricError(exc.reason, reads=roles.n, endpoint=self.base_url) from None
             raise Retry(exc.reason, retry_after_s=ROLE_INSTANCE_RETRY_S) from None
 
+    def _read_goal_state_once(
+        self, session: requests.Session, deadline: Deadline, count: _Count, roles: _RoleRetries
+    ) -> GoalState:
+        return self._parse_counting(self._get_goal_state_body(session, deadline, count), roles)
+
     def _store_goal_state(self, gs: GoalState | None, *, prefetched: bool) -> None:
         with self._lock:
             self._goal_state = gs
             self._goal_state_prefetched = prefetched
+            self._prefetched_raw = None
 
     def fetch_goal_state(self, deadline: Deadline) -> GoalState:
         """Read the goal state, retrying until `deadline`; it is kept for the next XML report."""
@@ -406,7 +424,7 @@ class WireserverClient:
         self._store_goal_state(gs, prefetched=False)
         return gs
 
-    def prefetch_goal_state(self, deadline: Deadline, *, session: requests.Session | None = None) -> GoalState | None:
+    def prefetch_goal_state(self, deadline: Deadline, *, session: requests.Session | None = None) -> bytes | None:
         """Fetch the goal state ahead of a report, for a background thread.  Never raises.
 
         A GET has no side effects, so this may start before provisioning is known to succeed.
@@ -420,13 +438,13 @@ class WireserverClient:
                 return None
             self._prefetch_running = True
             self._prefetch_done.clear()
-        count, roles = _Count(), _RoleRetries()
+        count = _Count()
         n = 0
         try:
             while not self._prefetch_cancel.is_set():
                 n += 1
                 try:
-                    gs = self._read_goal_state_once(s, deadline, count, roles)
+                    body = self._get_goal_state_body(s, deadline, count)
                 except Retry as r:
                     log.debug("goal-state prefetch: %s (attempt %d)", r.reason, n)
                     delay = 0.0 if r.immediate else self.backoff.delay(n, r.retry_after_s)
@@ -435,9 +453,9 @@ class WireserverClient:
                     continue
                 with self._lock:
                     if self._goal_state is None:
-                        self._goal_state, self._goal_state_prefetched = gs, True
-                log.debug("goal state prefetched: incarnation %s", gs.incarnation)
-                return gs
+                        self._prefetched_raw = body
+                log.debug("goal state prefetched (%d bytes)", len(body))
+                return body
             return None
         except AgentError as exc:
             log.info("goal-state prefetch gave up (the report will fetch it): %s", exc.describe())
@@ -465,6 +483,16 @@ class WireserverClient:
                 gs, prefetched = self._goal_state, self._goal_state_prefetched
         if gs is not None:
             return gs, prefetched
+        with self._lock:
+            raw, self._prefetched_raw = self._prefetched_raw, None
+        if raw is not None:
+            try:
+                gs = self._parse_counting(raw, roles)
+            except (Retry, FabricError) as exc:  # e.g. no RoleInstance yet: read it again below
+                log.info("prefetched goal state not usable: %s", getattr(exc, "reason", exc))
+            else:
+                self._store_goal_state(gs, prefetched=True)
+                return gs, True
         gs = self._read_goal_state_once(self.session, deadline, count, roles)
         self._store_goal_state(gs, prefetched=False)
         return gs, False

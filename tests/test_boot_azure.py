@@ -97,3 +97,40 @@ def test_report_command_without_a_wireserver_exits_69(tmp_path: Path) -> None:
     root, conf = _azure_root(tmp_path, closed_port(), closed_port(), "")
     conf.write_text(conf.read_text().replace("failure_deadline_s = 10.0", "failure_deadline_s = 1.0"))
     assert cli.main(["report-failure", "--root", str(root), "--config", str(conf), "--reason", "x"]) == EXIT_UNAVAILABLE
+
+
+def test_json_flow_imports_no_xml_and_no_pyroute2(tmp_path: Path) -> None:
+    """What stays off the boot path (`python -X importtime` of a real run): XML is parsed only
+    when the wireserver lacks the JSON endpoint, pyroute2 only after READY=1 for the NAT."""
+    import os
+    import subprocess
+    import sys
+
+    with FakeWireserver() as ws, FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv:
+        root, conf = _azure_root(tmp_path, srv.url, ws.url)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "guest_agent",
+                "run",
+                "--root",
+                str(root),
+                "--config",
+                str(conf),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert [r.state for r in ws.accepted()] == ["Ready"]
+        assert ws.requests_to("goalstate")  # the prefetch did run ...
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "xml.etree.ElementTree" not in imported  # ... but parsed nothing
+    assert "pyroute2" not in imported
+    assert "systemd.journal" not in imported

@@ -368,7 +368,8 @@ def test_not_ready_carries_the_reason_on_both_shapes(
 def test_prefetched_goal_state_saves_a_round_trip(servers: Callable[..., FakeWireserver]) -> None:
     ws = servers(json_endpoint=False)
     c = client(ws.url)
-    assert c.prefetch_goal_state(deadline()) == GoalState("1", CONTAINER_ID, INSTANCE_ID)
+    body = c.prefetch_goal_state(deadline())
+    assert body is not None and parse_goal_state(body) == GoalState("1", CONTAINER_ID, INSTANCE_ID)
     assert c.prefetch_round_trips == 1
     res = c.report("Ready", deadline=deadline())
     assert (res.round_trips, res.prefetched_goal_state) == (2, True)  # json 404 + POST
@@ -395,3 +396,13 @@ def test_wrong_version_header_is_rejected_by_the_fake(servers: Callable[..., Fak
         ws.url + "/provisioning/health", data=b'{"state":"Ready"}', headers={"Content-Type": "text/plain"}, timeout=2
     )
     assert r.status_code == 400
+
+
+def test_prefetched_goal_state_without_role_instance_is_read_again(servers: Callable[..., FakeWireserver]) -> None:
+    no_role = fixture("goal_state_no_role_instance.xml")
+    ws = servers(json_endpoint=False, script=Script({"goalstate": [Reply(200, no_role)]}))
+    c = client(ws.url)
+    assert c.prefetch_goal_state(deadline()) == no_role  # stored as received, not parsed yet
+    res = c.report("Ready", deadline=deadline())
+    assert (res.flavour, res.prefetched_goal_state) == ("xml", False)
+    assert len(ws.requests_to("goalstate")) == 2  # the prefetched copy was not usable
