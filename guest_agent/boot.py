@@ -143,17 +143,18 @@ def write_timeline(tl: Timeline, cfg: Config, root: str) -> None:
         log.warning("cannot write the timeline: %s", exc.describe())
 
 
-def _nat_worker(cfg: Config, root: str, addr: str, result: list[AgentError | None]) -> None:
+def _nat_worker(cfg: Config, root: str, addr: str, result: list[AgentError | None], tl: Timeline) -> None:
     from guest_agent import netns
 
     try:
-        netns.setup_imds_nat(
-            netns=cfg.netns.name,
-            run_dir=str(under_root(root, cfg.netns.run_dir)),
-            imds_addr=addr,
-            table=cfg.netns.nft_table,
-            deadline_s=cfg.netns.imds_nat_deadline_s,
-        )
+        with tl.stage("imds-nat"):
+            netns.setup_imds_nat(
+                netns=cfg.netns.name,
+                run_dir=str(under_root(root, cfg.netns.run_dir)),
+                imds_addr=addr,
+                table=cfg.netns.nft_table,
+                deadline_s=cfg.netns.imds_nat_deadline_s,
+            )
         result.append(None)
     except AgentError as exc:
         result.append(exc)
@@ -192,11 +193,12 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             fabric.start_prefetch()  # goal state GET overlaps the user-data fetch
         with tl.stage("fetch"):
             raw = fetch_user_data(provider, cfg, root, deps)
+        digest = hashlib.sha256(raw).hexdigest()
         log.info(
             "user-data received: %d bytes, sha256 %s",
             len(raw),
-            hashlib.sha256(raw).hexdigest(),
-            extra=fields(stage="fetch", size=len(raw), sha256=hashlib.sha256(raw).hexdigest()),
+            digest,
+            extra=fields(stage="fetch", size=len(raw), sha256=digest),
         )
         provision(raw, cfg, root, tl)
         if cfg.netns.enabled:
@@ -219,7 +221,9 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
     nat: threading.Thread | None = None
     nat_addr = cfg.netns.imds_addr or addr
     if cfg.netns.enabled and cfg.netns.imds_nat and nat_addr:
-        nat = threading.Thread(target=_nat_worker, args=(cfg, root, nat_addr, nat_result), name="imds-nat", daemon=True)
+        nat = threading.Thread(
+            target=_nat_worker, args=(cfg, root, nat_addr, nat_result, tl), name="imds-nat", daemon=True
+        )
         nat.start()
     code = EXIT_OK
     if fabric is not None:
