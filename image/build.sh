@@ -114,15 +114,6 @@ rm -rf "$ROOT"
 cp -a "$BASE" "$ROOT"
 rm -f "$ROOT/.complete"
 
-# In-chroot steps run in a private mount namespace so /proc and /dev go away with it.
-in_root() {
-    unshare --mount --propagation private -- /bin/sh -c '
-        root=$1; shift
-        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
-        exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"
-    ' sh "$ROOT" "$@"
-}
-
 log "rootfs: agent venv /opt/guest-agent"
 mkdir -p "$ROOT/tmp/wheels"
 cp "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl "$ROOT/tmp/wheels/"

@@ -46,3 +46,13 @@ mmdebstrap_base() {
         --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" > "$1"/.packages' \
         "$SUITE" "$dest" "$SOURCES"
 }
+
+# in_root CMD...: run CMD chrooted in $ROOT, in a private mount namespace so /proc and /dev go
+# away with it.
+in_root() {
+    unshare --mount --propagation private -- /bin/sh -c '
+        root=$1; shift
+        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
+        exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"
+    ' sh "$ROOT" "$@"
+}

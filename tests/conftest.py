@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guest_agent.config import Config
+from tests.fakecloud.wireserver import FakeWireserver
 from tests.swtpm import Swtpm
 
 
@@ -44,3 +46,18 @@ def swtpm() -> Iterator[Swtpm]:
         yield t
     finally:
         t.stop()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., FakeWireserver]]:
+    """Fake wireservers started on demand, all stopped at the end of the test."""
+    started: list[FakeWireserver] = []
+
+    def make(**kw: Any) -> FakeWireserver:
+        ws = FakeWireserver(**kw).start()
+        started.append(ws)
+        return ws
+
+    yield make
+    for ws in started:
+        ws.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +56,6 @@ class KvpAtPost:
 
     def __call__(self, req: Request) -> None:
         self.seen.append(pool(self.root))
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[..., FakeWireserver]]:
-    started: list[FakeWireserver] = []
-
-    def make(**kw: Any) -> FakeWireserver:
-        ws = FakeWireserver(**kw).start()
-        started.append(ws)
-        return ws
-
-    yield make
-    for ws in started:
-        ws.stop()
 
 
 def fabric(url: str, root: Path, sleep: Callable[[float], None] | None = None, **cfg: Any) -> AzureFabric:
@@ -143,32 +129,24 @@ def test_never_ready_after_a_failure(tmp_path: Path, servers: Callable[..., Fake
     assert [r.state for r in ws.reports] == ["NotReady"]
 
 
+def silent_wireserver(root: Path, servers: Callable[..., FakeWireserver], **deadline_s: float) -> AzureFabric:
+    """A fabric whose wireserver accepts connections and never answers, with short deadlines."""
+    ws = servers(blackhole=True)
+    return fabric(
+        ws.url, root, sleep=time.sleep, wireserver_connect_timeout_s=0.1, wireserver_read_timeout_s=0.1, **deadline_s
+    )
+
+
 def test_failure_report_is_bounded_and_never_raises(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
     root = make_root(tmp_path)
-    ws = servers(blackhole=True)
-    f = fabric(
-        ws.url,
-        root,
-        sleep=time.sleep,
-        failure_deadline_s=0.5,
-        wireserver_connect_timeout_s=0.1,
-        wireserver_read_timeout_s=0.1,
-    )
+    f = silent_wireserver(root, servers, failure_deadline_s=0.5)
     assert f.report_failure("fetch failed", {}) is None
     assert kvp.parse_provisioning_report(pool(root)[0][1])["result"] == "error"  # KVP still there for the host
 
 
 def test_ready_deadline_raises_fabric_error(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
     root = make_root(tmp_path)
-    ws = servers(blackhole=True)
-    f = fabric(
-        ws.url,
-        root,
-        sleep=time.sleep,
-        ready_deadline_s=0.5,
-        wireserver_connect_timeout_s=0.1,
-        wireserver_read_timeout_s=0.1,
-    )
+    f = silent_wireserver(root, servers, ready_deadline_s=0.5)
     with pytest.raises(FabricError, match="before the deadline"):
         f.report_ready({})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,20 +161,6 @@ class Sleeps:
 
     def __call__(self, s: float) -> None:
         self.delays.append(s)
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[..., FakeWireserver]]:
-    started: list[FakeWireserver] = []
-
-    def make(**kw: Any) -> FakeWireserver:
-        ws = FakeWireserver(**kw).start()
-        started.append(ws)
-        return ws
-
-    yield make
-    for ws in started:
-        ws.stop()
 
 
 def client(url: str, sleep: Callable[[float], None] | None = None, **kw: Any) -> WireserverClient:

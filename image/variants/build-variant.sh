@@ -41,14 +41,6 @@ mkdir -p "$CACHE/apt" "$OUT"
 # shellcheck source=image/recipe.sh
 source "$IMAGE/recipe.sh"
 
-in_root() {
-    unshare --mount --propagation private -- /bin/sh -c '
-        root=$1; shift
-        mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" &&
-        exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"
-    ' sh "$ROOT" "$@"
-}
-
 bench_overlay_files() { (cd "$HERE/overlay-bench" && find . -type f | LC_ALL=C sort); }
 
 # ---------------------------------------------------------------- guest-agent: copy + debugfs
