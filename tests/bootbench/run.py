@@ -650,7 +650,6 @@ def inner(args: argparse.Namespace) -> int:
             {"variant": b.variant, "round": b.round, "other_qemu_pids": b.contended} for b in discarded
         ],
         "contended_boots_kept": sum(1 for b in boots if b.contended),
-        "work_dir": str(work),
     }
     tbl = table(summary, sizes, variants)
     print(tbl)
