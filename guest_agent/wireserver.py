@@ -96,6 +96,10 @@ class GoalState:
     role_instance_id: str
 
 
+class _PrefetchCancelled(Exception):
+    """A report took over the goal-state read: the prefetch stops retrying."""
+
+
 class GoalStateIncomplete(FabricError):
     """The goal state has no RoleInstance yet: the client reads it again (WALinuxAgent does too)."""
 
@@ -429,8 +433,7 @@ class WireserverClient:
 
         A GET has no side effects, so this may start before provisioning is known to succeed.
         It keeps retrying (the network may not be up yet) until it succeeds, the deadline
-        passes, or a report needs the goal state itself (`_prefetch_cancel`).  Sleeps on the
-        cancel event, not the injected sleep, so a report never waits out a backoff.
+        passes, or a report needs the goal state itself (`_prefetch_cancel`).
         """
         s = session if session is not None else self.session
         with self._lock:
@@ -439,23 +442,31 @@ class WireserverClient:
             self._prefetch_running = True
             self._prefetch_done.clear()
         count = _Count()
-        n = 0
+
+        def wait(delay_s: float) -> None:
+            self._prefetch_cancel.wait(delay_s)  # returns early when a report cancels
+
+        def attempt() -> bytes:
+            if self._prefetch_cancel.is_set():
+                raise _PrefetchCancelled
+            return self._get_goal_state_body(s, deadline, count)
+
         try:
-            while not self._prefetch_cancel.is_set():
-                n += 1
-                try:
-                    body = self._get_goal_state_body(s, deadline, count)
-                except Retry as r:
-                    log.debug("goal-state prefetch: %s (attempt %d)", r.reason, n)
-                    delay = 0.0 if r.immediate else self.backoff.delay(n, r.retry_after_s)
-                    if delay >= deadline.remaining() or self._prefetch_cancel.wait(delay):
-                        return None
-                    continue
-                with self._lock:
-                    if self._goal_state is None:
-                        self._prefetched_raw = body
-                log.debug("goal state prefetched (%d bytes)", len(body))
-                return body
+            # Backoff waits on the cancel event, not the injected sleep, so a report that
+            # needs the goal state itself never waits out a prefetch's backoff.
+            body = retry_until(
+                attempt,
+                what="prefetching the wireserver goal state",
+                deadline=deadline,
+                backoff=self.backoff,
+                sleep=wait,
+            )
+            with self._lock:
+                if self._goal_state is None:
+                    self._prefetched_raw = body
+            log.debug("goal state prefetched (%d bytes)", len(body))
+            return body
+        except _PrefetchCancelled:
             return None
         except AgentError as exc:
             log.info("goal-state prefetch gave up (the report will fetch it): %s", exc.describe())
