@@ -50,7 +50,6 @@ def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
         deadline=transport.Deadline(cfg.fetch.deadline_s, deps.clock),
         backoff=transport.Backoff(cfg.fetch.backoff_initial_s, cfg.fetch.backoff_max_s, cfg.fetch.retry_after_max_s),
         session_factory=deps.session_factory,
-        sleep=deps.sleep,
     )
     raw: bytes = transport.retry_until(
         lambda: module.fetch(ctx),

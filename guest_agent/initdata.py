@@ -117,11 +117,6 @@ def parse(toml_bytes: bytes) -> Initdata:
     return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files))
 
 
-def load(raw: bytes, *, limit: int) -> Initdata:
-    """`parse(decode_file(raw))`: the whole path from the file CAA wrote to a validated Initdata."""
-    return parse(decode_file(raw, limit=limit))
-
-
 def expected_pcr(initial: bytes, extend: bytes) -> bytes:
     """TPM2_PCR_Extend on a sha256 bank: new = SHA256(old || value). PCR 8 starts at 32 zero bytes."""
     if len(initial) != PCR_EXTEND_LEN or len(extend) != PCR_EXTEND_LEN:

@@ -46,7 +46,7 @@ def test_round_trip_gzip_base64(algorithm: str) -> None:
     toml = make_toml(algorithm)
     raw = base64.b64encode(gzip.compress(toml)) + b"\n"  # as user-data's YAML block scalar delivers it
     assert initdata.decode_file(raw, limit=LIMIT) == toml
-    parsed = initdata.load(raw, limit=LIMIT)
+    parsed = initdata.parse(initdata.decode_file(raw, limit=LIMIT))
     assert parsed.algorithm == algorithm
     assert parsed.digest == hashlib.new(algorithm, toml).digest()
     assert parsed.digest_hex == hashlib.new(algorithm, toml).hexdigest()

@@ -94,7 +94,6 @@ class FetchContext:
     deadline: Deadline
     backoff: Backoff
     session_factory: Callable[[], requests.Session]
-    sleep: Callable[[float], None]
     state: dict[str, Any] = field(default_factory=dict)  # per-provider state across attempts (tokens)
     _session: requests.Session | None = None
 
