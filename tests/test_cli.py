@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -31,8 +32,6 @@ def test_check_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert snapshot(tmp_path) == before
     for path, content in caa.expected_files(initdata=toml).items():
-        import hashlib
-
         assert f"{path}" in out and hashlib.sha256(content).hexdigest() in out
     assert "/run/peerpod/policy.rego" in out and "00600" in out
     assert caa.digest(toml, "sha256") in out
