@@ -102,6 +102,8 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
 
 def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan:
     """Validate everything, write everything, measure: the part shared with `provision`."""
+    digest = hashlib.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
+    log.info("user-data: %d bytes, sha256 %s", len(raw), digest, extra=fields(size=len(raw), sha256=digest))
     with tl.stage("validate"):
         plan = userdata.plan(raw, cfg)
         already = check_measurement(plan.initdata, cfg, root)
@@ -192,13 +194,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             fabric.start_prefetch()  # goal state GET overlaps the user-data fetch
         with tl.stage("fetch"):
             raw = fetch_user_data(provider, cfg, root, deps)
-        digest = hashlib.sha256(raw).hexdigest()
-        log.info(
-            "user-data received: %d bytes, sha256 %s",
-            len(raw),
-            digest,
-            extra=fields(stage="fetch", size=len(raw), sha256=digest),
-        )
         provision(raw, cfg, root, tl)
         if cfg.netns.enabled:
             from guest_agent import netns

@@ -125,7 +125,7 @@ def _check(path: str, cfg: Config) -> int:
 
     raw = _read(path, cfg.limits.max_user_data_bytes)
     plan = userdata.plan(raw, cfg)
-    print(f"user-data: {plan.user_data_bytes} bytes, sha256 {plan.user_data_sha256}")
+    print(f"user-data: {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}")
     print(f"{'path':40} {'mode':>5} {'bytes':>7}  {'sha256':64}  source")
     for f in plan.files:
         print(f"{f.path:40} {f.mode:05o} {len(f.content):7}  {hashlib.sha256(f.content).hexdigest()}  {f.source}")

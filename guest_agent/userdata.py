@@ -10,7 +10,6 @@ executes anything from user-data.  One bad entry rejects everything (exit 78), a
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +44,6 @@ class Plan:
     files: tuple[FileSpec, ...]
     initdata: initdata.Initdata
     initdata_is_default: bool
-    user_data_bytes: int
-    user_data_sha256: str
 
 
 def _load_yaml(text: str) -> Any:
@@ -214,6 +211,4 @@ def plan(raw: bytes, cfg: Config) -> Plan:
         files=tuple(by_path.values()),
         initdata=idata,
         initdata_is_default=is_default,
-        user_data_bytes=len(raw),
-        user_data_sha256=hashlib.sha256(raw).hexdigest(),
     )

@@ -30,6 +30,7 @@ def test_check_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys: pytest
     before = snapshot(tmp_path)
     assert cli.main(["check", str(ud)]) == EXIT_OK
     out = capsys.readouterr().out
+    assert f"sha256 {hashlib.sha256(ud.read_bytes()).hexdigest()}" in out.splitlines()[0]
     assert snapshot(tmp_path) == before
     for path, content in caa.expected_files(initdata=toml).items():
         assert f"{path}" in out and hashlib.sha256(content).hexdigest() in out
