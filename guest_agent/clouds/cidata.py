@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import time
 
 from guest_agent import iso9660
@@ -26,14 +27,37 @@ NETLINK_KOBJECT_UEVENT = 15
 
 
 def read_seed(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
+    """<mount_dir>/user-data: a regular file only, read without blocking and bounded.
+
+    The host controls what is there: a FIFO would block open() forever and a device node
+    may act on open, so the name is lstat'ed first and only a regular file is opened
+    (O_NOFOLLOW|O_NONBLOCK, then fstat: the same inode, still a regular file)."""
     path = under_root(root, cfg.mount_dir) / "user-data"
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserDataInvalid(
+                "the cidata seed is not a regular file", path=str(path), type=stat.filemode(st.st_mode)[0]
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            raise UserDataInvalid("the cidata seed was replaced while it was opened", path=str(path))
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > limit:
         raise UserDataInvalid("user-data is larger than the size limit", limit_bytes=limit)
     return data
