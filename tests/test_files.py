@@ -265,8 +265,10 @@ def fork_apply(root: Path, plan: str, pause: int) -> tuple[int, int]:
                     time.sleep(3600)
                 count += 1
 
+            os.write(w, b"go\n")
+            t0 = time.perf_counter()
             files.apply(PLANS[plan], root=str(root), step=step)
-            os.write(w, f"done {count}\n".encode())
+            os.write(w, f"done {count} {time.perf_counter() - t0:.6f}\n".encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -276,15 +278,15 @@ def fork_apply(root: Path, plan: str, pause: int) -> tuple[int, int]:
 def read_line(fd: int) -> str:
     out = b""
     while not out.endswith(b"\n"):
-        chunk = os.read(fd, 256)
-        if not chunk:
+        byte = os.read(fd, 1)  # one at a time: the next line stays in the pipe
+        if not byte:
             break
-        out += chunk
+        out += byte
     return out.decode().strip()
 
 
 def kill(pid: int, fd: int) -> str:
-    """SIGKILL the child; what it reported before dying ("" if nothing)."""
+    """SIGKILL the child; what it reported after "go" before dying ("" if nothing)."""
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     said = read_line(fd)
@@ -329,6 +331,7 @@ def test_kill_at_every_step(scratch: Path, scenario: str) -> None:
     root, before = fresh(scratch, 0, pre)
     after = before.apply(PLANS[plan])
     pid, fd = fork_apply(root, plan, -1)
+    assert read_line(fd) == "go"
     said = read_line(fd)
     os.waitpid(pid, 0)
     os.close(fd)
@@ -339,6 +342,7 @@ def test_kill_at_every_step(scratch: Path, scenario: str) -> None:
     for i in range(steps):
         root, _ = fresh(scratch, i + 1, pre)
         pid, fd = fork_apply(root, plan, i)
+        assert read_line(fd) == "go"
         assert read_line(fd).startswith("paused ")
         kill(pid, fd)
         outcomes[check_after_kill(root, before, after, ("old", "new")[i % 2])] += 1
@@ -358,20 +362,20 @@ def test_kill_at_random_moments(scratch: Path, scenario: str) -> None:
     after = before.apply(PLANS[plan])
     shutil.rmtree(root)
     spans = []
-    for i in range(3):  # fork to "done": the window the kills are spread over (the shortest of 3)
+    for i in range(3):  # how long apply() takes in the child: the window the kills are spread over
         root, _ = fresh(scratch, i, pre)
-        t0 = time.perf_counter()
         pid, fd = fork_apply(root, plan, -1)
         read_line(fd)
-        spans.append(time.perf_counter() - t0)
+        spans.append(float(read_line(fd).split()[2]))
         os.waitpid(pid, 0)
         os.close(fd)
         shutil.rmtree(root)
-    span = min(spans)
+    span = sorted(spans)[1]
     outcomes: dict[str, int] = {"old": 0, "new": 0, "finished": 0}
     for i in range(KILLS):
         root, _ = fresh(scratch, i + 3, pre)
         pid, fd = fork_apply(root, plan, -1)
+        read_line(fd)  # "go": apply() starts now
         time.sleep(rng.uniform(0, span))
         finished = kill(pid, fd).startswith("done")
         outcome = check_after_kill(root, before, after, rng.choice(("old", "new")))
