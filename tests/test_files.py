@@ -203,6 +203,41 @@ def test_an_error_before_the_switch_keeps_the_old_set_and_leaves_no_temp_file(tm
     assert leftovers(d) == []
 
 
+@pytest.mark.privileged
+def test_an_owner_the_agent_may_not_give_leaves_no_temp_file(scratch: Path) -> None:
+    """fchown refused (EPERM) for an unprivileged writer: the run fails whole and cleanly."""
+    if os.geteuid() != 0 or not str(scratch).startswith("/dev/shm/"):
+        pytest.skip("needs root to drop to another user, and a directory that user can reach")
+    scratch.chmod(0o755)
+    root = scratch / "root"
+    lay_defaults(root)
+    files.apply(PLANS["old"], root=str(root))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [dirpath, *(os.path.join(dirpath, f) for f in dirnames + filenames)]:
+            os.chown(n, 65534, 65534, follow_symlinks=False)
+    before = snapshot(root)
+    plan = [*PLANS["new"][:2], FileSpec("/run/peerpod/initdata", b"x", 0o600, uid=0), *PLANS["new"][3:]]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                files.apply(plan, root=str(root))
+                os.write(w, b"applied")
+            except WriteFailed as exc:
+                os.write(w, exc.describe().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    said = os.read(r, 4096).decode()
+    os.close(r)
+    assert said.startswith("cannot write a config file") and "Operation not permitted" in said, said
+    assert snapshot(root) == before  # the old set, and no generation or temp file from the failed run
+
+
 def test_leftovers_of_a_killed_run_never_fail_a_later_run(tmp_path: Path) -> None:
     d = peerpod(tmp_path)
     files.apply(specs(), root=str(tmp_path))
