@@ -72,7 +72,7 @@ def image_root(tmp_path: Path) -> Path:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("needs systemd-analyze")
     install(tmp_path, "PREFIX=/usr")
-    for exe in ("usr/local/bin/guest-agent", "usr/bin/ip", "usr/local/bin/caa-standin"):
+    for exe in ("usr/local/bin/guest-agent", "usr/bin/ip", "usr/bin/nsenter", "usr/local/bin/caa-standin"):
         (tmp_path / exe).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / exe).write_text("#!/bin/sh\n")
         (tmp_path / exe).chmod(0o755)

@@ -383,8 +383,8 @@ def check_boot(res: BootResult) -> Checks:
         if "netns_probe" in d:
             pr = d["netns_probe"]
             c.check(
-                pr["unit_sandbox"]["propagates"],
-                "netns made under the unit's sandbox is visible to the host",
+                pr["unit_sandbox"]["propagates"] and pr["unit_sandbox"]["lo_up"],
+                "netns made by netns@.service's commands under its sandbox is visible to the host, lo up",
                 pr["unit_sandbox"],
             )
             c.check(
@@ -396,7 +396,7 @@ def check_boot(res: BootResult) -> Checks:
             rp = d["restart_probe"]
             c.check(
                 rp["wanted"]["e2e-dep-w"].get("ActiveState") == "active",
-                "a dependent wanted by a unit that failed once and restarted gets started (APF drop-in design)",
+                "a dependent wanted by a unit that failed once and restarted gets started (guest-agent Wants= APF)",
                 rp,
             )
             c.check(
