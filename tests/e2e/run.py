@@ -418,6 +418,8 @@ def check_boot(res: BootResult) -> Checks:
         c.check(ga.get("ExecMainStatus") == "78", "guest-agent exits 78 (invalid user-data)", ga)
         c.check(ga.get("NRestarts") == "0", "guest-agent not restarted after 78", ga.get("NRestarts"))
         c.check(apf.get("ActiveEnterTimestampMonotonic", "0") == "0", "APF never started", apf)
+        nat = units.get("guest-agent-imds-nat.service", {})
+        c.check(nat.get("ExecMainStartTimestampMonotonic", "0") == "0", "the IMDS NAT unit never started", nat)
         c.check(res.apf_banner is None, "nothing answers on 15150", res.apf_banner)
         if sc.azure:
             not_ready = [b for _, s, b in reports if s == "NotReady"]
