@@ -59,6 +59,9 @@ PREFIX  ?= /usr/local
 BINDIR  ?= /usr/local/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 PRESETDIR ?= $(PREFIX)/lib/systemd/system-preset
+# journald's message catalog: `journalctl --update-catalog` (run by systemd's package triggers, or
+# by the image build) compiles it so `journalctl -x` explains each guest-agent MESSAGE_ID.
+CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
 
 install:
 	install -d "$(DESTDIR)$(UNITDIR)"
@@ -68,6 +71,7 @@ install:
 	done
 	for f in units/*.d/*.conf; do install -D -m 0644 $$f "$(DESTDIR)$(UNITDIR)/$${f#units/}" || exit 1; done
 	install -D -m 0644 units/10-guest-agent.preset "$(DESTDIR)$(PRESETDIR)/10-guest-agent.preset"
+	install -D -m 0644 catalog/guest-agent.catalog "$(DESTDIR)$(CATALOGDIR)/guest-agent.catalog"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

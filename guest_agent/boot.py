@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from guest_agent import clouds, files, initdata, transport, userdata
 from guest_agent.config import Config, under_root
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
-from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_TIMELINE, fields
+from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_FAILURE_REPORTED, MSG_READY_REPORTED, MSG_TIMELINE, fields
 from guest_agent.notify import Notifier
 from guest_agent.timeline import Timeline
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import requests
 
     from guest_agent.fabric import AzureFabric
+    from guest_agent.wireserver import ReportResult
 
 log = logging.getLogger("guest_agent.boot")
 
@@ -195,7 +196,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
     if fabric is not None:
         try:
             with tl.stage("report-ready"):
-                fabric.report_ready(tl.durations_ms())
+                acknowledged(fabric.report_ready(tl.durations_ms()))
         except AgentError as err:
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
             code = err.exit_code
@@ -216,11 +217,23 @@ def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabr
     if fabric is not None:
         try:
             with tl.stage("report-failure"):
-                fabric.report_failure(err.describe(), tl.durations_ms())
+                acknowledged(fabric.report_failure(err.describe(), tl.durations_ms()))
         except AgentError as rerr:
             log.error("the failure report was not acknowledged: %s", rerr.describe())
         write_timeline(tl, cfg, root)
     return err.exit_code
+
+
+def acknowledged(res: ReportResult | None) -> None:
+    """The fabric's acknowledgement as a catalogued journal entry (and a console line)."""
+    if res is not None:
+        msg_id = MSG_READY_REPORTED if res.state == "Ready" else MSG_FAILURE_REPORTED
+        log.info(
+            "the fabric acknowledged %s (HTTP %d)",
+            res.state,
+            res.status,
+            extra={"MESSAGE_ID": msg_id, **fields(stage="report", state=res.state)},
+        )
 
 
 def fail_early(err: AgentError, cfg: Config, root: str, deps: Deps | None = None) -> int:

@@ -23,6 +23,13 @@ MSG_FAILED = "26614c3b396f4640916755ec935fe12f"  # provisioning failed (reason i
 MSG_READY_REPORTED = "4bc698d58ad94277837e3bc48f1efa3d"  # the fabric acknowledged Ready
 MSG_FAILURE_REPORTED = "c82d5f8d6397456ab0b7cce2794bf8ff"  # the fabric acknowledged NotReady
 MSG_TIMELINE = "a96ea9c759f2401680668112294e1001"  # the summary of stage durations
+# catalog/guest-agent.catalog explains each of them (`journalctl -x`); tests/test_catalog.py keeps
+# the two in step.
+
+# The outcomes an operator without a login must see on the serial console (Azure boot
+# diagnostics, the EC2 console): under journald these are also written as one plain line to
+# stdout, which the unit connects to journal+console.
+CONSOLE_IDS = frozenset({MSG_APPLIED, MSG_FAILED, MSG_READY_REPORTED, MSG_FAILURE_REPORTED})
 
 _PRIORITY = {logging.DEBUG: "7", logging.INFO: "6", logging.WARNING: "4", logging.ERROR: "3", logging.CRITICAL: "2"}
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -82,10 +89,23 @@ class JournalHandler(logging.Handler):
         try:
             self.sock.sendto(encode_journal_entry(self.entry(record)), self.socket_path)
         except OSError:
-            # journald gone or the entry too large for a datagram: never lose the line.
-            sys.stderr.write(f"<{_PRIORITY.get(record.levelno, '6')}>{record.getMessage()}\n")
+            # journald gone or the entry too large for a datagram: never lose the line (nor the
+            # traceback, which the formatted message carries).
+            sys.stderr.write(f"<{_PRIORITY.get(record.levelno, '6')}>{self.format(record)}\n")
         except Exception:
             self.handleError(record)
+        if record.__dict__.get("MESSAGE_ID") in CONSOLE_IDS:
+            self.console(record)
+
+    def console(self, record: logging.LogRecord) -> None:
+        """The outcome as one plain line on stdout (`StandardOutput=journal+console`): journald
+        forwards the unit's stream, not native entries, to the console.  In the journal it is a
+        second, field-less copy of the structured entry; `<N>` sets its priority there."""
+        try:
+            sys.stdout.write(f"<{_PRIORITY.get(record.levelno, '6')}>{record.getMessage()}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass  # no stdout: the structured entry is already in the journal
 
     def close(self) -> None:
         self.sock.close()
@@ -104,7 +124,10 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         extra.pop("MESSAGE_ID", None)
         tail = " ".join(f"{k.removeprefix('GUEST_AGENT_').lower()}={v}" for k, v in extra.items())
         line = f"guest-agent: {record.levelname.lower()}: {record.getMessage()}"
-        return f"{line} [{tail}]" if tail else line
+        line = f"{line} [{tail}]" if tail else line
+        if record.exc_info:  # an internal error: the traceback is what a bug report needs
+            line += "\n" + logging.Formatter().formatException(record.exc_info)
+        return line
 
 
 def under_journald() -> bool:

@@ -66,7 +66,7 @@ class Timeline:
         self.stages.append(st)
         if self.status is not None:
             self.status(name)
-        log.debug("[started] %s", name, extra=fields(stage=name))
+        log.info("[started] %s", name, extra=fields(stage=name))
         try:
             yield st
         except BaseException as exc:

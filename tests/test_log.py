@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,36 @@ def test_lowercase_extra_keys_are_not_fields() -> None:
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
     rec.__dict__.update({"GUEST_AGENT_STAGE": "fetch", "private": "no"})
     assert agent_log.journal_fields(rec) == {"GUEST_AGENT_STAGE": "fetch"}
+
+
+def test_outcomes_also_go_to_stdout_for_the_console(
+    journal: tuple[socket.socket, logging.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under journald, the unit's stdout is journal+console: the failure reaches the serial console
+    as one line with the reason; ordinary entries stay in the journal only."""
+    s, logger, _ = journal
+    logger.info("[started] fetch", extra=agent_log.fields(stage="fetch"))
+    logger.error(
+        "provisioning failed: no user-data", extra={"MESSAGE_ID": agent_log.MSG_FAILED, **agent_log.fields(reason="x")}
+    )
+    assert parse_entry(s.recv(65536))["MESSAGE"] == "[started] fetch"
+    assert parse_entry(s.recv(65536))["MESSAGE_ID"] == agent_log.MSG_FAILED
+    assert capsys.readouterr().out == "<3>provisioning failed: no user-data\n"
+
+
+def test_tracebacks_reach_the_journal_and_stderr(
+    journal: tuple[socket.socket, logging.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    s, logger, _ = journal
+    try:
+        raise KeyError("boom")
+    except KeyError:
+        logger.exception("unexpected error")
+        handler = agent_log.StderrHandler({})
+        handler.handle(logger.makeRecord("x", logging.ERROR, __file__, 1, "unexpected error", None, sys.exc_info()))
+    msg = parse_entry(s.recv(65536))["MESSAGE"]
+    assert msg.startswith("unexpected error\nTraceback (most recent call last):")
+    assert "KeyError: 'boom'" in msg
+    err = capsys.readouterr().err
+    assert "guest-agent: error: unexpected error\nTraceback (most recent call last):" in err
+    assert "KeyError: 'boom'" in err

@@ -47,6 +47,7 @@ def test_make_install_layout(tmp_path: Path) -> None:
     assert tree(tmp_path) == sorted(
         [
             "usr/lib/systemd/system-preset/10-guest-agent.preset",
+            "usr/lib/systemd/catalog/guest-agent.catalog",
             f"{UNITDIR}/guest-agent.service",
             f"{UNITDIR}/guest-agent-imds-nat.service",
             f"{UNITDIR}/netns@.service",
