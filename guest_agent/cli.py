@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     with_root(sub.add_parser("report-ready", help="report Ready to the Azure wireserver"))
     sp = with_root(sub.add_parser("report-failure", help="report NotReady/ProvisioningFailed to the Azure wireserver"))
     sp.add_argument("--reason", required=True)
+    with_root(sub.add_parser("config", help="print the effective configuration and where each value came from"))
     sp = sub.add_parser("netns", help="rerun a pod network step by hand")
     nsub = sp.add_subparsers(dest="netns_command", required=True)
     with_root(nsub.add_parser("ensure", help="create the pod network namespace (idempotent)"))
@@ -117,6 +118,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log_fields: dict[str, str])
         return EXIT_OK
     if args.command == "netns":
         return _netns(args, cfg, root)
+    if args.command == "config":
+        return _config(root, args.config)
     raise AssertionError(args.command)
 
 
@@ -133,6 +136,36 @@ def _check(path: str, cfg: Config) -> int:
     print(f"initdata: {src}, {plan.initdata.algorithm} digest {plan.initdata.digest_hex}")
     print(f"PCR extend value (sha256 bank): {plan.initdata.pcr_extend_value.hex()}")
     return EXIT_OK
+
+
+def _config(root: str, extra: str | None) -> int:
+    """The effective configuration as TOML (usable as a config file), each value commented with
+    the file that set it last, or "default"."""
+    from guest_agent import config
+
+    cfg, origins = config.load_with_origins(root, extra)
+    print("# guest-agent: effective configuration; load order: defaults,", config.SYSTEM_CONFIG + ",")
+    print(f"# {config.SYSTEM_CONFIG_DIR}/*.toml by name, --config FILE (under --root {root})")
+    section = ""
+    for key, value in config.items(cfg):
+        head, _, name = key.rpartition(".")
+        if head != section:
+            print(f"\n[{head}]")
+            section = head
+        print(f"{name} = {_toml(name, value)}  # {origins.get(key, 'default')}")
+    return EXIT_OK
+
+
+def _toml(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and name.endswith("_mode"):
+        return f"0o{value:o}"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(name, v) for v in value) + "]"
+    return repr(value)
 
 
 def _timeline(cfg: Config, root: str, *, as_json: bool) -> int:

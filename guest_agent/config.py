@@ -13,8 +13,11 @@ back to a default on a machine nobody can log in to.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +198,14 @@ def config_files(root: str, extra: str | None) -> list[Path]:
 
 
 def load(root: str = "/", extra: str | None = None) -> Config:
+    return load_with_origins(root, extra)[0]
+
+
+def load_with_origins(root: str = "/", extra: str | None = None) -> tuple[Config, dict[str, str]]:
+    """The effective configuration, validated value by value, and for each key set by a file
+    ("fetch.deadline_s") the file that set it last; keys not in the dict are defaults."""
     cfg = Config()
+    origins: dict[str, str] = {}
     paths = config_files(root, extra)
     if paths:
         import tomllib  # ~9 ms, only when there is a file to read
@@ -207,7 +217,9 @@ def load(root: str = "/", extra: str | None = None) -> Config:
                 "agent configuration file is unreadable or not TOML", file=str(path), error=str(exc)
             ) from exc
         cfg = merge(cfg, data, where=str(path))
-    return cfg
+        origins.update(dict.fromkeys(_leaf_keys(data), str(path)))
+    validate(cfg, origins)
+    return cfg, origins
 
 
 def merge(obj: Any, data: dict[str, Any], *, where: str) -> Any:
@@ -250,3 +262,170 @@ def _coerce(key: str, hint: Any, value: Any, where: str) -> Any:
 
 def as_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.extend(_leaf_keys(value, f"{prefix}{key}."))
+        else:
+            out.append(prefix + key)
+    return out
+
+
+# ---- Values, checked one by one at load (exit 78 before anything is fetched or written).  Each
+# check returns what is wrong, or None.  Booleans need none (the type check is enough); every
+# other key has one (tests/test_config.py enforces it).
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _not_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _between(lo: int, hi: int) -> Callable[[int], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _abs_path(v: str) -> str | None:
+    # Normalised too: "/run/../etc" or "/run/peerpod/" would name something else than it reads.
+    if not v.startswith("/") or posixpath.normpath(v) != v or "\0" in v:
+        return "must be an absolute, normalised path"
+    return None
+
+
+def _abs_paths(v: tuple[str, ...]) -> str | None:
+    bad = [p for p in v if _abs_path(p)]
+    return f"must be absolute, normalised paths: {bad[0]!r}" if bad else None
+
+
+def _http_url(v: str) -> str | None:
+    """http://host[:port][/path]: the metadata services are plain HTTP on link-local addresses."""
+    scheme, sep, rest = v.partition("://")
+    hostport = rest.split("/", 1)[0]
+    if hostport.startswith("["):  # an IPv6 literal, e.g. EC2's [fd00:ec2::254]
+        host, _, after = hostport[1:].partition("]")
+        port = after.removeprefix(":") if after.startswith(":") or not after else "x"
+    else:
+        host, _, port = hostport.partition(":")
+    if scheme != "http" or not sep or not host or any(c in v for c in " \t\r\n?#@"):
+        return "must be an http:// URL with a host (no credentials, query or fragment)"
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        return "has an invalid port"
+    return None
+
+
+def _optional(check: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    return lambda v: None if v == "" else check(v)
+
+
+def _name(v: str) -> str | None:
+    # A file name under /run/netns (`ip netns add` refuses "/" and the dot names too).
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v in (".", ".."):
+        return "must be 1-64 characters of A-Z a-z 0-9 _ . - (not . or ..)"
+    return None
+
+
+def _nft_name(v: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v) else "must be an nftables identifier"
+
+
+def _ipv4(v: str) -> str | None:
+    parts = v.split(".")
+    ok = len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
+    return None if ok else "must be an IPv4 address"
+
+
+def _labels(v: tuple[str, ...]) -> str | None:
+    # ISO9660 volume identifiers: up to 32 d-characters (ECMA-119 8.4.6); we accept any printable.
+    ok = v and all(0 < len(x) <= 32 and x.isprintable() for x in v)
+    return None if ok else "must be 1-32 character volume labels, at least one"
+
+
+def _date(v: str) -> str | None:
+    return None if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) else "must be a date YYYY-MM-DD"
+
+
+def _query_path(v: str) -> str | None:
+    return None if v.startswith("/") and not any(c in v for c in " \t\r\n#") else "must be an absolute URL path"
+
+
+_MODE = _between(0, 0o7777)
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "state_dir": _abs_path,
+    "fetch.deadline_s": _positive,
+    "fetch.connect_timeout_s": _positive,
+    "fetch.read_timeout_s": _positive,
+    "fetch.backoff_initial_s": _positive,
+    "fetch.backoff_max_s": _positive,
+    "fetch.retry_after_max_s": _not_negative,
+    "limits.max_user_data_bytes": _positive,
+    "limits.max_decoded_bytes": _positive,
+    "limits.max_file_bytes": _positive,
+    "files.allowed_paths": _abs_paths,
+    "files.default_mode": _MODE,
+    "files.dir_mode": _MODE,
+    "files.peerpod_dir": _abs_path,
+    "tpm.device": _abs_path,
+    "tpm.pcr": _between(0, 23),  # a TPM 2.0 PC Client TPM has PCRs 0-23
+    "network.deadline_s": _positive,
+    "netns.name": _name,
+    "netns.run_dir": _abs_path,
+    "netns.imds_nat_deadline_s": _positive,
+    "netns.imds_addr": _optional(_ipv4),
+    "netns.nft_table": _nft_name,
+    "azure.imds_url": _http_url,
+    "azure.user_data_path": _query_path,
+    "azure.wireserver_url": _optional(_http_url),
+    "azure.lease_dir": _abs_path,
+    "azure.ready_deadline_s": _positive,
+    "azure.kvp_dir": _abs_path,
+    "azure.failure_deadline_s": _positive,
+    "azure.wireserver_connect_timeout_s": _positive,
+    "azure.wireserver_read_timeout_s": _positive,
+    "aws.imds_url": _http_url,
+    "aws.token_ttl_s": _between(1, 21600),  # IMDSv2: X-aws-ec2-metadata-token-ttl-seconds
+    "gcp.metadata_url": _http_url,
+    "alibaba.metadata_url": _http_url,
+    "alibaba.token_ttl_s": _between(1, 21600),  # X-aliyun-ecs-metadata-token-ttl-seconds
+    "ibmcloud.metadata_url": _http_url,
+    "ibmcloud.api_version": _date,
+    "ibmcloud.token_expires_s": _between(5, 3600),  # the VPC metadata token API's expires_in range
+    "cidata.mount_dir": _abs_path,
+    "cidata.labels": _labels,
+    "cidata.dev_dir": _abs_path,
+    "cidata.wait_s": _not_negative,
+    "cidata.delivery_deadline_s": _not_negative,  # 0 = no deadline
+}
+
+
+def items(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """("section.key", value) for every leaf of the configuration, in declaration order."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(items(value, f"{prefix}{f.name}."))
+        else:
+            out.append((prefix + f.name, value))
+    return out
+
+
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
+    """Raise ConfigError (exit 78) naming the first bad value, its rule and the file that set it."""
+    for key, value in items(cfg):
+        check = CHECKS.get(key)
+        problem = check(value) if check is not None else None
+        if problem is not None:
+            where = (origins or {}).get(key, "default")
+            raise ConfigError(
+                "invalid value in agent configuration", key=key, value=repr(value)[:80], rule=problem, file=where
+            )
+    if cfg.fetch.backoff_max_s < cfg.fetch.backoff_initial_s:
+        raise ConfigError(
+            "invalid value in agent configuration", key="fetch.backoff_max_s", rule="must be >= fetch.backoff_initial_s"
+        )

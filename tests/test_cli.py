@@ -71,3 +71,36 @@ def test_timeline_without_a_run_is_an_error(tmp_path: Path) -> None:
 def test_console_script_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "guest_agent", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("guest-agent ")
+
+
+def test_config_prints_the_effective_configuration_with_origins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    from guest_agent import config
+
+    main = tmp_path / "etc/guest-agent/config.toml"
+    main.parent.mkdir(parents=True)
+    main.write_text('provider = "aws"\n[fetch]\ndeadline_s = 10\n[files]\ndefault_mode = 0o640\n')
+    assert cli.main(["config", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f'provider = "aws"  # {main}\n' in out
+    assert f"deadline_s = 10.0  # {main}\n" in out
+    assert "default_mode = 0o640" in out
+    assert "connect_timeout_s = 1.0  # default\n" in out
+    # The output is itself a configuration file that loads to the same values.
+    again = tmp_path / "again.toml"
+    again.write_text(out)
+    assert tomllib.loads(out)["fetch"]["deadline_s"] == 10.0
+    assert config.load(str(tmp_path / "elsewhere"), str(again)) == config.load(str(tmp_path))
+
+
+def test_run_with_an_invalid_value_exits_78_before_writing(tmp_path: Path) -> None:
+    """[netns] name = "a/b" used to load, write /run/peerpod, then fail with 70."""
+    (tmp_path / "media/cidata").mkdir(parents=True)
+    (tmp_path / "media/cidata/user-data").write_text("#cloud-config\nwrite_files: []\n")
+    conf = tmp_path / "bad.toml"
+    conf.write_text('provider = "cidata"\n[netns]\nname = "a/b"\n[network]\nwait = false\n[tpm]\nenabled = false\n')
+    assert cli.main(["run", "--root", str(tmp_path), "--config", str(conf)]) == 78
+    assert not (tmp_path / "run/peerpod").exists()

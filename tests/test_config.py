@@ -55,3 +55,63 @@ def test_bad_config_is_an_error(tmp_path: Path, text: str, fragment: str) -> Non
     f = write(tmp_path / "c.toml", text)
     with pytest.raises(ConfigError, match=fragment):
         config.load(str(tmp_path), str(f))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[netns]\nname = "a/b"\n', "netns.name"),
+        ('[netns]\nname = ".."\n', "netns.name"),
+        ("[fetch]\ndeadline_s = -5\n", "fetch.deadline_s"),
+        ("[fetch]\ndeadline_s = 0\n", "fetch.deadline_s"),
+        ("[tpm]\npcr = 99\n", "tpm.pcr"),
+        ("[tpm]\npcr = -1\n", "tpm.pcr"),
+        ('[tpm]\ndevice = "dev/tpmrm0"\n', "tpm.device"),
+        ('[files]\nallowed_paths = ["/run/peerpod/../etc/x"]\n', "files.allowed_paths"),
+        ('[files]\npeerpod_dir = "/run/peerpod/"\n', "files.peerpod_dir"),
+        ("[files]\ndefault_mode = 0o17777\n", "files.default_mode"),
+        ('[azure]\nimds_url = "https://169.254.169.254"\n', "azure.imds_url"),
+        ('[azure]\nwireserver_url = "http://"\n', "azure.wireserver_url"),
+        ('[aws]\nimds_url = "169.254.169.254"\n', "aws.imds_url"),
+        ('[gcp]\nmetadata_url = "http://a:99999"\n', "gcp.metadata_url"),
+        ("[aws]\ntoken_ttl_s = 0\n", "aws.token_ttl_s"),
+        ('[netns]\nimds_addr = "300.1.1.1"\n', "netns.imds_addr"),
+        ('[netns]\nnft_table = "a b"\n', "netns.nft_table"),
+        ("[cidata]\nlabels = []\n", "cidata.labels"),
+        ('[ibmcloud]\napi_version = "latest"\n', "ibmcloud.api_version"),
+        ("[fetch]\nbackoff_initial_s = 5\nbackoff_max_s = 1\n", "fetch.backoff_max_s"),
+    ],
+)
+def test_bad_values_are_refused_at_load(tmp_path: Path, text: str, key: str) -> None:
+    f = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError, match="invalid value") as info:
+        config.load(str(tmp_path), str(f))
+    assert info.value.supporting_data["key"] == key
+    assert info.value.exit_code == 78
+
+
+def test_good_values_load(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "c.toml",
+        '[aws]\nimds_url = "http://[fd00:ec2::254]:80"\n[azure]\nwireserver_url = "http://127.0.0.1:8080/x"\n'
+        '[netns]\nname = "pod-ns_1.a"\nimds_addr = "169.254.169.254"\n[tpm]\npcr = 23\n',
+    )
+    cfg = config.load(str(tmp_path), str(f))
+    assert cfg.tpm.pcr == 23
+
+
+def test_every_value_but_booleans_has_a_check() -> None:
+    keys = {k for k, v in config.items(config.Config()) if not isinstance(v, bool) and k != "provider"}
+    assert keys == set(config.CHECKS)
+
+
+def test_defaults_pass_their_checks() -> None:
+    config.validate(config.Config())
+
+
+def test_origins_name_the_file_that_set_each_value(tmp_path: Path) -> None:
+    main = write(tmp_path / "etc/guest-agent/config.toml", "[fetch]\ndeadline_s = 10\nread_timeout_s = 2\n")
+    drop = write(tmp_path / "etc/guest-agent/config.d/10-a.toml", "[fetch]\ndeadline_s = 20\n")
+    cfg, origins = config.load_with_origins(str(tmp_path))
+    assert cfg.fetch.deadline_s == 20.0
+    assert origins == {"fetch.deadline_s": str(drop), "fetch.read_timeout_s": str(main)}
