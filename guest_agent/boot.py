@@ -78,9 +78,9 @@ def check_measurement(idata: initdata.Initdata, cfg: Config, root: str) -> bool:
         return False
     if marker.read_text().strip() == idata.digest_hex:
         return True
-    from guest_agent.tpm import TpmError
+    from guest_agent.errors import UserDataInvalid  # 78: no retry in this boot can fix it
 
-    raise TpmError("PCR already extended with a different initdata in this boot", pcr=cfg.tpm.pcr)
+    raise UserDataInvalid("PCR already extended with a different initdata in this boot", pcr=cfg.tpm.pcr)
 
 
 def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) -> str:

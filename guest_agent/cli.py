@@ -1,8 +1,7 @@
-"""Command line: `guest-agent run|provision|check|timeline|report-ready|report-failure|netns`.
+"""Command line: `guest-agent run|provision|check|timeline|config|report-ready|report-failure|netns`.
 
-Exit codes (errors.py): 0 done; 78 user-data (or agent config) invalid, nothing written;
-69 metadata service unreachable / no user-data by the deadline (or the fabric did not
-acknowledge); 70 internal error.  Every failure prints a one-line reason.
+Exit codes follow sysexits(3) (errors.EXIT_CODES, listed by --help and guest-agent(8)).  Every
+failure prints a one-line reason.
 """
 
 from __future__ import annotations
@@ -11,17 +10,49 @@ import argparse
 import hashlib
 import json
 import logging
+import sys
+import textwrap
+import typing
 from collections.abc import Sequence
 
 from guest_agent import __version__, transport
 from guest_agent.config import Config, under_root
-from guest_agent.errors import EXIT_OK, EXIT_SOFTWARE, AgentError, UnhandledError
+from guest_agent.errors import (
+    EXIT_CODES,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    EXIT_USAGE,
+    AgentError,
+    InputMissing,
+    NoPermission,
+    UnhandledError,
+)
 
 log = logging.getLogger("guest_agent.cli")
 
+EPILOG = (
+    "configuration: /etc/guest-agent/config.toml, then /etc/guest-agent/config.d/*.toml by name, "
+    "then --config FILE (all under --root); `guest-agent config` prints the result.\n\nexit status:\n"
+    + "\n".join(f"  {code:3}  {text}" for code, text in EXIT_CODES.items())
+    + "\n\nSee guest-agent(8)."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE), not argparse's 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="guest-agent", description="Early-boot agent for peer-pod VMs.")
+    p = _Parser(
+        prog="guest-agent",
+        description="Early-boot agent for peer-pod VMs: user-data to /run/peerpod, initdata measurement, Ready.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"guest-agent {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -31,21 +62,104 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="extra TOML config file, applied last")
         return sp
 
-    with_root(sub.add_parser("run", help="the boot path (what the systemd unit runs)"))
-    sp = with_root(sub.add_parser("provision", help="offline: decode, validate and write user-data from a file"))
+    def cmd(parent: typing.Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(
+            name,
+            help=help,
+            description=textwrap.fill(f"{help[0].upper()}{help[1:]}: {description}", 78),
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return sp
+
+    with_root(
+        cmd(
+            sub,
+            "run",
+            "the boot path (what the systemd unit runs)",
+            "detect the cloud, wait for a route to its metadata service, fetch and validate user-data, write "
+            "/run/peerpod, measure initdata, send READY=1, and on Azure report Ready (NotReady on failure).",
+        )
+    )
+    sp = with_root(
+        cmd(
+            sub,
+            "provision",
+            "offline: decode, validate and write user-data from a file",
+            "the write and measure half of `run`, from a file instead of a metadata service; no fabric report.",
+        )
+    )
     sp.add_argument("--user-data", required=True, help="user-data file")
-    sp = with_root(sub.add_parser("check", help="validate user-data and print what would be written"))
+    sp = with_root(
+        cmd(
+            sub,
+            "check",
+            "validate user-data and print what would be written",
+            "writes nothing: prints each file's path, mode, size and sha256, and the initdata digest and "
+            "the PCR extend value.",
+        )
+    )
     sp.add_argument("file", help="user-data file")
-    sp = with_root(sub.add_parser("timeline", help="print the last run's stages"))
-    sp.add_argument("--json", action="store_true")
-    with_root(sub.add_parser("report-ready", help="report Ready to the Azure wireserver"))
-    sp = with_root(sub.add_parser("report-failure", help="report NotReady/ProvisioningFailed to the Azure wireserver"))
+    sp = with_root(
+        cmd(
+            sub,
+            "timeline",
+            "print the last run's stages",
+            "start and end (CLOCK_MONOTONIC, seconds since boot) of each stage of the last `run` or "
+            "`provision`, from /run/guest-agent/timeline.json.",
+        )
+    )
+    sp.add_argument("--json", action="store_true", help="the raw timeline.json")
+    with_root(
+        cmd(
+            sub,
+            "config",
+            "print the effective configuration and where each value came from",
+            "the configuration after every file, as TOML, each value commented with the file that set it or "
+            "`default`; an invalid file exits 78 naming the key and the rule.",
+        )
+    )
+    with_root(
+        cmd(
+            sub,
+            "report-ready",
+            "report Ready to the Azure wireserver",
+            "by hand, as `run` does after provisioning; the JSON health endpoint, else goal state + XML.",
+        )
+    )
+    sp = with_root(
+        cmd(
+            sub,
+            "report-failure",
+            "report NotReady/ProvisioningFailed to the Azure wireserver",
+            "by hand, with the reason shown in the Azure portal and API.",
+        )
+    )
     sp.add_argument("--reason", required=True)
-    with_root(sub.add_parser("config", help="print the effective configuration and where each value came from"))
-    sp = sub.add_parser("netns", help="rerun a pod network step by hand")
+    sp = cmd(
+        sub,
+        "netns",
+        "rerun a pod network step by hand",
+        "the pod network namespace and the pod's IMDS NAT (needs CAP_SYS_ADMIN and CAP_NET_ADMIN).",
+    )
     nsub = sp.add_subparsers(dest="netns_command", required=True)
-    with_root(nsub.add_parser("ensure", help="create the pod network namespace (idempotent)"))
-    ip = with_root(nsub.add_parser("imds-nat", help="give the pod access to IMDS (waits for the pod address)"))
+    with_root(
+        cmd(
+            nsub,
+            "ensure",
+            "create the pod network namespace (idempotent)",
+            "what netns@podns.service does in the image: /run/netns/<name> with lo up.",
+        )
+    )
+    ip = with_root(
+        cmd(
+            nsub,
+            "imds-nat",
+            "give the pod access to IMDS (waits for the pod address)",
+            "what guest-agent-imds-nat.service runs: a proxy-ARP veth pair and an nftables MASQUERADE rule; "
+            "exits 0 once set up.",
+        )
+    )
     ip.add_argument("--pod-ip", help="skip waiting: use this pod address")
     ip.add_argument("--imds", help="metadata address (default: from config)")
     return p
@@ -56,7 +170,7 @@ def _read(path: str, limit: int) -> bytes:
         with open(path, "rb") as f:
             return f.read(limit + 1)
     except OSError as exc:
-        raise AgentError("cannot read the user-data file", path=path, error=exc.strerror) from exc
+        raise InputMissing("cannot read the user-data file", path=path, error=exc.strerror) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as err:
         log.error("%s", err.describe())
         return err.exit_code
+    except PermissionError as exc:  # e.g. netns commands without CAP_NET_ADMIN: not a bug
+        denied = NoPermission("permission denied (run as root with CAP_SYS_ADMIN and CAP_NET_ADMIN)", error=str(exc))
+        log.error("%s", denied.describe())
+        return denied.exit_code
     except Exception as exc:
         log.exception("%s", UnhandledError(exc).describe())
         return EXIT_SOFTWARE
@@ -173,7 +291,7 @@ def _timeline(cfg: Config, root: str, *, as_json: bool) -> int:
     try:
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise AgentError("no readable timeline of a previous run", path=str(path), error=str(exc)) from exc
+        raise InputMissing("no readable timeline of a previous run", path=str(path), error=str(exc)) from exc
     if as_json:
         print(json.dumps(doc, indent=2))
         return EXIT_OK

@@ -12,9 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 EXIT_OK = 0
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: metadata service unreachable / no user-data by the deadline
-EXIT_SOFTWARE = 70  # EX_SOFTWARE: internal error, write failure, unexpected exception
+EXIT_USAGE = 64  # EX_USAGE: bad command line (argparse)
+EXIT_NOINPUT = 66  # EX_NOINPUT: an input file named on the command line (or the last run's timeline) is missing
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: metadata service, network, fabric or TPM unavailable by the deadline
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug in the agent (an unexpected exception); nothing else
+EXIT_CANTCREAT = 73  # EX_CANTCREAT: a file could not be written safely (I/O error, planted symlink)
+EXIT_NOPERM = 77  # EX_NOPERM: the process lacks a privilege it needs (CAP_NET_ADMIN for netns commands)
 EXIT_CONFIG = 78  # EX_CONFIG: user-data (or agent config) invalid or disallowed; nothing written
+
+# What `--help` and guest-agent(8) list (tests keep the man page in step).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_USAGE: "command line usage error",
+    EXIT_NOINPUT: "input file missing (user-data file, the last run's timeline)",
+    EXIT_UNAVAILABLE: "metadata service, network, fabric or TPM unavailable until the deadline (the unit retries)",
+    EXIT_SOFTWARE: "internal error: a bug, with its traceback in the journal",
+    EXIT_CANTCREAT: "a file could not be written safely; the previous set of files is kept",
+    EXIT_NOPERM: "missing privilege (netns commands need CAP_SYS_ADMIN and CAP_NET_ADMIN)",
+    EXIT_CONFIG: "user-data or configuration invalid; nothing written, the unit does not retry",
+}
 
 
 class AgentError(Exception):
@@ -62,7 +78,19 @@ class NetworkUnavailable(MetadataUnavailable):
 class WriteFailed(AgentError):
     """A config file could not be written safely (I/O error, symlink, bad target)."""
 
-    exit_code = EXIT_SOFTWARE
+    exit_code = EXIT_CANTCREAT
+
+
+class InputMissing(AgentError):
+    """A file named on the command line (or the last run's timeline) does not exist or cannot be read."""
+
+    exit_code = EXIT_NOINPUT
+
+
+class NoPermission(AgentError):
+    """The process lacks a privilege the command needs."""
+
+    exit_code = EXIT_NOPERM
 
 
 class FabricError(AgentError):

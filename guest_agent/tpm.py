@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from guest_agent.errors import EXIT_SOFTWARE, AgentError
+from guest_agent.errors import EXIT_UNAVAILABLE, AgentError
 
 TPM_ST_NO_SESSIONS = 0x8001
 TPM_ST_SESSIONS = 0x8002
@@ -50,9 +50,9 @@ _RC_NAMES = {
 
 
 class TpmError(AgentError):
-    """The TPM refused or could not complete a measurement."""
+    """The TPM refused or could not complete a measurement (the unit retries)."""
 
-    exit_code = EXIT_SOFTWARE
+    exit_code = EXIT_UNAVAILABLE
 
 
 def rc_name(rc: int) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from guest_agent import boot, cli
 from guest_agent.config import Config
-from guest_agent.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError
+from guest_agent.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from tests import caa
 from tests.fakecloud import imds
 from tests.fakecloud.server import FakeServer, Script
@@ -74,7 +74,7 @@ def test_write_error_reports_not_ready(tmp_path: Path) -> None:
         root, conf = _azure_root(tmp_path, srv.url, ws.url)
         (root / "run/peerpod").mkdir(parents=True)
         (root / "run/peerpod/auth.json").symlink_to("/etc/shadow")  # planted by an attacker
-        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_SOFTWARE
+        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_CANTCREAT
         reports = ws.accepted()
     assert [r.state for r in reports] == ["NotReady"]
     assert "symlink" in (reports[0].description or "")

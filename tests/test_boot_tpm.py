@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from guest_agent import cli
-from guest_agent.errors import EXIT_OK, EXIT_SOFTWARE
+from guest_agent.errors import EXIT_CONFIG, EXIT_OK
 from guest_agent.initdata import expected_pcr
 from tests import caa
 from tests.conftest import snapshot
@@ -50,5 +50,5 @@ def test_other_initdata_in_the_same_boot_is_refused(tmp_path: Path, swtpm: Swtpm
     assert cli.main(argv) == EXIT_OK
     before = snapshot(root / "run/peerpod")
     ud.write_bytes(caa.cloud_config(initdata=caa.initdata_toml("sha512")))
-    assert cli.main(argv) == EXIT_SOFTWARE  # the PCR already holds another measurement ...
+    assert cli.main(argv) == EXIT_CONFIG  # the PCR already holds another measurement ...
     assert snapshot(root / "run/peerpod") == before  # ... so nothing was rewritten under it

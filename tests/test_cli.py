@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,57 @@ def test_run_with_an_invalid_value_exits_78_before_writing(tmp_path: Path) -> No
     conf.write_text('provider = "cidata"\n[netns]\nname = "a/b"\n[network]\nwait = false\n[tpm]\nenabled = false\n')
     assert cli.main(["run", "--root", str(tmp_path), "--config", str(conf)]) == 78
     assert not (tmp_path / "run/peerpod").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["nosuch"], 64),
+        (["check"], 64),
+        (["run", "--bogus"], 64),
+        (["netns"], 64),
+    ],
+)
+def test_usage_errors_exit_64(argv: list[str], code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        cli.main(argv)
+    assert ei.value.code == code
+    assert "usage: guest-agent" in capsys.readouterr().err
+
+
+def test_missing_inputs_exit_66(tmp_path: Path) -> None:
+    assert cli.main(["check", str(tmp_path / "absent")]) == 66
+    assert cli.main(["provision", "--root", str(tmp_path), "--user-data", str(tmp_path / "absent")]) == 66
+    assert cli.main(["timeline", "--root", str(tmp_path)]) == 66  # no previous run
+
+
+def test_help_lists_exit_codes_config_paths_and_describes_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    from guest_agent.errors import EXIT_CODES
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "/etc/guest-agent/config.toml" in out and "/etc/guest-agent/config.d/*.toml" in out
+    for code in EXIT_CODES:
+        assert f"\n  {code:3}  " in out
+    for sub in (["run"], ["check"], ["timeline"], ["config"], ["netns", "imds-nat"]):
+        with pytest.raises(SystemExit):
+            cli.main([*sub, "--help"])
+        text = capsys.readouterr().out
+        assert text.split("\n\n")[1].strip(), sub  # a description paragraph after the usage
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv")
+def test_missing_capability_exits_77_not_70(tmp_path: Path) -> None:
+    """Root without capabilities (setpriv drops them all): an operator error, not a bug."""
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    proc = subprocess.run(
+        [*drop, sys.executable, "-m", "guest_agent", "netns", "ensure", "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "setpriv:" in proc.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.strip()}")
+    assert proc.returncode == 77, proc.stderr
+    assert "permission denied" in proc.stderr

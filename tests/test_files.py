@@ -193,7 +193,7 @@ def test_an_error_before_the_switch_keeps_the_old_set_and_leaves_no_temp_file(tm
     old = defaults_state().apply(PLANS["old"])
     with pytest.raises(WriteFailed) as ei:
         files.apply(PLANS["new"], root=str(tmp_path), step=Fault(at))
-    assert ei.value.exit_code == 70 and ei.value.supporting_data["error"] == "No space left on device"
+    assert ei.value.exit_code == 73 and ei.value.supporting_data["error"] == "No space left on device"
     assert visible(d) == old.visible
     gens = [n for n in os.listdir(d) if n.startswith("..gen-")]
     assert gens == [os.readlink(d / "..data")]  # the new generation was removed

@@ -71,7 +71,7 @@ def test_tpm_present(tmp_path: Path) -> None:
 def test_missing_device_is_tpm_error(tmp_path: Path) -> None:
     with pytest.raises(tpm.TpmError) as info:
         tpm.extend_pcr(str(tmp_path / "tpmrm0"), 8, ZERO32)
-    assert info.value.exit_code == 70
+    assert info.value.exit_code == 69
     assert info.value.supporting_data["device"].endswith("tpmrm0")
 
 
@@ -163,4 +163,4 @@ def test_swtpm_not_started_reports_rc() -> None:
         t.stop()
     assert info.value.supporting_data["rc"] == "0x100"
     assert "TPM_RC_INITIALIZE" in info.value.supporting_data["name"]
-    assert info.value.exit_code == 70
+    assert info.value.exit_code == 69
