@@ -105,10 +105,10 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
     """Validate everything, write everything, measure: the part shared with `provision`."""
     digest = hashlib.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
     log.info("user-data: %d bytes, sha256 %s", len(raw), digest, extra=fields(size=len(raw), sha256=digest))
-    with tl.stage("validate"):
+    with tl.stage("validate", "validating user-data"):
         plan = userdata.plan(raw, cfg)
         already = check_measurement(plan.initdata, cfg, root)
-    with tl.stage("write"):
+    with tl.stage("write", f"writing {len(plan.files)} files to {cfg.files.peerpod_dir}"):
         files.apply(list(plan.files), root=root, dir_mode=cfg.files.dir_mode)
     for spec in plan.files:
         log.info(
@@ -124,7 +124,7 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
                 source=spec.source,
             ),
         )
-    with tl.stage("measure"):
+    with tl.stage("measure", f"measuring initdata into PCR {cfg.tpm.pcr}"):
         result = measure(plan.initdata, cfg, root, already=already)
     log.info(
         "initdata %s digest %s (%s), PCR %d: %s",
@@ -145,11 +145,27 @@ def write_timeline(tl: Timeline, cfg: Config, root: str) -> None:
         log.warning("cannot write the timeline: %s", exc.describe())
 
 
+# Interpreter start, imports, validation, writes and the TPM extend, with room for a slow (TCG) VM.
+START_SLACK_S = 60.0
+
+
+def start_budget_s(cfg: Config) -> float:
+    """How long `run` may take until READY=1 or its exit, from the configured deadlines: the
+    network wait, the fetch, the cidata disk wait and, on Azure, the NotReady report that a failure
+    still makes before exiting.  Sent as EXTEND_TIMEOUT_USEC at start, so raising a deadline in the
+    configuration raises systemd's start timeout with it (the unit's TimeoutStartSec= only covers
+    the time until the agent says so)."""
+    network = cfg.network.deadline_s if cfg.network.wait else 0.0
+    report = min(cfg.azure.failure_deadline_s, cfg.azure.ready_deadline_s) if cfg.azure.report_ready else 0.0
+    return network + cfg.fetch.deadline_s + cfg.cidata.wait_s + report + START_SLACK_S
+
+
 def run(cfg: Config, root: str, deps: Deps) -> int:
+    deps.notifier.extend_timeout(start_budget_s(cfg))
     tl = Timeline(clock=deps.clock, status=deps.notifier.status)
     fabric: AzureFabric | None = None
     try:
-        with tl.stage("detect"):
+        with tl.stage("detect", "reading DMI"):
             facts = clouds.read_facts(root, cfg)
             provider = cfg.provider if cfg.provider != "auto" else clouds.detect(facts)
         deps.log_fields["GUEST_AGENT_PROVIDER"] = provider
@@ -160,6 +176,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             if cidata.delivery_pending(root, cfg.cidata):  # byom: the VM waits in a pool for its user-data
                 with tl.stage("delivery"):
                     cidata.wait_for_delivery(root, cfg.cidata, deps.notifier, clock=deps.clock)
+                deps.notifier.extend_timeout(start_budget_s(cfg))  # the wait's heartbeats granted less
         if provider == "azure" and cfg.azure.report_ready:
             from guest_agent.fabric import AzureFabric
 
@@ -170,7 +187,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
         if addr is not None and cfg.network.wait:
             from guest_agent import network
 
-            with tl.stage("network"):
+            with tl.stage("network", f"waiting for a route to {addr}"):
                 route = network.wait_for_route(
                     addr,
                     deadline_s=cfg.network.deadline_s,
@@ -179,7 +196,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             log.info("route to %s via ifindex %s, source %s", addr, route.oif, route.prefsrc)
         if fabric is not None:
             fabric.start_prefetch()  # goal state GET overlaps the user-data fetch
-        with tl.stage("fetch"):
+        with tl.stage("fetch", f"fetching user-data from {provider} (deadline {cfg.fetch.deadline_s:g} s)"):
             raw = fetch_user_data(provider, cfg, root, deps)
         provision(raw, cfg, root, tl)
         deps.notifier.ready("config files written")
@@ -195,7 +212,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
     code = EXIT_OK
     if fabric is not None:
         try:
-            with tl.stage("report-ready"):
+            with tl.stage("report-ready", "reporting Ready to the wireserver"):
                 acknowledged(fabric.report_ready(tl.durations_ms()))
         except AgentError as err:
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
@@ -216,7 +233,7 @@ def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabr
     write_timeline(tl, cfg, root)
     if fabric is not None:
         try:
-            with tl.stage("report-failure"):
+            with tl.stage("report-failure", "reporting NotReady to the wireserver"):
                 acknowledged(fabric.report_failure(err.describe(), tl.durations_ms()))
         except AgentError as rerr:
             log.error("the failure report was not acknowledged: %s", rerr.describe())
@@ -240,6 +257,7 @@ def fail_early(err: AgentError, cfg: Config, root: str, deps: Deps | None = None
     """A failure before the boot path could start (the agent's own config is invalid):
     still tell systemd and, on Azure, the fabric, so the VM fails fast."""
     deps = deps or Deps()
+    deps.notifier.extend_timeout(start_budget_s(cfg))  # the NotReady report may take its deadline
     fabric = None
     try:
         if cfg.provider == "azure" or clouds.detect(clouds.read_facts(root, cfg)) == "azure":

@@ -61,12 +61,15 @@ class Timeline:
         self.marks: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[Stage]:
+    def stage(self, name: str, doing: str = "") -> Iterator[Stage]:
+        """`doing` says what the stage does or waits for: `STATUS=network: waiting for a route to
+        169.254.169.254` in `systemctl status`."""
         st = Stage(name, self.clock())
         self.stages.append(st)
+        what = f"{name}: {doing}" if doing else name
         if self.status is not None:
-            self.status(name)
-        log.info("[started] %s", name, extra=fields(stage=name))
+            self.status(what)
+        log.info("[started] %s", what, extra=fields(stage=name))
         try:
             yield st
         except BaseException as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from guest_agent import boot
+from guest_agent.config import Config
 from guest_agent.notify import Notifier
 from tests import caa
 from tests.fakecloud import imds
@@ -86,18 +89,20 @@ def test_agent_sends_status_per_stage_then_ready(notify_socket: tuple[socket.soc
         )
     assert rc == 0
     msgs = recv_all(s)
+    # First, before any wait: the start timeout from the configured deadlines (defaults here).
+    assert msgs[0] == f"EXTEND_TIMEOUT_USEC={int(boot.start_budget_s(Config()) * 1e6)}"
     statuses = [m for m in msgs if m.startswith("STATUS=")]
     assert statuses[:6] == [
-        "STATUS=detect",
-        "STATUS=network",
-        "STATUS=fetch",
-        "STATUS=validate",
-        "STATUS=write",
-        "STATUS=measure",
+        "STATUS=detect: reading DMI",
+        "STATUS=network: waiting for a route to 127.0.0.1",
+        "STATUS=fetch: fetching user-data from aws (deadline 180 s)",
+        "STATUS=validate: validating user-data",
+        "STATUS=write: writing 6 files to /run/peerpod",
+        "STATUS=measure: measuring initdata into PCR 8",
     ]
     ready = [m for m in msgs if "READY=1" in m]
     assert len(ready) == 1
-    assert msgs.index(ready[0]) > msgs.index("STATUS=write")  # READY=1 only after the files are written
+    assert msgs.index(ready[0]) > msgs.index(statuses[4])  # READY=1 only after the files are written
 
 
 def test_no_ready_on_failure(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
@@ -115,3 +120,12 @@ def test_no_ready_on_failure(notify_socket: tuple[socket.socket, str], tmp_path:
     msgs = recv_all(s)
     assert not any("READY=1" in m for m in msgs)
     assert any(m.startswith("STATUS=failed: user-data has keys") for m in msgs)
+
+
+def test_start_budget_follows_the_configured_deadlines() -> None:
+    base = boot.start_budget_s(Config())
+    assert base == 120 + 180 + 5 + 300 + boot.START_SLACK_S  # network, fetch, cidata disk, NotReady report
+    longer = Config(fetch=dataclasses.replace(Config().fetch, deadline_s=900.0))
+    assert boot.start_budget_s(longer) == base + 720
+    no_wait = Config(network=dataclasses.replace(Config().network, wait=False))
+    assert boot.start_budget_s(no_wait) == base - 120
