@@ -53,8 +53,8 @@ bench-boot: image
 	for v in guest-agent floor cloudinit; do image/variants/build-variant.sh $$v || exit 1; done
 	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
 
-# The systemd side, laid out for an image builder (mkosi, packer, mmdebstrap); the Python package
-# installs with pip.  BINDIR: where `pip install` put the guest-agent script (written into the units).
+# The systemd side, the journal catalog and the man page, laid out for an image builder (mkosi,
+# packer, mmdebstrap); the Python package installs with pip.  BINDIR: where `pip install` put the guest-agent script (written into the units).
 PREFIX  ?= /usr/local
 BINDIR  ?= /usr/local/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
@@ -62,6 +62,8 @@ PRESETDIR ?= $(PREFIX)/lib/systemd/system-preset
 # journald's message catalog: `journalctl --update-catalog` (run by systemd's package triggers, or
 # by the image build) compiles it so `journalctl -x` explains each guest-agent MESSAGE_ID.
 CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
+MANDIR ?= $(PREFIX)/share/man
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' guest_agent/__init__.py)
 
 install:
 	install -d "$(DESTDIR)$(UNITDIR)"
@@ -72,6 +74,9 @@ install:
 	for f in units/*.d/*.conf; do install -D -m 0644 $$f "$(DESTDIR)$(UNITDIR)/$${f#units/}" || exit 1; done
 	install -D -m 0644 units/10-guest-agent.preset "$(DESTDIR)$(PRESETDIR)/10-guest-agent.preset"
 	install -D -m 0644 catalog/guest-agent.catalog "$(DESTDIR)$(CATALOGDIR)/guest-agent.catalog"
+	install -d "$(DESTDIR)$(MANDIR)/man8"
+	sed 's/@VERSION@/$(VERSION)/' man/guest-agent.8 > "$(DESTDIR)$(MANDIR)/man8/guest-agent.8"
+	chmod 0644 "$(DESTDIR)$(MANDIR)/man8/guest-agent.8"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -48,6 +48,7 @@ def test_make_install_layout(tmp_path: Path) -> None:
         [
             "usr/lib/systemd/system-preset/10-guest-agent.preset",
             "usr/lib/systemd/catalog/guest-agent.catalog",
+            "usr/share/man/man8/guest-agent.8",
             f"{UNITDIR}/guest-agent.service",
             f"{UNITDIR}/guest-agent-imds-nat.service",
             f"{UNITDIR}/netns@.service",
