@@ -48,7 +48,7 @@ base_hash=$( {
     mmdebstrap --version 2>&1
 } | sha)
 
-# Pinned runtime dependencies, read from pyproject.toml (the single source of truth).
+# Runtime dependencies: the ranges in pyproject.toml, installed at the exact versions of constraints.txt.
 mapfile -t DEPS < <("$PY" - "$REPO/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
@@ -56,12 +56,12 @@ with open(sys.argv[1], "rb") as f:
 EOF
 )
 [ "${#DEPS[@]}" -gt 0 ] || die "no dependencies found in pyproject.toml"
-deps_hash=$(printf '%s\n' "${DEPS[@]}" | sha)
+deps_hash=$( { printf '%s\n' "${DEPS[@]}"; cat "$REPO/constraints.txt"; } | sha)
 
 image_hash=$( (
     echo "base=$base_hash deps=$deps_hash"
     # Agent sources, units, overlay and this script: content and path, sorted.
-    cd "$REPO" && { find Makefile pyproject.toml README.md guest_agent units image/overlay image/build.sh image/recipe.sh \
+    cd "$REPO" && { find Makefile pyproject.toml constraints.txt README.md guest_agent units catalog man image/overlay image/build.sh image/recipe.sh \
         -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null || true; } | LC_ALL=C sort | xargs -r sha256sum
 ) | sha)
 
@@ -95,7 +95,7 @@ if [ ! -f "$WHEELS/.deps-$deps_hash" ]; then
     log "wheels: ${DEPS[*]}"
     rm -f "$WHEELS"/*.whl "$WHEELS"/.deps-*
     # (grep: pip warns about every package the machine's extra local indexes lack.)
-    "$PY" -m pip wheel --quiet -w "$WHEELS" "${DEPS[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
+    "$PY" -m pip wheel --quiet -c "$REPO/constraints.txt" -w "$WHEELS" "${DEPS[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
     touch "$WHEELS/.deps-$deps_hash"
 fi
 AGENT_WHEELS=$OUT/agent-wheel
@@ -129,6 +129,8 @@ log "rootfs: units, overlay, presets"
 # The systemd side as an image builder gets it: units, drop-ins, preset.  The units run
 # /usr/local/bin/guest-agent (where `pip install` puts it; here, the venv link above).
 make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
+# What systemd's package trigger does for a new catalog file: `journalctl -x` explains our entries.
+journalctl --root="$ROOT" --update-catalog
 cp -a --no-preserve=ownership "$HERE/overlay/." "$ROOT/"
 chmod 0755 "$ROOT/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/libexec/e2e-dump"
 

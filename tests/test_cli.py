@@ -153,7 +153,7 @@ def test_missing_capability_exits_77_not_70(tmp_path: Path) -> None:
         [*drop, sys.executable, "-m", "guest_agent", "netns", "ensure", "--root", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     if "setpriv:" in proc.stderr:
         pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.strip()}")
