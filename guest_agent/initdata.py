@@ -14,8 +14,15 @@ sha256 bank of PCR 8 with its first 32 bytes whatever the algorithm (CAA PR #218
 verifier replays PCR8 = SHA256(0x00*32 || digest[:32]).
 
 Policy differences from CAA (`extractInitdataAndHash`): a `[data]` name outside the allow-list
-is an error for the whole user-data here (CAA logs and skips it), and names are compared
-exactly (CAA compares after `filepath.Join`, so it also accepts e.g. "./aa.toml").
+is skipped (and reported in `Initdata.skipped`) only when it is a plain file name; one with a
+`/`, `.`/`..`, a control character or over 255 bytes is refused whole, as is every name in
+strict mode.  Names are compared exactly (CAA compares after `filepath.Join`, so it also
+accepts e.g. "./aa.toml").
+
+`tomllib` recurses once per nested array or inline table and turns integers with `int()`, so
+before it runs, `nesting_depth()` scans the document (outside strings and comments) and refuses
+more than `MAX_DEPTH` levels; a ValueError from a 5000-digit integer and a RecursionError are
+turned into the same "not valid TOML" refusal.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid
+from guest_agent.safeyaml import show
 
 # CAA writes this when user-data carries no initdata (no trailing newline), so the digest and
 # PCR 8 are still defined; sha256 = adb48cc1...66478d.
@@ -36,6 +44,9 @@ ALLOWED_DATA_NAMES: tuple[str, ...] = ("aa.toml", "cdh.toml", "policy.rego")
 
 ALGORITHMS: tuple[str, ...] = ("sha256", "sha384", "sha512")
 
+MAX_DEPTH = 32  # arrays and inline tables; the initdata spec needs 1 ([data])
+NAME_MAX = 255
+
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
@@ -45,6 +56,7 @@ class Initdata:
     version: str
     digest: bytes
     files: tuple[tuple[str, bytes], ...]  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
+    skipped: tuple[str, ...] = ()  # well-formed [data] names outside ALLOWED_DATA_NAMES (not strict)
 
     @property
     def digest_hex(self) -> str:
@@ -62,7 +74,7 @@ def decode_file(raw: bytes, *, limit: int) -> bytes:
 
     `limit` bounds the decompressed size (gzip bombs).
     """
-    compressed = b64decode_strict(raw, what="initdata")
+    compressed = b64decode_strict(raw, what="initdata", limit=limit)
     return gunzip_bounded(compressed, limit=limit, what="initdata")
 
 
@@ -75,46 +87,115 @@ def encode_file(toml_bytes: bytes) -> bytes:
     return base64.b64encode(co.compress(toml_bytes) + co.flush())
 
 
-def parse(toml_bytes: bytes) -> Initdata:
+def nesting_depth(text: str, stop: int) -> int:
+    """The deepest nesting of `[`/`{` outside strings and comments, counted up to `stop`.
+
+    One pass, no recursion.  String rules follow TOML 1.0 as tomllib reads them: basic strings
+    have backslash escapes and end at a newline (an error tomllib reports), literal strings have
+    none, and a multi-line string's closing delimiter may carry up to two extra quotes
+    (`\"\"\"a\"\"\"\"` is `a"`), so the scan leaves each string exactly where tomllib does.
+    """
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif c in "\"'":
+            triple = text.startswith(c * 3, i)
+            i += 3 if triple else 1
+            while i < n:
+                d = text[i]
+                if d == "\\" and c == '"':
+                    i += 2
+                elif triple and text.startswith(c * 3, i):
+                    run = 3
+                    while run < 5 and i + run < n and text[i + run] == c:
+                        run += 1
+                    i += run
+                    break
+                elif not triple and d == c:
+                    i += 1
+                    break
+                elif not triple and d == "\n":
+                    break
+                else:
+                    i += 1
+        else:
+            if c in "[{":
+                depth += 1
+                if depth > deepest:
+                    deepest = depth
+                    if deepest >= stop:
+                        return deepest
+            elif c in "]}":
+                depth = max(depth - 1, 0)
+            i += 1
+    return deepest
+
+
+def _plain_name(name: str) -> bool:
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and name.isprintable()
+        and len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX
+    )
+
+
+def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
     """Validate the initdata TOML and compute its digest over exactly these bytes."""
     try:
         text = toml_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserDataInvalid("initdata is not valid UTF-8", offset=exc.start) from exc
+    if nesting_depth(text, MAX_DEPTH + 1) > MAX_DEPTH:
+        raise UserDataInvalid("initdata TOML is nested too deeply", field="initdata", limit=MAX_DEPTH)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # The message carries only a position ("... (at line 3, column 9)"), no document content.
-        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)) from exc
+        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
+    except (ValueError, RecursionError) as exc:  # int() past 4300 digits; nesting the scan missed
+        raise UserDataInvalid("initdata is not valid TOML", error=type(exc).__name__) from None
 
     algorithm = doc.get("algorithm")
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        shown = algorithm[:32] if isinstance(algorithm, str) else type(algorithm).__name__
+        shown = show(algorithm, 32) if isinstance(algorithm, str) else type(algorithm).__name__
         raise UserDataInvalid(
-            f"initdata algorithm {shown!r} is not supported (sha256, sha384 or sha512)", algorithm=shown
+            f"initdata algorithm {shown!r} is not supported (sha256, sha384 or sha512)", field="algorithm"
         )
 
     # CAA's struct field is a Go string: missing gives "", a non-string fails the TOML decode.
     version = doc.get("version", "")
     if not isinstance(version, str):
-        raise UserDataInvalid("initdata version is not a string", type=type(version).__name__)
+        raise UserDataInvalid("initdata version is not a string", field="version", type=type(version).__name__)
 
     data = doc.get("data", {})
     if not isinstance(data, dict):
-        raise UserDataInvalid("initdata [data] is not a table", type=type(data).__name__)
+        raise UserDataInvalid("initdata [data] is not a table", field="data", type=type(data).__name__)
     files: list[tuple[str, bytes]] = []
+    skipped: list[str] = []
     for name, value in data.items():
-        if name not in ALLOWED_DATA_NAMES:
+        shown = show(name, 64)
+        if not isinstance(value, str):  # CAA: map[string]string, so a parse error whatever the name
             raise UserDataInvalid(
-                f"initdata [data] names a file that is not allowed: {name[:64]!r}",
+                f"initdata [data] value for {shown!r} is not a string", field="data", type=type(value).__name__
+            )
+        if name in ALLOWED_DATA_NAMES:
+            files.append((name, value.encode("utf-8")))
+        elif strict or not _plain_name(name):
+            raise UserDataInvalid(
+                f"initdata [data] names a file that is not allowed: {shown!r}",
+                field="data",
                 allowed=",".join(ALLOWED_DATA_NAMES),
             )
-        if not isinstance(value, str):
-            raise UserDataInvalid(f"initdata [data] value for {name!r} is not a string", type=type(value).__name__)
-        files.append((name, value.encode("utf-8")))
+        else:
+            skipped.append(name)
 
     digest = hashlib.new(algorithm, toml_bytes).digest()
-    return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files))
+    return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files), skipped=tuple(skipped))
 
 
 def expected_pcr(initial: bytes, extend: bytes) -> bytes:
