@@ -40,6 +40,7 @@ log = logging.getLogger("guest_agent.userdata")
 ENTRY_KEYS = frozenset({"path", "content", "encoding", "permissions", "owner"})
 INITDATA_PATH = "initdata"  # under files.peerpod_dir
 PATH_MAX = 4096  # Linux's PATH_MAX, bytes including the NUL
+MAX_WARNINGS = 32  # skipped entries logged one by one; all of them are on the Plan
 
 # cloud-init's write_files encodings (cloudinit/config/cc_write_files.py), minus nothing.
 _ENCODINGS: dict[str, tuple[str, ...]] = {
@@ -168,6 +169,7 @@ def parse_document(text: str, cfg: Config) -> Parsed:
     specs: list[FileSpec] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    total = 0
     for i, entry in enumerate(entries):
         where = f"write_files[{i}]"
         if not isinstance(entry, dict):
@@ -185,6 +187,15 @@ def parse_document(text: str, cfg: Config) -> Parsed:
                 where=f"{where}.owner",
             )
         content = _content(entry, where, cfg)
+        # Each entry is bounded by max_file_bytes; their sum by max_decoded_bytes, or a thousand
+        # small gzip entries (skipped ones too) would each inflate to max_file_bytes.
+        total += len(content)
+        if total > cfg.limits.max_decoded_bytes:
+            raise UserDataInvalid(
+                "write_files contents are larger than the size limit in total",
+                where=f"{where}.content",
+                limit_bytes=cfg.limits.max_decoded_bytes,
+            )
         mode = _mode(entry.get("permissions"), f"{where}.permissions", cfg.files.default_mode)
         if path not in allowed:
             if cfg.files.strict:
@@ -214,8 +225,10 @@ def _warn_skipped(kind: str, name: str, reason: str) -> None:
 def plan(raw: bytes, cfg: Config) -> Plan:
     """raw user-data -> every file to write, including what initdata holds and its digest."""
     parsed = parse_document(decode(raw, cfg), cfg)
-    for path in parsed.skipped:
+    for path in parsed.skipped[:MAX_WARNINGS]:
         _warn_skipped("path", path, "not on the allow-list (files.allowed_paths)")
+    if len(parsed.skipped) > MAX_WARNINGS:
+        log.warning("%d more paths skipped", len(parsed.skipped) - MAX_WARNINGS, extra=fields(stage="validate"))
     peerpod = cfg.files.peerpod_dir
     initdata_path = posixpath.join(peerpod, INITDATA_PATH)
     by_path = {s.path: s for s in parsed.files}
@@ -231,7 +244,7 @@ def plan(raw: bytes, cfg: Config) -> Plan:
             initdata_path, initdata.encode_file(toml), cfg.files.default_mode, source="agent"
         )
     idata = initdata.parse(toml, strict=cfg.files.strict)
-    for key in idata.skipped:
+    for key in idata.skipped[:MAX_WARNINGS]:
         _warn_skipped("initdata key", key, f"not one of {', '.join(initdata.ALLOWED_DATA_NAMES)}")
     # initdata is applied after write_files in CAA, so its aa.toml/cdh.toml win.
     for name, content in idata.files:

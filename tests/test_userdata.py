@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,32 @@ def test_allow_list_comes_from_config(cfg: Config) -> None:
     )
     doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/extra\n    content: x\n"
     assert "/run/peerpod/extra" in files_of(userdata.plan(doc, extended))
+
+
+def test_skipped_entries_in_check_provision_and_the_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = "  - path: /run/peerpod/daemon.json\n    content: '{}'\n  - path: /etc/motd\n    content: hi\n"
+    toml = caa.initdata_toml(data={"aa.toml": "x", "kata-agent.toml": "y"})
+    ud = tmp_path / "user-data"
+    ud.write_bytes(caa.cloud_config(initdata=toml, extra_entries=extra))
+    assert cli.main(["check", str(ud)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped (not on the allow-list): /run/peerpod/daemon.json" in out
+    assert "skipped initdata [data] key: kata-agent.toml" in out
+    root = tmp_path / "root"
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == 0
+    assert not (root / "run/peerpod/daemon.json").exists() and not (root / "etc/motd").exists()
+    assert not (root / "run/peerpod/kata-agent.toml").exists()
+    assert (root / "run/peerpod/aa.toml").read_bytes() == b"x"
+    timeline = json.loads((root / "run/guest-agent/timeline.json").read_text())
+    assert timeline["counts"] == {"skipped_entries": 3}
+
+
+def test_owner_is_refused_by_check_and_provision_alike(tmp_path: Path) -> None:
+    ud = tmp_path / "user-data"
+    ud.write_bytes(caa.cloud_config(extra_entries="  - path: /run/peerpod/aa.toml\n    content: x\n    owner: root\n"))
+    root = tmp_path / "root"
+    assert cli.main(["check", str(ud)]) == EXIT_CONFIG
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == EXIT_CONFIG
+    assert not (root / "run/peerpod/aa.toml").exists()
