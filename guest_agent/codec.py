@@ -17,6 +17,7 @@ from guest_agent.errors import UserDataInvalid
 GZIP_MAGIC = b"\x1f\x8b"
 _B64_CHARS = re.compile(rb"[A-Za-z0-9+/=\s]+")
 _WS = re.compile(rb"\s+")
+_CHUNK = 4096
 
 
 def b64_decoded_size(stripped_len: int) -> int:
@@ -56,25 +57,27 @@ def gunzip_bounded(data: bytes, *, limit: int, what: str) -> bytes:
     complete member is an error (Python's `gzip` module would skip trailing zeros).
     """
     out = bytearray()
-    rest = data
-    while True:
-        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            out += d.decompress(rest, limit + 1 - len(out))
-            if len(out) > limit or d.unconsumed_tail:
-                raise UserDataInvalid(f"{what} decompresses to more than the size limit", limit_bytes=limit)
-            out += d.flush()
-        except zlib.error as exc:
-            raise UserDataInvalid(f"{what} is not valid gzip", error=str(exc)[:80]) from exc
-        if len(out) > limit:
-            raise UserDataInvalid(f"{what} decompresses to more than the size limit", limit_bytes=limit)
-        if not d.eof:
-            raise UserDataInvalid(f"{what} is a truncated gzip stream")
-        rest = d.unused_data
-        if not rest:
-            return bytes(out)
-        if not rest.startswith(GZIP_MAGIC):
-            raise UserDataInvalid(f"{what} has data after its gzip stream", trailing_bytes=len(rest))
+    view, pos = memoryview(data), 0
+    try:
+        while True:
+            d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            while not d.eof:
+                if pos >= len(data):
+                    raise UserDataInvalid(f"{what} is a truncated gzip stream")
+                # Small chunks: zlib copies what follows a member into unused_data, so feeding the
+                # whole rest would copy it once per member (quadratic in a flood of empty members).
+                chunk = view[pos : pos + _CHUNK]
+                pos += len(chunk)
+                out += d.decompress(chunk, limit + 1 - len(out))
+                if len(out) > limit or d.unconsumed_tail:
+                    raise UserDataInvalid(f"{what} decompresses to more than the size limit", limit_bytes=limit)
+            pos -= len(d.unused_data)
+            if pos == len(data):
+                return bytes(out)
+            if not data.startswith(GZIP_MAGIC, pos):
+                raise UserDataInvalid(f"{what} has data after its gzip stream", trailing_bytes=len(data) - pos)
+    except zlib.error as exc:
+        raise UserDataInvalid(f"{what} is not valid gzip", error=str(exc)[:80]) from exc
 
 
 def unwrap_layers(data: bytes, *, limit: int, what: str, max_layers: int = 4) -> bytes:

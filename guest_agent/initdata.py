@@ -19,15 +19,17 @@ is skipped (and reported in `Initdata.skipped`) only when it is a plain file nam
 strict mode.  Names are compared exactly (CAA compares after `filepath.Join`, so it also
 accepts e.g. "./aa.toml").
 
-`tomllib` recurses once per nested array or inline table and turns integers with `int()`, so
-before it runs, `nesting_depth()` scans the document (outside strings and comments) and refuses
-more than `MAX_DEPTH` levels; a ValueError from a 5000-digit integer and a RecursionError are
-turned into the same "not valid TOML" refusal.
+`tomllib` recurses once per nested array or inline table, spends time quadratic in the length of
+a dotted key, and turns integers with `int()`, so before it runs, `structure()` scans the document
+(outside strings and comments) and refuses more than `MAX_DEPTH` levels or `MAX_ITEMS` keys and
+values; a ValueError from a 5000-digit integer and a RecursionError are turned into the same
+"not valid TOML" refusal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 
@@ -44,7 +46,8 @@ ALLOWED_DATA_NAMES: tuple[str, ...] = ("aa.toml", "cdh.toml", "policy.rego")
 
 ALGORITHMS: tuple[str, ...] = ("sha256", "sha384", "sha512")
 
-MAX_DEPTH = 32  # arrays and inline tables; the initdata spec needs 1 ([data])
+MAX_DEPTH = 32  # arrays, inline tables and dotted-key parts; the initdata spec needs 1 ([data])
+MAX_ITEMS = 10_000  # lines, keys and values outside strings; the initdata spec has about 20
 NAME_MAX = 255
 
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
@@ -87,52 +90,81 @@ def encode_file(toml_bytes: bytes) -> bytes:
     return base64.b64encode(co.compress(toml_bytes) + co.flush())
 
 
-def nesting_depth(text: str, stop: int) -> int:
-    """The deepest nesting of `[`/`{` outside strings and comments, counted up to `stop`.
+_SPECIAL = re.compile(r"[\"'#\[\]{}=,.\n]")
+# String bodies, matched in one go (the alternatives are disjoint, so no backtracking).
+_BASIC_BODY = re.compile(r'(?:[^"\\\n]|\\[^\n])*')  # up to the closing quote, a newline or the end
+_LITERAL_BODY = re.compile(r"[^'\n]*")
+_ML_BASIC_BODY = re.compile(r'(?:[^"\\]|\\.|"(?!""))*', re.S)  # up to the closing """
 
-    One pass, no recursion.  String rules follow TOML 1.0 as tomllib reads them: basic strings
-    have backslash escapes and end at a newline (an error tomllib reports), literal strings have
-    none, and a multi-line string's closing delimiter may carry up to two extra quotes
-    (`\"\"\"a\"\"\"\"` is `a"`), so the scan leaves each string exactly where tomllib does.
+
+def _match_end(pattern: re.Pattern[str], text: str, pos: int) -> int:
+    m = pattern.match(text, pos)
+    return pos if m is None else m.end()  # these patterns match the empty string: never None
+
+
+def _string_end(text: str, start: int) -> int:
+    """Where the TOML string opening at `start` ends, exactly as tomllib reads it.
+
+    Basic strings have backslash escapes, literal strings none; a one-line string stops at a
+    newline (an error tomllib reports, so nothing after it is parsed); a multi-line string's
+    closing delimiter may carry up to two extra quotes (three quotes, a, four quotes is the string `a"`).
     """
-    depth = deepest = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "#":
-            j = text.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif c in "\"'":
-            triple = text.startswith(c * 3, i)
-            i += 3 if triple else 1
-            while i < n:
-                d = text[i]
-                if d == "\\" and c == '"':
-                    i += 2
-                elif triple and text.startswith(c * 3, i):
-                    run = 3
-                    while run < 5 and i + run < n and text[i + run] == c:
-                        run += 1
-                    i += run
-                    break
-                elif not triple and d == c:
-                    i += 1
-                    break
-                elif not triple and d == "\n":
-                    break
-                else:
-                    i += 1
+    q = text[start]
+    if text.startswith(q * 3, start):
+        if q == "'":
+            j = text.find("'''", start + 3)
         else:
-            if c in "[{":
-                depth += 1
-                if depth > deepest:
-                    deepest = depth
-                    if deepest >= stop:
-                        return deepest
-            elif c in "]}":
-                depth = max(depth - 1, 0)
-            i += 1
-    return deepest
+            end = _match_end(_ML_BASIC_BODY, text, start + 3)
+            j = end if text.startswith(q * 3, end) else -1
+        if j < 0:
+            return len(text)
+        run = 3
+        while run < 5 and text.startswith(q, j + run):
+            run += 1
+        return j + run
+    end = _match_end(_LITERAL_BODY if q == "'" else _BASIC_BODY, text, start + 1)
+    return end + 1 if text.startswith(q, end) else end  # at a newline: tomllib stops there too
+
+
+def structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> tuple[int, int]:
+    """(deepest nesting, items) of a TOML document, outside strings and comments; the scan stops
+    early once either passes its maximum.
+
+    Nesting counts open arrays and inline tables plus the dots of the current dotted key
+    (`a.b.c = 1` is three tables deep: tomllib's time per dotted key is quadratic in its length,
+    16,000 parts took 3 s here).  Items count strings, comments and the other significant characters
+    (`=`, `,`, brackets, braces, newlines), which bounds tomllib's work and this loop's.
+    One pass, no recursion; a regex jumps from one significant character to the next.
+    """
+    depth = dots = items = deepest = 0
+    pos = 0
+    while (m := _SPECIAL.search(text, pos)) is not None:
+        c, pos = m.group(), m.end()
+        if c == "#":
+            nl = text.find("\n", pos)
+            pos, dots = (len(text) if nl < 0 else nl + 1), 0
+        elif c in "\"'":
+            pos = _string_end(text, m.start())
+        elif c == ".":
+            dots += 1
+            deepest = max(deepest, depth + dots)
+            if deepest > max_depth:
+                break
+            continue
+        items += 1
+        if items > max_items:
+            break
+        if c in "#\"'":
+            continue
+        dots = 0
+        if c in "]}":
+            depth = max(depth - 1, 0)
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                break
+    return deepest, items
 
 
 def _plain_name(name: str) -> bool:
@@ -150,8 +182,11 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
         text = toml_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserDataInvalid("initdata is not valid UTF-8", offset=exc.start) from exc
-    if nesting_depth(text, MAX_DEPTH + 1) > MAX_DEPTH:
+    depth, items = structure(text)
+    if depth > MAX_DEPTH:
         raise UserDataInvalid("initdata TOML is nested too deeply", field="initdata", limit=MAX_DEPTH)
+    if items > MAX_ITEMS:
+        raise UserDataInvalid("initdata TOML has too many lines, keys and values", field="initdata", limit=MAX_ITEMS)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

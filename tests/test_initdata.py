@@ -114,6 +114,10 @@ def test_caa_sha384_pcr_vector() -> None:
         (b"a = [[[[" + b'"]]]", ' * 2000 + b"]]]]", "is not supported"),  # brackets in strings do not count
         (b'a = [ """x"""" , ' + b"[" * 5000, "nested too deeply"),  # a closing """ may carry 2 more quotes
         (b"a = " + b"1" * 5000, "not valid TOML"),  # int() past Python's 4300-digit limit
+        (b"a." * 400_000 + b"b = 1\n", "nested too deeply"),  # tomllib is quadratic in a dotted key
+        (b"[" + b"a." * 400_000 + b"b]\n", "nested too deeply"),
+        (b"".join(b"k%d = 1\n" % i for i in range(10_001)), "too many lines, keys and values"),
+        (b"x = [" + b"1," * 20_000 + b"]\n", "too many lines, keys and values"),
         (b"a = 0x" + b"f" * 5000, "is not supported"),  # hex ints have no digit limit: parsed, then ignored
         (make_toml(data="\"./aa.toml\" = ''\n"), "not allowed: './aa.toml'"),
         (make_toml(data='"aa.toml" = 1\n'), "is not a string"),
@@ -144,11 +148,17 @@ def test_unknown_plain_names_are_skipped_unless_strict() -> None:
         initdata.parse(toml, strict=True)
 
 
-def test_nesting_depth_scan_follows_toml_strings() -> None:
-    assert initdata.nesting_depth("a = [[1], [2]]\n[t]\n[[arr]]\n", 99) == 2
-    assert initdata.nesting_depth('a = \'[[[[\'\nb = "\\"[[["\n# [[[[\n', 99) == 0
-    assert initdata.nesting_depth("a = '''x''''' \nb = [[1]]", 99) == 2  # '''x''''' is x''
-    assert initdata.nesting_depth('a = "[[\nb = [[1]]', 99) == 2  # a basic string ends at the newline
+def test_structure_scan_follows_toml_strings() -> None:
+    def nesting_depth(text: str) -> int:
+        return initdata.structure(text, max_depth=99)[0]
+
+    assert nesting_depth("a = [[1], [2]]\n[t]\n[[arr]]\n") == 2
+    assert nesting_depth('a = \'[[[[\'\nb = "\\"[[["\n# [[[[\n') == 0
+    assert nesting_depth("a = '''x''''' \nb = [[1]]") == 2  # '''x''''' is x''
+    assert nesting_depth('a = "[[\nb = [[1]]') == 2  # a basic string ends at the newline
+    assert nesting_depth('a = """x\\"""[[[\n"""\nb = [[1]]') == 2  # an escaped quote does not close
+    assert nesting_depth("a.b.c = 1.5\n") == 2  # dotted keys are nested tables
+    assert initdata.structure("a = 1\nb = [1, 2]\n") == (1, 7)
 
 
 @pytest.mark.parametrize(
@@ -176,3 +186,9 @@ def test_gzip_bomb_is_bounded() -> None:
     # exactly at the limit is fine
     exact = base64.b64encode(gzip.compress(b"#" * LIMIT))
     assert len(initdata.decode_file(exact, limit=LIMIT)) == LIMIT
+
+
+def test_every_caa_shape_is_within_the_structure_limits() -> None:
+    for toml in (make_toml(), initdata.DEFAULT_INITDATA_TOML, make_toml("sha256", data="")):
+        depth, items = initdata.structure(toml.decode())
+        assert depth <= 2 and items < 30
