@@ -48,6 +48,11 @@ _INT = re.compile(r"[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]+|0|[1-9][0-9_]*)")
 _MAX_INT_CHARS = 24  # far below Python's 4300-digit int() limit; any mode fits in 12
 
 
+def field_of(where: str) -> str:
+    """`write_files[3].path` -> `write_files[].path`: reasons stay fixed, the index goes in `where`."""
+    return re.sub(r"\[\d+\]", "[]", where)
+
+
 def show(text: str, n: int = SHOWN) -> str:
     """A short, printable-ASCII prefix of untrusted text for an error message or log field."""
     shown = ascii(text[:n])[1:-1]
@@ -180,7 +185,7 @@ def compose(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES
 def _scalar(node: Node, where: str, what: str) -> Scalar:
     if not isinstance(node, Scalar):
         got = "mapping" if isinstance(node, dict) else "list"
-        raise UserDataInvalid(f"{where} must be {what}", where=where, got=got)
+        raise UserDataInvalid(f"{field_of(where)} must be {what}", where=where, got=got)
     return node
 
 
@@ -196,7 +201,9 @@ def text(node: Node, where: str) -> str | None:
         return None
     s = _scalar(node, where, "a string")
     if s.tag not in (None, "!", STR):
-        raise UserDataInvalid(f"{where} has a YAML tag that does not give a string", where=where, tag=show(s.tag or ""))
+        raise UserDataInvalid(
+            f"{field_of(where)} has a YAML tag that does not give a string", where=where, tag=show(s.tag or "")
+        )
     return s.value
 
 
@@ -206,7 +213,7 @@ def content(node: Node, where: str) -> bytes | str | None:
         try:
             return base64.b64decode(re.sub(r"\s+", "", node.value), validate=True)
         except (binascii.Error, ValueError):
-            raise UserDataInvalid(f"{where} is !!binary but not valid base64", where=where) from None
+            raise UserDataInvalid(f"{field_of(where)} is !!binary but not valid base64", where=where) from None
     return text(node, where)
 
 
@@ -218,18 +225,20 @@ def uint(node: Node, where: str, *, octal_strings: bool) -> int | None:
     s = _scalar(node, where, "a number")
     value = s.value.strip()
     if len(value) > _MAX_INT_CHARS:
-        raise UserDataInvalid(f"{where} is too long for a number", where=where, chars=len(value))
+        raise UserDataInvalid(f"{field_of(where)} is too long for a number", where=where, chars=len(value))
     if s.plain or s.tag == INT:
         if _INT.fullmatch(value) is None:
-            raise UserDataInvalid(f"{where} is not an integer", where=where, value=show(value, 24))
+            raise UserDataInvalid(f"{field_of(where)} is not an integer", where=where, value=show(value, 24))
         digits = value.replace("_", "")
         sign = -1 if digits.startswith("-") else 1
         digits = digits.lstrip("+-")
         if digits.startswith(("0b", "0x")):
             if len(digits) == 2:  # "0x_" is all underscores
-                raise UserDataInvalid(f"{where} is not an integer", where=where, value=show(value, 24))
+                raise UserDataInvalid(f"{field_of(where)} is not an integer", where=where, value=show(value, 24))
             return sign * int(digits[2:], 2 if digits[1] == "b" else 16)
         return sign * (int(digits, 8) if len(digits) > 1 and digits.startswith("0") else int(digits))
     if octal_strings and s.tag in (None, "!", STR) and re.fullmatch(r"(?:0o)?[0-7]{1,6}", value):
         return int(value.removeprefix("0o"), 8)
-    raise UserDataInvalid(f"{where} must be an octal mode", where=where, value=show(value, 24), tag=show(s.tag or ""))
+    raise UserDataInvalid(
+        f"{field_of(where)} must be an octal mode", where=where, value=show(value, 24), tag=show(s.tag or "")
+    )

@@ -34,6 +34,7 @@ from guest_agent.config import Config
 from guest_agent.errors import UserDataInvalid
 from guest_agent.files import FileSpec
 from guest_agent.log import fields
+from guest_agent.safeyaml import field_of
 
 log = logging.getLogger("guest_agent.userdata")
 
@@ -99,15 +100,15 @@ def decode(raw: bytes, cfg: Config) -> str:
 def normalise_path(path: str | None, where: str) -> str:
     """A well-formed target path: absolute, normalised, printable, at most PATH_MAX bytes."""
     if not path:
-        raise UserDataInvalid(f"{where} has no path string", where=where)
+        raise UserDataInvalid(f"{field_of(where)} has no path string", where=where)
     shown = safeyaml.show(path, 80)
     if len(path.encode("utf-8", "surrogatepass")) >= PATH_MAX or not path.isprintable():
-        raise UserDataInvalid(f"{where} is too long or holds control characters", where=where, path=shown)
+        raise UserDataInvalid(f"{field_of(where)} is too long or holds control characters", where=where, path=shown)
     if not path.startswith("/"):
-        raise UserDataInvalid(f"{where} must be absolute", where=where, path=shown)
+        raise UserDataInvalid(f"{field_of(where)} must be absolute", where=where, path=shown)
     norm = posixpath.normpath(path)
     if norm != path or "/../" in f"{path}/" or "/./" in f"{path}/" or norm.startswith("//"):
-        raise UserDataInvalid(f"{where} is not normalised", where=where, path=shown)
+        raise UserDataInvalid(f"{field_of(where)} is not normalised", where=where, path=shown)
     return norm
 
 
@@ -116,7 +117,7 @@ def _mode(node: safeyaml.Node | None, where: str, default: int) -> int:
     if mode is None:
         return default
     if not 0 <= mode <= 0o777:  # no setuid/setgid/sticky from an untrusted host
-        raise UserDataInvalid(f"{where} out of range (0000-0777)", where=where, mode=oct(mode)[:24])
+        raise UserDataInvalid(f"{field_of(where)} out of range (0000-0777)", where=where, mode=oct(mode)[:24])
     return mode
 
 
@@ -127,20 +128,28 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
     encoding = (encoding or "text/plain").lower()
     if encoding not in _ENCODINGS:
         raise UserDataInvalid(
-            f"{where}.encoding is not supported", where=f"{where}.encoding", encoding=safeyaml.show(encoding, 24)
+            f"{field_of(where)}.encoding is not supported",
+            where=f"{where}.encoding",
+            encoding=safeyaml.show(encoding, 24),
         )
     data = (content or "").encode("utf-8") if not isinstance(content, bytes) else content
     what = f"{where}.content"
     layers = _ENCODINGS[encoding]
-    for layer in layers:
-        if layer == "b64":
-            # The gzip under it may be up to the decoded limit; plain base64 content up to the file limit.
-            bound = cfg.limits.max_decoded_bytes if "gz" in layers else limit
-            data = codec.b64decode_strict(data, what=what, limit=bound)
-        else:
-            data = codec.gunzip_bounded(data, limit=limit, what=what)
+    try:
+        for layer in layers:
+            if layer == "b64":
+                # The gzip under it may be up to the decoded limit; plain base64 content up to the file limit.
+                bound = cfg.limits.max_decoded_bytes if "gz" in layers else limit
+                data = codec.b64decode_strict(data, what=field_of(what), limit=bound)
+            else:
+                data = codec.gunzip_bounded(data, limit=limit, what=field_of(what))
+    except UserDataInvalid as exc:
+        exc.supporting_data.setdefault("where", what)
+        raise
     if len(data) > limit:
-        raise UserDataInvalid(f"{what} is larger than the size limit", where=what, size=len(data), limit_bytes=limit)
+        raise UserDataInvalid(
+            f"{field_of(what)} is larger than the size limit", where=what, size=len(data), limit_bytes=limit
+        )
     return data
 
 
@@ -173,17 +182,17 @@ def parse_document(text: str, cfg: Config) -> Parsed:
     for i, entry in enumerate(entries):
         where = f"write_files[{i}]"
         if not isinstance(entry, dict):
-            raise UserDataInvalid(f"{where} must be a mapping", where=where)
+            raise UserDataInvalid(f"{field_of(where)} must be a mapping", where=where)
         extra = sorted(safeyaml.show(k, 24) for k in entry if k not in ENTRY_KEYS)
         if extra:
-            raise UserDataInvalid(f"{where} has unsupported keys", where=where, keys=",".join(extra)[:200])
+            raise UserDataInvalid(f"{field_of(where)} has unsupported keys", where=where, keys=",".join(extra)[:200])
         # Every field is validated, also for an entry that is then skipped: malformed is malformed.
         given = safeyaml.text(entry["path"], f"{where}.path") if "path" in entry else None
         path = normalise_path(given, f"{where}.path")
         owner = entry.get("owner")
         if owner is not None and not safeyaml.is_null(owner):
             raise UserDataInvalid(
-                f"{where}.owner is not supported: the agent cannot change owners (no CAP_CHOWN); files are root's",
+                "write_files[].owner is not supported: the agent cannot change owners (no CAP_CHOWN); files are root's",
                 where=f"{where}.owner",
             )
         content = _content(entry, where, cfg)
@@ -200,12 +209,14 @@ def parse_document(text: str, cfg: Config) -> Parsed:
         if path not in allowed:
             if cfg.files.strict:
                 raise UserDataInvalid(
-                    f"{where}.path is not on the allow-list", where=f"{where}.path", path=safeyaml.show(path, 80)
+                    f"{field_of(where)}.path is not on the allow-list",
+                    where=f"{where}.path",
+                    path=safeyaml.show(path, 80),
                 )
             skipped.append(path)
             continue
         if path in seen:
-            raise UserDataInvalid(f"{where}.path lists a path twice", where=f"{where}.path", path=path)
+            raise UserDataInvalid(f"{field_of(where)}.path lists a path twice", where=f"{where}.path", path=path)
         seen.add(path)
         specs.append(FileSpec(path, content, mode))
     return Parsed(specs, skipped)

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_agent import codec, initdata, iso9660, userdata
+from guest_agent import codec, initdata, iso9660, safeyaml, userdata
 from guest_agent.config import Config
 from guest_agent.errors import AgentError
 from tests import caa
@@ -121,6 +121,46 @@ def test_multi_member_gzip(members: list[bytes], tail: bytes) -> None:
 
 
 # --- #cloud-config ---------------------------------------------------------------------------
+
+
+def _texts(node: safeyaml.Node | None) -> object:
+    """A composed tree with each scalar as its text (no stack: a loop over an explicit worklist)."""
+    root: list[object] = [None]
+    work: list[tuple[safeyaml.Node | None, list[object] | dict[str, object], int | str]] = [(node, root, 0)]
+    while work:
+        n, parent, slot = work.pop()
+        if isinstance(n, safeyaml.Scalar) or n is None:
+            value: object = None if n is None else n.value
+        elif isinstance(n, list):
+            value = [None] * len(n)
+            work.extend((child, value, i) for i, child in enumerate(n))
+        else:
+            value = dict.fromkeys(n)
+            work.extend((child, value, k) for k, child in n.items())
+        parent[slot] = value  # type: ignore[index]
+    return root[0]
+
+
+TREES = st.recursive(
+    st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(TREES, st.sampled_from([None, True, False]))
+def test_compose_agrees_with_pyyaml(tree: object, flow: bool | None) -> None:
+    """Differential: any string tree PyYAML dumps is composed to the same structure and texts."""
+    import yaml
+
+    text = yaml.safe_dump(tree, default_flow_style=flow, allow_unicode=True)
+    try:
+        composed = safeyaml.compose(text)
+    except AgentError as exc:  # only the limits may refuse what PyYAML reads
+        assert "nested too deeply" in exc.reason or "too many" in exc.reason
+        return
+    assert _texts(composed) == yaml.safe_load(text)
 
 
 @FUZZ
