@@ -4,7 +4,8 @@ The classes of the hostile-host issue, as concrete inputs: parser crashes and bl
 flow sequences that overflowed libyaml's recursive C loader, alias bombs, chained merge keys, deep
 TOML), values outside the agent's error classes (impossible dates, 5000-digit ints, !!float and
 !!int on non-numbers, owner values), and the small ones (an oversized body reported as too large,
-`max_layers`).  Each case goes through `guest-agent check` in-process (exit code and reason) and the
+`max_layers`).  Each case goes through `guest-agent check` and `provision` in-process (exit code, reason, nothing
+written) and the
 worst ones through a child process whose peak RSS is read with `os.wait4` (asserted < 128 MiB).
 
 Figures from `.venv/bin/python -m tests.test_hostile_userdata` (one child per case; "wall ms" and
@@ -252,6 +253,9 @@ def test_refused_with_a_short_reason(case: str, tmp_path: Path, capsys: pytest.C
     ud = tmp_path / "user-data"
     ud.write_bytes(raw)
     assert cli.main(["check", str(ud)]) == EXIT_CONFIG
+    root = tmp_path / "root"
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == EXIT_CONFIG  # boot's path
+    assert not (root / "run/peerpod").exists()  # nothing written
     err = capsys.readouterr().err
     assert "unexpected internal error" not in err
 
