@@ -4,9 +4,9 @@ The classes of the hostile-host issue, as concrete inputs: parser crashes and bl
 flow sequences that overflowed libyaml's recursive C loader, alias bombs, chained merge keys, deep
 TOML), values outside the agent's error classes (impossible dates, 5000-digit ints, !!float and
 !!int on non-numbers, owner values), and the small ones (an oversized body reported as too large,
-`max_layers`).  Each case goes through `guest-agent check` and `provision` in-process (exit code, reason, nothing
-written) and the
-worst ones through a child process whose peak RSS is read with `os.wait4` (asserted < 128 MiB).
+`max_layers`).  Each case goes through `guest-agent check` and `provision` in-process (exit code,
+reason, nothing written) and the worst ones through a child process whose peak RSS is read with
+`os.wait4` (asserted < 128 MiB).
 
 Figures from `.venv/bin/python -m tests.test_hostile_userdata` (one child per case; "wall ms" and
 "cpu ms" are `userdata.plan()` alone, imports done before the clock starts; "RSS MiB" is the
