@@ -106,6 +106,7 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
     log.info("user-data: %d bytes, sha256 %s", len(raw), digest, extra=fields(size=len(raw), sha256=digest))
     with tl.stage("validate"):
         plan = userdata.plan(raw, cfg)
+        tl.count("skipped_entries", plan.skipped)  # off the allow-list, skipped as CAA does (files.strict)
         already = check_measurement(plan.initdata, cfg, root)
     with tl.stage("write"):
         files.apply(list(plan.files), root=root, dir_mode=cfg.files.dir_mode)

@@ -132,6 +132,10 @@ def _check(path: str, cfg: Config) -> int:
     src = "default (none in user-data)" if plan.initdata_is_default else "from user-data"
     print(f"initdata: {src}, {plan.initdata.algorithm} digest {plan.initdata.digest_hex}")
     print(f"PCR extend value (sha256 bank): {plan.initdata.pcr_extend_value.hex()}")
+    for path in plan.skipped_paths:
+        print(f"skipped (not on the allow-list): {path}")
+    for key in plan.skipped_initdata_keys:
+        print(f"skipped initdata [data] key: {key}")
     return EXIT_OK
 
 
