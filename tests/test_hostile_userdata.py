@@ -5,82 +5,82 @@ flow sequences that overflowed libyaml's recursive C loader, alias bombs, chaine
 TOML), values outside the agent's error classes (impossible dates, 5000-digit ints, !!float and
 !!int on non-numbers, owner values), and the small ones (an oversized body reported as too large,
 `max_layers`).  Each case goes through `guest-agent check` and `provision` in-process (exit code,
-reason, nothing written) and the worst ones through a child process whose peak RSS is read with
-`os.wait4` (asserted < 128 MiB).
+reason, nothing written) and the worst ones through a child process whose peak RSS (VmHWM of its
+own image, read at its end) is asserted < 128 MiB.
 
 Figures from `.venv/bin/python -m tests.test_hostile_userdata` (one child per case; "wall ms" and
 "cpu ms" are `userdata.plan()` alone, imports done before the clock starts; "RSS MiB" is the
-child's ru_maxrss from `os.wait4`, "+parse" its growth over the peak before parsing; a shared,
+child's VmHWM, "+parse" its growth over the peak before parsing; a shared,
 loaded 2-core machine, so wall times are noisy and only comparable within this one run).  For
 contrast, `python -c "import yaml; yaml.load(b'write_files: ' + b'[' * 60000,
 Loader=yaml.CSafeLoader)"` (the loader used before) ends with SIGSEGV (exit 139) on the same run.
 
     case                                       bytes exit  wall ms  cpu ms  RSS MiB  +parse
-    (baseline: valid document)                    16    0     0.45    0.45     39.4     0.0
-    !!binary content not base64                   74   78     0.37    0.37     39.4     0.0
-    !!binary path                                 64   78     0.45    0.44     39.4     0.0
-    !!float on a word                             90   78     0.41    0.41     39.4     0.0
-    !!float on content                            71   78     0.31    0.30     39.4     0.0
-    !!int on a word                               88   78     0.62    0.62     39.4     0.0
-    %TAG directive                                59   78     0.51    0.22     39.4     0.0
-    1 KB gzip of 1 MB nested flow sequences     1021   78    30.29   28.19     39.4     0.0
-    1200 gzip entries off the allow-list        5172   78    68.17   60.00     39.4     0.0
-    200k-node flow list                          445   78    47.62   38.81     39.4     0.0
-    5000-digit !!int permissions                5085   78     0.49    0.46     39.4     0.0
-    5000-digit permissions                      5079   78     0.45    0.45     39.4     0.0
-    60 KB nested flow sequences                60013   78     6.15    3.07     39.4     0.0
-    8 KB path                                   8232   78     0.46    0.46     39.4     0.0
-    NUL in path                                   66   78     0.65    0.65     39.4     0.0
-    alias bomb in encoding                       525   78     0.38    0.38     39.4     0.0
-    alias without anchor                          84   78     0.33    0.33     39.4     0.0
-    anchor on a plain value                       82   78     0.42    0.42     39.4     0.0
-    chained merge keys                           917   78     0.36    0.36     39.4     0.0
-    complex key                                   21   78     0.30    0.30     39.4     0.0
-    duplicate keys                                77   78     0.45    0.45     39.4     0.0
-    escape sequences in a key                     21   78     0.35    0.26     39.4     0.0
-    five layers                                  128   78     0.39    0.27     39.4     0.0
-    gzip bomb                                   8176   78     5.23    4.98     39.4     0.0
-    gzip with trailing garbage                    52   78     0.17    0.17     39.4     0.0
-    impossible timestamp as content               91   78     0.28    0.28     39.4     0.0
-    impossible timestamp as permissions          101   78     0.39    0.39     39.4     0.0
-    initdata 300k one-char strings              2604   78    19.59   18.75     39.4     0.0
-    initdata 5000-digit int                     1472   78     2.12    1.50     39.4     0.0
-    initdata 800 KB dotted key                  2472   78     5.98    5.93     39.4     0.0
-    initdata gzip bomb                         10963   78     8.98    6.38     39.4     0.0
-    initdata nested arrays                      1564   78     1.44    1.32     39.4     0.0
-    initdata nested inline tables               1628   78     1.11    1.11     39.4     0.0
-    initdata of 19k empty gzip members          1853   78    57.52   49.34     39.4     0.0
-    initdata traversal key                      1496   78     0.62    0.62     39.4     0.0
-    local tag on content                          66   78     0.69    0.47     39.4     0.0
-    merge key without anchors                     52   78     0.29    0.29     39.4     0.0
-    nested block sequences                    100015   78    33.87   19.46     39.4     0.0
-    nested flow mappings                      200013   78    42.37   28.72     39.4     0.0
-    oversized base64 body                     409600   78     0.07    0.07     39.4     0.0
-    oversized invalid base64 content             886   78    51.77   45.71     39.4     0.0
-    oversized raw body                        307200   78     0.06    0.06     39.4     0.0
-    owner (uid_t)-1                               83   78     0.52    0.49     39.4     0.0
-    owner 5000 digits                           5073   78     0.49    0.49     39.4     0.0
-    owner alias bomb                             522   78     0.36    0.36     39.4     0.0
-    owner superscript two                         75   78     0.52    0.52     39.4     0.0
-    owner uid too large                           96   78     0.55    0.55     39.4     0.0
-    owner with NUL                                86   78     0.47    0.47     39.4     0.0
-    permissions -1                                81   78     0.36    0.36     39.4     0.0
-    permissions .inf                              83   78     1.00    0.60     39.4     0.0
-    permissions 1e400                             84   78     0.56    0.56     39.4     0.0
-    permissions setuid                            84   78     0.74    0.62     39.4     0.0
-    plain date as path                            49   78     1.09    0.57     39.4     0.0
-    python name tag on path                       64   78     0.58    0.58     39.4     0.0
-    python object tag on a list                   50   78     0.37    0.37     39.4     0.0
-    traversal                                     68   78    19.43    0.71     39.4     0.0
-    two documents                                 37   78     0.26    0.26     39.4     0.0
-    unterminated 200 KB quote                 200014   78     7.65    5.04     39.4     0.0
+    (baseline: valid document)                    16    0     0.46    0.45     23.2     1.9
+    !!binary content not base64                   74   78     0.54    0.54     23.2     1.9
+    !!binary path                                 64   78     0.38    0.38     23.3     2.0
+    !!float on a word                             90   78     0.48    0.48     23.3     2.0
+    !!float on content                            71   78     0.45    0.45     23.1     1.8
+    !!int on a word                               88   78     0.50    0.49     23.3     2.0
+    %TAG directive                                59   78     0.36    0.35     23.2     1.9
+    1 KB gzip of 1 MB nested flow sequences     1021   78    40.29   33.46     27.4     6.1
+    1200 gzip entries off the allow-list        5172   78    80.87   73.21     30.6     9.3
+    200k-node flow list                          445   78    63.91   44.23     26.8     5.5
+    5000-digit !!int permissions                5085   78     0.55    0.54     23.0     1.7
+    5000-digit permissions                      5079   78     4.87    0.91     24.3     3.0
+    60 KB nested flow sequences                60013   78     2.52    2.52     24.5     3.2
+    8 KB path                                   8232   78     0.59    0.59     23.1     1.9
+    NUL in path                                   66   78     0.39    0.39     22.9     1.6
+    alias bomb in encoding                       525   78     0.34    0.34     23.2     1.9
+    alias without anchor                          84   78     0.51    0.48     23.2     2.0
+    anchor on a plain value                       82   78     0.26    0.26     22.9     1.6
+    chained merge keys                           917   78     0.43    0.43     23.2     1.9
+    complex key                                   21   78     0.28    0.28     22.8     1.5
+    duplicate keys                                77   78     0.30    0.30     23.5     2.2
+    escape sequences in a key                     21   78     0.23    0.23     23.1     1.8
+    five layers                                  128   78     0.18    0.18     23.2     1.9
+    gzip bomb                                   8176   78     4.82    4.75     26.2     4.8
+    gzip with trailing garbage                    52   78     0.13    0.13     22.6     1.3
+    impossible timestamp as content               91   78     0.43    0.43     22.6     1.4
+    impossible timestamp as permissions          101   78     0.65    0.65     22.9     1.5
+    initdata 300k one-char strings              2604   78    25.67   24.85     27.2     5.9
+    initdata 5000-digit int                     1472   78     1.40    1.40     23.4     2.1
+    initdata 800 KB dotted key                  2472   78     4.67    4.67     26.7     5.5
+    initdata gzip bomb                         10963   78     6.16    6.16     27.3     6.0
+    initdata nested arrays                      1564   78     0.81    0.81     23.5     2.2
+    initdata nested inline tables               1628   78     1.01    1.01     23.2     1.9
+    initdata of 19k empty gzip members          1853   78   105.52  104.56     31.5    10.2
+    initdata traversal key                      1496   78     0.61    0.61     23.1     1.8
+    local tag on content                          66   78     0.44    0.44     23.4     2.1
+    merge key without anchors                     52   78     1.35    0.42     23.3     2.1
+    nested block sequences                    100015   78    19.75   19.00     31.5    10.2
+    nested flow mappings                      200013   78    30.47   28.78     33.7    12.2
+    oversized base64 body                     409600   78     0.11    0.11     22.9     1.3
+    oversized invalid base64 content             886   78    30.31   30.03     28.0     6.8
+    oversized raw body                        307200   78     0.10    0.10     23.4     1.8
+    owner (uid_t)-1                               83   78     0.30    0.30     23.0     1.6
+    owner 5000 digits                           5073   78     0.40    0.40     23.3     2.0
+    owner alias bomb                             522   78     0.32    0.32     23.1     1.9
+    owner superscript two                         75   78     0.39    0.39     22.9     1.6
+    owner uid too large                           96   78     0.77    0.72     22.9     1.6
+    owner with NUL                                86   78     0.52    0.52     22.8     1.4
+    permissions -1                                81   78     0.54    0.54     23.2     1.9
+    permissions .inf                              83   78     0.46    0.46     23.1     1.9
+    permissions 1e400                             84   78     0.72    0.72     23.0     1.7
+    permissions setuid                            84   78     0.65    0.66     23.2     1.9
+    plain date as path                            49   78     0.49    0.49     23.2     1.9
+    python name tag on path                       64   78     0.71    0.71     23.4     2.1
+    python object tag on a list                   50   78     0.23    0.23     22.9     1.5
+    traversal                                     68   78     0.49    0.49     23.1     1.8
+    two documents                                 37   78     0.45    0.45     23.3     2.1
+    unterminated 200 KB quote                 200014   78     5.59    5.36     24.1     2.6
 
-No case raised the child's peak RSS above what the imports had already reached (39.4 MiB for
-every case and the baseline in this run).  By CPU time the slowest rejection is "1200 gzip entries
-off the allow-list" (~60 ms: ~0.9 MB of YAML composed, then three 512 KiB entries inflated before
-the total cap), then 19k empty gzip members (~49 ms, decoded in 4 KiB chunks so the work stays
-linear).  An *accepted* 1 MiB initdata made only of backslash escapes costs tomllib ~0.3 s of CPU
-(linear; `structure()` itself ~5 ms).
+The worst peak (VmHWM) in this run was 30.6 MiB ("1200 gzip entries off the allow-list": ~0.9 MB
+of YAML composed, then three 512 KiB entries inflated before the total cap), 9.3 MiB over the
+imports; the valid baseline peaks at 23.2 MiB.  By CPU time the slowest rejection is the same case
+(~73 ms), then the 200k-node flow list (~44 ms); 19k empty gzip members are decoded in 4 KiB
+chunks so the work stays linear.  An *accepted* 1 MiB initdata made only of backslash escapes
+costs tomllib ~0.3 s of CPU (linear; `structure()` itself ~5 ms).
 """
 
 from __future__ import annotations
@@ -261,13 +261,20 @@ def test_refused_with_a_short_reason(case: str, tmp_path: Path, capsys: pytest.C
 
 
 _CHILD = """
-import resource, sys, time
+import sys, time
 import yaml  # imported before the clock starts: the figures are the parse, not the imports
 from guest_agent import cli, userdata
 from guest_agent.config import Config
 from guest_agent.errors import AgentError
+def hwm():
+    # VmHWM: the peak RSS of this process image only.  ru_maxrss would also count the image
+    # before exec (a vfork of the big pytest process).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 raw = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 wall, cpu = time.perf_counter(), time.process_time()
 try:
     userdata.plan(raw, Config())
@@ -275,7 +282,7 @@ except AgentError:
     pass
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 rc = cli.main(["check", sys.argv[1]])
-sys.stderr.write("\\nFIGURES %.2f %.2f %d\\n" % (wall * 1000, cpu * 1000, before))
+sys.stderr.write("\\nFIGURES %.2f %.2f %d %d\\n" % (wall * 1000, cpu * 1000, before, hwm()))
 sys.exit(rc)
 """
 
@@ -283,7 +290,7 @@ sys.exit(rc)
 @dataclasses.dataclass
 class Run:
     rc: int  # exit status, or -signal
-    maxrss_kib: int  # the child's peak RSS (os.wait4)
+    maxrss_kib: int  # the child's peak RSS (VmHWM of its own image)
     before_kib: int  # its peak RSS after the imports, before the input was parsed
     wall_ms: float  # userdata.plan() alone
     cpu_ms: float
@@ -299,8 +306,8 @@ def run_child(raw: bytes) -> Run:
             _, status, usage = os.wait4(p.pid, 0)
             p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
         tail = err.read_text(errors="replace").rsplit("FIGURES ", 1)
-        wall, cpu, before = tail[1].split()[:3] if len(tail) == 2 else ("nan", "nan", "0")
-    return Run(p.returncode, usage.ru_maxrss, int(before), float(wall), float(cpu))
+        wall, cpu, before, peak = tail[1].split()[:4] if len(tail) == 2 else ("nan", "nan", "0", "0")
+    return Run(p.returncode, int(peak) or usage.ru_maxrss, int(before), float(wall), float(cpu))
 
 
 @pytest.mark.parametrize("case", WORST)
