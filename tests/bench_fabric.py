@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest_agent.azure.fabric import AzureFabric
 from guest_agent.config import AzureConfig
-from guest_agent.fabric import AzureFabric
 from tests.fakecloud.wireserver import FakeWireserver
 
 SCENARIOS = {

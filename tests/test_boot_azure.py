@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from guest_agent import boot, cli
+from guest_agent.azure import kvp
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError
 from tests import caa
@@ -85,10 +86,13 @@ def test_report_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with FakeWireserver() as ws:
         root, conf = _azure_root(tmp_path, closed_port(), ws.url)
         assert cli.main(["report-failure", "--root", str(root), "--config", str(conf), "--reason", "disk full"]) == 0
-        # An operator's explicit command is obeyed (the boot path itself never does this).
-        assert cli.main(["report-ready", "--root", str(root), "--config", str(conf)]) == 0
+        # Never Ready after NotReady in one boot, not even by hand ...
+        assert cli.main(["report-ready", "--root", str(root), "--config", str(conf)]) == EXIT_UNAVAILABLE
+        # ... unless the operator insists.
+        assert cli.main(["report-ready", "--force", "--root", str(root), "--config", str(conf)]) == 0
         reports = ws.accepted()
-    assert [(r.state, r.description) for r in reports] == [("NotReady", "disk full"), ("Ready", None)]
+    assert [r.state for r in reports] == ["NotReady", "Ready"]
+    assert kvp.parse_provisioning_report(reports[0].description or "")["reason"] == "disk full"
     out = capsys.readouterr().out
     assert "acknowledged: NotReady" in out and "acknowledged: Ready" in out
 
@@ -129,8 +133,9 @@ def test_json_flow_imports_no_xml_and_no_pyroute2(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert [r.state for r in ws.accepted()] == ["Ready"]
-        assert ws.requests_to("goalstate")  # the prefetch did run ...
+        assert not ws.requests_to("goalstate")  # no goal state on the JSON flow
     imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    assert "xml.etree.ElementTree" not in imported  # ... but parsed nothing
+    assert "xml.parsers.expat" not in imported
+    assert "requests" not in imported and "http.client" not in imported
     assert "pyroute2" not in imported
     assert "systemd.journal" not in imported

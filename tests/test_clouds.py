@@ -76,7 +76,7 @@ def make_cfg(cloud: str, url: str, *, deadline_s: float = 3.0, timeout_s: float 
 
 
 def fetch(cloud: str, url: str, root: Path, ft: FakeTime, **kw: float) -> bytes:
-    deps = boot.Deps(clock=ft.clock, sleep=ft.sleep)
+    deps = boot.Deps(clock=ft.clock, sleep=ft.sleep, rand=lambda: 1.0)  # jitter at its cap: delays are exact
     return boot.fetch_user_data(cloud, make_cfg(cloud, url, **kw), str(root), deps)
 
 
@@ -214,7 +214,8 @@ def test_ibmcloud_request_shape(serve: Callable[[Handler], FakeServer], ft: Fake
 def test_no_proxy_even_when_the_environment_sets_one(
     cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import requests
+    import urllib.error
+    import urllib.request
 
     proxy = closed_port_url()  # a proxy that refuses every connection, on loopback
     for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
@@ -222,9 +223,9 @@ def test_no_proxy_even_when_the_environment_sets_one(
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
     server = serve(FACTORY[cloud](USER_DATA, Script()))
-    # Control: a default session honours the variable, so this environment really points at the proxy.
-    with pytest.raises(requests.exceptions.ProxyError):
-        requests.Session().get(server.url + "/", timeout=2)
+    # Control: the stdlib's default opener honours the variable, so this environment really points at the proxy.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server.url + "/", timeout=2)
     assert server.requests == []
     assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA
     assert data_requests(server, cloud)
@@ -235,7 +236,7 @@ def test_no_proxy_even_when_the_environment_sets_one(
 RETRIED: dict[str, tuple[Callable[[], Reply], float]] = {
     "404": (lambda: Reply(404, "Not Found"), FIRST_BACKOFF),
     "410": (lambda: Reply(410, "Gone"), FIRST_BACKOFF),
-    "429-retry-after-3": (lambda: Reply(429, "Too Many Requests", {"Retry-After": "3"}), 3.0),
+    "429-retry-after-3": (lambda: Reply(429, "Too Many Requests", {"Retry-After": "3"}), 3.0 + FIRST_BACKOFF),
     "429-no-retry-after": (lambda: Reply(429, "Too Many Requests"), FIRST_BACKOFF),
     "500": (lambda: Reply(500, "Internal Server Error"), FIRST_BACKOFF),
     "503": (lambda: Reply(503, "Service Unavailable"), FIRST_BACKOFF),
@@ -263,7 +264,7 @@ def test_retry_after_is_capped(serve: Callable[[Handler], FakeServer], ft: FakeT
     script = Script({"user-data": [Reply(429, "", {"Retry-After": "3600"})]})
     server = serve(imds.azure(USER_DATA, script))
     assert fetch("azure", server.url, tmp_path, ft, deadline_s=100.0) == USER_DATA
-    assert ft.sleeps == [Config().fetch.retry_after_max_s]
+    assert ft.sleeps == [Config().fetch.retry_after_max_s + FIRST_BACKOFF]  # capped, then the jitter
 
 
 def test_retry_after_past_the_deadline_gives_up_at_once(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import kvp
+from guest_agent.azure import kvp
 
 
 def test_record_layout() -> None:

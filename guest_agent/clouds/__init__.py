@@ -8,7 +8,6 @@ returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -17,8 +16,6 @@ from urllib.parse import urlsplit
 from guest_agent.config import Config, under_root
 
 if TYPE_CHECKING:
-    import requests
-
     from guest_agent.transport import Backoff, Deadline
 
 DMI_FIELDS = (
@@ -93,15 +90,7 @@ class FetchContext:
     root: str
     deadline: Deadline
     backoff: Backoff
-    session_factory: Callable[[], requests.Session]
     state: dict[str, Any] = field(default_factory=dict)  # per-provider state across attempts (tokens)
-    _session: requests.Session | None = None
-
-    @property
-    def session(self) -> requests.Session:
-        if self._session is None:
-            self._session = self.session_factory()
-        return self._session
 
 
 def provider_module(name: str) -> ModuleType:
@@ -110,6 +99,8 @@ def provider_module(name: str) -> ModuleType:
 
     if name not in ("azure", "aws", "gcp", "alibaba", "ibmcloud", "cidata"):
         raise ValueError(f"unknown provider {name!r}")
+    if name == "azure":
+        return importlib.import_module("guest_agent.azure.imds")  # Azure's modules live together
     return importlib.import_module(f"guest_agent.clouds.{name}")
 
 

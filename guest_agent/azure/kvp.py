@@ -16,7 +16,7 @@ import logging
 import os
 import time
 
-log = logging.getLogger("guest_agent.kvp")
+log = logging.getLogger("guest_agent.azure.kvp")
 
 POOL_FILE = ".kvp_pool_1"  # guest -> host
 KEY_FIELD_BYTES = 512  # HV_KVP_EXCHANGE_MAX_KEY_SIZE
@@ -63,20 +63,17 @@ def decode_records(data: bytes) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- PROVISIONING_REPORT
 
 
-def _field(key: str, value: object) -> str:
-    """``key=value``, quoted CSV-style when the value could be misread.
+def encode_report(fields: list[str]) -> str:
+    """One '|'-delimited CSV row, quote character "'", quoted only where needed (QUOTE_MINIMAL):
+    the encoding cloud-init (cloudinit/sources/azure/errors.py `encode_report`) and azure-init
+    use for PROVISIONING_REPORT and for the NotReady description, so the host's reader splits
+    ours the same way."""
+    import csv
+    import io
 
-    The report is a '|'-delimited CSV row with quote character "'" (cloud-init
-    errors.encode_report, azure-init health::encode_report), so a CSV reader on the host
-    splits it.  Line breaks become spaces; a field whose value holds '|', "'" or '=' is
-    wrapped in "'" with inner "'" doubled.  Quoting '=' is more than CSV needs (readers split
-    a field at its first '='), but keeps every field with a single unquoted '='.
-    """
-    text = " ".join(str(value).splitlines())
-    f = f"{key}={text}"
-    if any(c in text for c in "|'="):
-        return "'" + f.replace("'", "''") + "'"
-    return f
+    buf = io.StringIO()
+    csv.writer(buf, delimiter="|", quotechar="'", quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(fields)
+    return buf.getvalue().rstrip("\n")
 
 
 def iso8601_utc(timestamp: float) -> str:
@@ -92,23 +89,30 @@ def build_provisioning_report(
     vm_id: str,
     timestamp: float,
     reason: str | None = None,
+    supporting: dict[str, object] | None = None,
     stages: dict[str, float] | None = None,
 ) -> str:
     """``result=success|agent=guest-agent/<v>|vm_id=...|timestamp=<ISO8601 UTC>|<stage>_ms=...``.
 
-    With `reason` (result=error) ``reason=...`` follows ``result``.  Stage durations are whole
-    milliseconds.  The whole string is cut to the 1022 bytes a KVP value can carry by
-    `encode_record`; the reason comes first so it survives, stage timings go last.
+    With `reason` (result=error): ``result=error|reason=...|agent=...|<supporting k=v>...|vm_id=...
+    |timestamp=...``, cloud-init's field order.  Stage durations are whole milliseconds and come
+    last, so a cut (KVP values carry 1022 bytes, a health description 512 characters) loses them
+    first.  Line breaks inside a value become spaces.
     """
     if result not in ("success", "error"):
         raise ValueError(f"result must be success or error, not {result!r}")
-    fields = [_field("result", result)]
+
+    def f(key: str, value: object, limit: int = 200) -> str:
+        return f"{key}={' '.join(str(value).splitlines())[:limit]}"
+
+    fields = [f("result", result)]
     if reason is not None:
-        fields.append(_field("reason", reason[:512]))
-    fields += [_field("agent", agent), _field("vm_id", vm_id), _field("timestamp", iso8601_utc(timestamp))]
-    for name, ms in (stages or {}).items():
-        fields.append(_field(f"{name}_ms", round(ms)))
-    return "|".join(fields)
+        fields.append(f("reason", reason, 512))
+    fields.append(f("agent", agent))
+    fields += [f(k, v) for k, v in (supporting or {}).items()]
+    fields += [f("vm_id", vm_id), f("timestamp", iso8601_utc(timestamp))]
+    fields += [f(f"{name}_ms", round(ms)) for name, ms in (stages or {}).items()]
+    return encode_report(fields)
 
 
 def parse_provisioning_report(text: str) -> dict[str, str]:
