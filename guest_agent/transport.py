@@ -53,18 +53,19 @@ class Backoff:
     ) -> float:
         """Delay before retry number `attempt` (1-based): full jitter over a doubling cap.
 
-        `rand()` in [0, 1) scales the exponential cap min(initial_s * 2^(attempt-1), max_s)
-        ("full jitter", AWS Architecture Blog "Exponential Backoff And Jitter"), so a fleet
-        that failed together does not retry together.  A server's Retry-After (capped at
-        retry_after_max_s) is waited out first and the jitter comes on top: the request is
-        never early, and `Retry-After: 1` sent to 200 VMs does not bring 200 requests back
-        in the same millisecond (Azure IMDS allows 5 requests/s).
+        `rand()` in [0, 1) scales the cap min(initial_s * 2^(attempt-1), max_s) ("full jitter",
+        AWS Architecture Blog, "Exponential Backoff And Jitter"), so a fleet that failed together
+        does not retry together.  A server's Retry-After (capped at retry_after_max_s) is waited
+        out first and the jitter comes on top, spanning the larger of the cap and the Retry-After
+        itself (at most max_s): the request is never early, and 200 VMs told `Retry-After: 1`
+        come back spread over a second, not in one millisecond (Azure IMDS allows 5 requests/s).
         """
         cap = float(min(self.initial_s * 2.0 ** (attempt - 1), self.max_s))
-        jitter = cap * min(max(rand(), 0.0), 1.0)
-        if retry_after_s is not None:
-            return min(retry_after_s, self.retry_after_max_s) + jitter
-        return jitter
+        unit = min(max(rand(), 0.0), 1.0)
+        if retry_after_s is None:
+            return cap * unit
+        wait = min(retry_after_s, self.retry_after_max_s)
+        return wait + unit * max(cap, min(wait, self.max_s))
 
 
 class Retry(Exception):

@@ -236,7 +236,8 @@ def test_no_proxy_even_when_the_environment_sets_one(
 RETRIED: dict[str, tuple[Callable[[], Reply], float]] = {
     "404": (lambda: Reply(404, "Not Found"), FIRST_BACKOFF),
     "410": (lambda: Reply(410, "Gone"), FIRST_BACKOFF),
-    "429-retry-after-3": (lambda: Reply(429, "Too Many Requests", {"Retry-After": "3"}), 3.0 + FIRST_BACKOFF),
+    # Retry-After, then jitter (here at its maximum) spanning min(Retry-After, backoff_max_s)
+    "429-retry-after-2": (lambda: Reply(429, "Too Many Requests", {"Retry-After": "2"}), 2.0 + 2.0),
     "429-no-retry-after": (lambda: Reply(429, "Too Many Requests"), FIRST_BACKOFF),
     "500": (lambda: Reply(500, "Internal Server Error"), FIRST_BACKOFF),
     "503": (lambda: Reply(503, "Service Unavailable"), FIRST_BACKOFF),
@@ -264,7 +265,8 @@ def test_retry_after_is_capped(serve: Callable[[Handler], FakeServer], ft: FakeT
     script = Script({"user-data": [Reply(429, "", {"Retry-After": "3600"})]})
     server = serve(imds.azure(USER_DATA, script))
     assert fetch("azure", server.url, tmp_path, ft, deadline_s=100.0) == USER_DATA
-    assert ft.sleeps == [Config().fetch.retry_after_max_s + FIRST_BACKOFF]  # capped, then the jitter
+    fc = Config().fetch
+    assert ft.sleeps == [fc.retry_after_max_s + fc.backoff_max_s]  # capped, then the jitter (here at its maximum)
 
 
 def test_retry_after_past_the_deadline_gives_up_at_once(

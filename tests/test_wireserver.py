@@ -238,7 +238,7 @@ def test_role_instance_missing_twice_then_present(servers: Callable[..., FakeWir
     sleeps = Sleeps()
     res = client(ws.url, sleep=sleeps).report("Ready", deadline=deadline())
     assert res.round_trips == 1 + 3 + 1
-    assert sleeps.delays == [0.5 + 0.25, 0.5 + 0.5]  # WALinuxAgent's 0.5 s between goal-state reads, plus jitter
+    assert sleeps.delays == [0.5 + 0.5, 0.5 + 0.5]  # WALinuxAgent's 0.5 s between goal-state reads, plus jitter
     assert len(ws.accepted()) == 1
 
 
@@ -287,7 +287,7 @@ def test_retry_after_is_honoured(servers: Callable[..., FakeWireserver]) -> None
     sleeps = Sleeps()
     res = client(ws.url, sleep=sleeps, rand=lambda: 0.5).report("Ready", deadline=deadline())
     assert res.round_trips == 3
-    assert sleeps.delays == [7.0 + 0.125, 3.0 + 0.25]  # Retry-After, then jitter over the backoff cap
+    assert sleeps.delays == [7.0 + 1.0, 3.0 + 1.0]  # Retry-After, then jitter over min(Retry-After, 2 s)
 
 
 def test_server_errors_on_goal_state_are_retried(servers: Callable[..., FakeWireserver]) -> None:
