@@ -582,3 +582,16 @@ def test_cli_run_invalid_user_data_exits_78(
     assert peerpod_files(tmp_path) == {}
     assert len(server.requests) == 1
     assert [r.state for r in reports] == ["NotReady"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"access_token": ' + b"[" * 50 + b"]" * 50 + b"}", b"\xff\xfe", b'"x"'],
+)
+def test_hostile_ibm_json_is_a_retry(body: bytes) -> None:
+    from guest_agent.clouds import ibmcloud
+    from guest_agent.transport import Retry
+
+    for parse in (ibmcloud.parse_token, ibmcloud.parse_initialization):
+        with pytest.raises(Retry):
+            parse(body)

@@ -364,3 +364,21 @@ def test_wrong_version_header_is_rejected_by_the_fake(servers: Callable[..., Fak
     xml_headers = {"x-ms-version": "2012-11-30", "Content-Type": "application/xml"}
     assert send("POST", "/machine?comp=health", xml_headers, build_health_xml(GS, "Ready")) == 400
     assert send("POST", "/provisioning/health", {"Content-Type": "text/plain"}, b'{"state":"Ready"}') == 400
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<GoalState>" + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</GoalState>",  # deep: no RecursionError
+        b"<GoalState>" + b"<a/>" * 20_000 + b"</GoalState>",  # wide
+        b"<GoalState><Incarnation>" + b"1" * 300_000 + b"</Incarnation></GoalState>",  # large
+        b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+        b"<GoalState><Incarnation>&b;</Incarnation></GoalState>",  # billion laughs
+        b'<!DOCTYPE GoalState SYSTEM "file:///etc/passwd"><GoalState/>',  # external entity
+        b"<GoalState><Incarnation>\x00</Incarnation></GoalState>",
+        b"",
+    ],
+)
+def test_hostile_goal_states_are_fabric_errors(data: bytes) -> None:
+    with pytest.raises(FabricError):
+        parse_goal_state(data)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from guest_agent import httpio
 from guest_agent.clouds import FetchContext
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 from guest_agent.httpio import Response
 from guest_agent.transport import RETRY_STATUS, Retry, budget_s, retry_or_raise
 
-__all__ = ["Response", "is_token", "request", "require_body", "retry_or_fail"]
+__all__ = ["Response", "is_token", "parse_json", "request", "require_body", "retry_or_fail"]
 
 
 def request(
@@ -50,6 +52,33 @@ def is_token(value: str) -> bool:
     """A session token we can send back: visible ASCII only (RFC 9110 §5.5 field values).
     Anything else (a broken or hostile answer) is not echoed into a request header."""
     return bool(value) and all("!" <= c <= "~" for c in value)
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_NESTING = re.compile(rb"[\[\]{}]")
+JSON_MAX_DEPTH = 32  # a metadata answer is a flat object or two deep
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped)."""
+    depth = deepest = 0
+    for m in _JSON_NESTING.finditer(_JSON_STRING.sub(b"", body)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_json(body: bytes, what: str) -> object:
+    """A metadata JSON answer, bounded in depth first: `json.loads` recurses and would raise
+    RecursionError on a few thousand brackets.  Anything unusable is a `Retry`."""
+    import json
+
+    if json_depth(body) > JSON_MAX_DEPTH:
+        raise Retry(f"{what} is nested deeper than {JSON_MAX_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise Retry(f"{what} is not JSON") from None
 
 
 def require_body(resp: Response, what: str) -> bytes:
