@@ -27,11 +27,10 @@ shared by every client are in transport.py.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import Retry
@@ -42,18 +41,22 @@ MAX_INTERIM = 8  # 1xx answers skipped before the exchange is given up as a faul
 MAX_CHUNK_LINE = 1024  # a chunk-size line with extensions, or a trailer line
 RECV_BYTES = 64 * 1024
 
-_STATUS = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_HEADER_VALUE_OK = re.compile(r"[\t\x20-\x7e]*")
+# Byte classes of RFC 9110 §5.1 tokens and §5.5 field values, checked with bytes.translate:
+# no regular expression to compile at import.
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VALUE_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_SEND_BYTES = b"\t" + bytes(range(0x20, 0x7F))  # what we send: visible ASCII, space and tab
+
+
+def _only(data: bytes, allowed: bytes) -> bool:
+    return not data.translate(None, allowed)
 
 
 class ResponseTooLarge(MetadataUnavailable):
     """The answer's body is larger than the caller's bound (refused, never truncated)."""
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     status: int
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
     body: bytes  # after any Content-Encoding
@@ -62,8 +65,7 @@ class Response:
         return self.headers.get(name.lower())
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     host: str
     port: int
     path: str  # with the query string
@@ -103,8 +105,7 @@ def _port(text: str, url: str) -> int:
 # --------------------------------------------------------------------------- pure parsing
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     status: int
     headers: dict[str, str]
     content_length: int | None
@@ -114,8 +115,15 @@ class Head:
 def parse_head(raw: bytes) -> Head:
     """Status line and header fields (without the blank line); `Retry` for anything malformed."""
     lines = raw.split(b"\r\n") if b"\r\n" in raw else raw.split(b"\n")
-    m = _STATUS.fullmatch(lines[0])
-    if m is None:
+    version, _, rest = lines[0].partition(b" ")
+    code, _, phrase = rest.partition(b" ")
+    if (
+        version not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(code) != 3
+        or not code.isdigit()
+        or code[:1] == b"0"
+        or not _only(phrase, _VALUE_BYTES)
+    ):
         raise Retry(f"malformed status line ({lines[0][:40]!r})")
     if len(lines) - 1 > MAX_HEADERS:
         raise Retry(f"too many header fields (more than {MAX_HEADERS})")
@@ -124,11 +132,11 @@ def parse_head(raw: bytes) -> Head:
     encodings: list[bytes] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or _TOKEN.fullmatch(name) is None:
+        if not sep or not name or not _only(name, _TOKEN_BYTES):
             # includes obsolete line folding (a line starting with whitespace), refused by RFC 9112 §5.2
             raise Retry(f"malformed header field ({line[:40]!r})")
         value = value.strip(b" \t")
-        if _FIELD_VALUE.fullmatch(value) is None:
+        if not _only(value, _VALUE_BYTES):
             raise Retry(f"malformed header value for {name[:40].decode('ascii')}")
         key = name.decode("ascii").lower()
         if key == "content-length":
@@ -149,7 +157,7 @@ def parse_head(raw: bytes) -> Head:
         if length is not None:
             raise Retry("both Transfer-Encoding and Content-Length (a smuggling attempt or a broken server)")
         chunked = True
-    return Head(int(m.group(1)), headers, length, chunked)
+    return Head(int(code), headers, length, chunked)
 
 
 # --------------------------------------------------------------------------- the exchange
@@ -279,7 +287,7 @@ def _request_bytes(method: str, t: Target, headers: dict[str, str], body: bytes 
     for k, v in headers.items():
         # Values come from config and from earlier answers (session tokens): never let one
         # carry a line break into the request.
-        if _HEADER_VALUE_OK.fullmatch(v) is None or _HEADER_VALUE_OK.fullmatch(k) is None:
+        if not (v.isascii() and k.isascii() and _only(v.encode(), _SEND_BYTES) and _only(k.encode(), _TOKEN_BYTES)):
             raise Retry(f"refusing to send header {k[:40]!r}: it holds control or non-ASCII characters")
         lines.append(f"{k}: {v}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
@@ -303,7 +311,10 @@ def exchange(
     end = time.monotonic() + max(budget_s, 0.001)
     data = _request_bytes(method, t, headers or {}, body)
     try:
-        sock = socket.create_connection((t.host, t.port), timeout=max(min(connect_timeout_s, budget_s), 0.001))
+        # The host as bytes: getaddrinfo encodes a str with the "idna" codec, which imports
+        # stringprep and unicodedata (~2 ms) for what is almost always an IP literal.
+        host = t.host.encode("ascii") if t.host.isascii() else t.host
+        sock = socket.create_connection((host, t.port), timeout=max(min(connect_timeout_s, budget_s), 0.001))  # type: ignore[arg-type]
     except OSError as exc:
         raise _fault(exc) from None
     try:

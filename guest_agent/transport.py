@@ -11,8 +11,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from guest_agent.errors import AgentError, MetadataUnavailable
 
@@ -42,8 +41,7 @@ class Deadline:
         return self.clock() >= self.at
 
 
-@dataclass(frozen=True)
-class Backoff:
+class Backoff(NamedTuple):
     initial_s: float = 0.1
     max_s: float = 2.0
     retry_after_max_s: float = 30.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent import httpio
 from guest_agent.azure.wire import (
@@ -53,8 +53,7 @@ MAX_BODY_BYTES = 256 * 1024  # a goal state is ~2 KiB; never buffer an unbounded
 DEFAULT_BACKOFF = Backoff(initial_s=0.25, max_s=2.0, retry_after_max_s=30.0)
 
 
-@dataclass(frozen=True)
-class ReportResult:
+class ReportResult(NamedTuple):
     state: str  # Ready | NotReady
     flavour: str  # json | xml: the endpoint that acknowledged
     status: int  # its HTTP status

@@ -5,11 +5,15 @@ relays them to the host over VMBus (azure.md §4.1).  The host collects KVP when
 the health report and ignores records written later, so a report must be on disk (fsync'd)
 before the health POST (cloud-init helpers/azure.py `_post_health_report`; azure.md §4.3).
 
+The one module a report needs (datetime) is imported with this one, which the fabric
+imports before the network wait: after the lease they would sit on the way to Ready.
+
 Nothing here may fail provisioning: `append_report` logs and returns False instead of raising.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import fcntl
 import logging
@@ -64,21 +68,21 @@ def decode_records(data: bytes) -> list[tuple[str, str]]:
 
 
 def encode_report(fields: list[str]) -> str:
-    """One '|'-delimited CSV row, quote character "'", quoted only where needed (QUOTE_MINIMAL):
-    the encoding cloud-init (cloudinit/sources/azure/errors.py `encode_report`) and azure-init
-    use for PROVISIONING_REPORT and for the NotReady description, so the host's reader splits
-    ours the same way."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, delimiter="|", quotechar="'", quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerow(fields)
-    return buf.getvalue().rstrip("\n")
+    """One '|'-delimited CSV row, quote character "'", quoted only where needed: what
+    cloud-init's `encode_report` (cloudinit/sources/azure/errors.py: csv.writer, delimiter '|',
+    quotechar "'", QUOTE_MINIMAL) and azure-init write, for PROVISIONING_REPORT and the NotReady
+    description, so the host splits ours the same way.  A field holding the delimiter, the
+    quote or a line break is quoted with inner quotes doubled (the csv module's rule, without
+    its import; tests/test_kvp.py checks the two agree)."""
+    out = []
+    for f in fields:
+        if any(c in f for c in "|'\r\n") or (f == "" and len(fields) == 1):
+            f = "'" + f.replace("'", "''") + "'"
+        out.append(f)
+    return "|".join(out)
 
 
 def iso8601_utc(timestamp: float) -> str:
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -131,15 +135,13 @@ def vm_id_from_dmi(product_uuid: str, gen1: bool) -> str:
     (cloud-init sources/azure/identity.py, azure-init status.rs; azure.md §4.3).  An unparsable
     value gives the all-zero UUID, as azure-init falls back to.
     """
-    import uuid
-
-    try:
-        u = uuid.UUID(product_uuid.strip())
-    except ValueError:
+    h = product_uuid.strip().lower().replace("-", "")
+    if len(h) != 32 or not all(c in "0123456789abcdef" for c in h):
         return ZERO_UUID
-    if gen1:
-        u = uuid.UUID(bytes=u.bytes_le)
-    return str(u)
+    if gen1:  # the first three fields, little-endian (what uuid.UUID(bytes=u.bytes_le) does)
+        b = bytes.fromhex(h)
+        h = (b[3::-1] + b[5:3:-1] + b[7:5:-1] + b[8:]).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --------------------------------------------------------------------------- pool file

@@ -14,11 +14,9 @@ Nothing here does I/O except `wireserver_address`, which reads networkd's lease 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent import __version__
 from guest_agent.errors import FabricError
@@ -45,12 +43,11 @@ GOAL_STATE_MAX_BYTES = 256 * 1024
 GOAL_STATE_MAX_DEPTH = 32
 GOAL_STATE_MAX_ELEMENTS = 10_000
 
-# Characters XML 1.0 cannot carry at all, even escaped.
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# Characters XML 1.0 cannot carry at all, even escaped (compiled when a description is built).
+_XML_INVALID = "[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]"
 
 
-@dataclass(frozen=True)
-class GoalState:
+class GoalState(NamedTuple):
     incarnation: str
     container_id: str
     role_instance_id: str
@@ -159,7 +156,9 @@ def escape(text: str) -> str:
 
 def clean_description(text: str) -> str:
     """Drop what XML cannot carry, then trim to 512 characters (before any escaping)."""
-    return _XML_INVALID.sub(" ", text)[:DESCRIPTION_MAX_CHARS]
+    import re
+
+    return re.sub(_XML_INVALID, " ", text)[:DESCRIPTION_MAX_CHARS]
 
 
 def _check_state(state: str, substatus: str | None, description: str | None) -> None:
@@ -209,15 +208,12 @@ def parse_option_245(value: str) -> str | None:
         if len(parts) != 4 or not all(1 <= len(p) <= 2 for p in parts):
             return None
         v = "".join(p.zfill(2) for p in parts)
-    if len(v) != 8 or not v.isascii():
+    if len(v) != 8 or not all(c in "0123456789abcdefABCDEF" for c in v):
         return None
-    try:
-        n = int(v, 16)
-    except ValueError:
-        return None
+    n = int(v, 16)
     if n in (0, 0xFFFFFFFF):
         return None
-    return str(ipaddress.IPv4Address(n))
+    return ".".join(str((n >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
 
 def wireserver_address(lease_dir: str, default: str = DEFAULT_WIRESERVER) -> str:

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from guest_agent.config import Config, under_root
 
@@ -113,4 +112,8 @@ def metadata_address(name: str, cfg: Config) -> str | None:
         "alibaba": cfg.alibaba.metadata_url,
         "ibmcloud": cfg.ibmcloud.metadata_url,
     }.get(name)
-    return urlsplit(url).hostname if url else None
+    if not url:
+        return None
+    from guest_agent.httpio import split_url
+
+    return split_url(url).host
