@@ -254,7 +254,7 @@ def _chunked(r: _Reader, limit: int) -> bytes:
         if len(body) + size > limit:
             raise ResponseTooLarge("the answer is larger than the size limit", limit_bytes=limit)
         body += r.exactly(size, "chunked body")
-        if r.exactly(2, "chunked body").rstrip(b"\r") not in (b"\n", b""):
+        if r.line():  # the CRLF that ends the chunk's data, nothing before it
             raise Retry("malformed chunked body (no line break after a chunk)")
 
 

@@ -35,6 +35,7 @@ from tests.fakecloud.server import FakeServer, Script
 from tests.fakecloud.wireserver import FakeWireserver
 
 PY = sys.executable
+BASE_PY = getattr(sys, "_base_executable", PY)  # the interpreter the venv was made from
 
 
 def spawn(
@@ -205,9 +206,9 @@ def main() -> int:
     if args.in_netns:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
-    def base(code: str, *flags: str) -> Callable[[], dict[str, float]]:
+    def base(code: str, *flags: str, exe: str = PY) -> Callable[[], dict[str, float]]:
         def f() -> dict[str, float]:
-            _, wall, cpu, rss, _ = spawn([PY, *flags, "-c", code])
+            _, wall, cpu, rss, _ = spawn([exe, *flags, "-c", code])
             return {"wall": wall, "cpu": cpu, "rss": rss}
 
         return f
@@ -216,6 +217,10 @@ def main() -> int:
     series_fns: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("python -c pass", base("pass")),
         ("python -I -S -c pass", base("pass", "-I", "-S")),
+        # The interpreter without this venv (no editable-install finder in site), as in the image:
+        ("base python3 -c pass", base("pass", exe=BASE_PY)),
+        ("base python3 -I -c pass", base("pass", "-I", exe=BASE_PY)),
+        ("base python3 -I -S -c pass", base("pass", "-I", "-S", exe=BASE_PY)),
         ("guest-agent run (JSON health)", flavours["json"].runner()),
         ("guest-agent run (XML fallback)", flavours["xml"].runner()),
         ("guest-agent run (JSON, -I)", flavours["json"].runner("-I")),

@@ -173,3 +173,27 @@ def test_a_misbehaving_wireserver_cannot_hold_the_reports(faults: FaultServer, t
     assert ok.returncode == 0, out_ok[-1500:]
     assert "Ready was not acknowledged" in out_ok
     assert (tmp_path / "ok/run/peerpod/apf.json").exists()
+
+
+def test_well_formed_chunked_gzip_and_read_to_close_answers() -> None:
+    """The good cases of what the fuzz mutates (tests/test_http_fuzz.py): parsed exactly."""
+    import socket
+    import threading
+
+    from tests.test_http_fuzz import ANSWERS
+
+    got = []
+    for answer in ANSWERS:
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def serve(s: socket.socket = srv, a: bytes = answer) -> None:
+            conn, _ = s.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(a)
+
+        threading.Thread(target=serve, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/"
+        got.append(httpio.exchange("GET", url, budget_s=5, connect_timeout_s=1, max_body=4096)[:3:2])
+        srv.close()
+    assert got == [(200, b"hello world"), (200, b"hello world\n"), (429, b"no"), (200, b"read to the end")]

@@ -119,7 +119,8 @@ def parse_goal_state(xml: bytes) -> GoalState:
     def refuse_dtd(*_args: object) -> None:
         raise _Refused("the wireserver goal state carries a DTD, which it never should")
 
-    p = expat.ParserCreate(namespace_separator="}")
+    # UTF-8 whatever the document declares: a made-up encoding name raised LookupError.
+    p = expat.ParserCreate(encoding="utf-8", namespace_separator="}")
     p.StartElementHandler = start
     p.EndElementHandler = end
     p.CharacterDataHandler = text
@@ -129,7 +130,7 @@ def parse_goal_state(xml: bytes) -> GoalState:
         p.Parse(xml, True)
     except _Refused as exc:
         raise FabricError(exc.reason, **exc.data) from None
-    except expat.ExpatError as exc:
+    except (expat.ExpatError, LookupError, UnicodeError) as exc:
         raise FabricError("the wireserver goal state is not well-formed XML", error=str(exc)[:200]) from None
 
     def value(key: tuple[str, ...]) -> str | None:
