@@ -595,3 +595,16 @@ def test_hostile_ibm_json_is_a_retry(body: bytes) -> None:
     for parse in (ibmcloud.parse_token, ibmcloud.parse_initialization):
         with pytest.raises(Retry):
             parse(body)
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_an_oversized_answer_is_refused_as_too_large(
+    cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
+) -> None:
+    """Not truncated into a misleading "not valid base64": refused as too large, exit 78, no retry."""
+    huge = Reply(200, "QUFB" * (Config().limits.max_user_data_bytes // 2 + 1))  # past 2x the limit
+    server = serve(FACTORY[cloud](USER_DATA, Script({"user-data": [huge]})))
+    with pytest.raises(UserDataInvalid, match="larger than the size limit") as ei:
+        fetch(cloud, server.url, tmp_path, ft)
+    assert ei.value.exit_code == EXIT_CONFIG
+    assert ft.sleeps == []
