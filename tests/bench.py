@@ -227,12 +227,15 @@ def main() -> int:
         ("guest-agent run (JSON, -I -S)", flavours["json"].runner("-I", "-S")),
     ]
     if args.baseline:
-        series_fns.append(("baseline run (JSON health)", flavours["json"].runner(baseline=args.baseline)))
+        # A root of its own: another version may leave /run/peerpod in a shape this one refuses.
+        flavours["json-baseline"] = Setup(json_endpoint=True)
+        series_fns.append(("baseline run (JSON health)", flavours["json-baseline"].runner(baseline=args.baseline)))
     if args.in_netns:
         flavours["late"] = Setup(json_endpoint=True, late_network=True)
         series_fns.append(("guest-agent run (network late)", flavours["late"].runner()))
         if args.baseline:
-            late = flavours["late"].runner(baseline=args.baseline)
+            flavours["late-baseline"] = Setup(json_endpoint=True, late_network=True)
+            late = flavours["late-baseline"].runner(baseline=args.baseline)
             series_fns.append(("baseline run (network late)", late))
     results: dict[str, dict[str, list[float]]] = {}
     try:
