@@ -35,7 +35,9 @@ from tests.fakecloud.server import FakeServer, Script
 from tests.fakecloud.wireserver import FakeWireserver
 
 PY = sys.executable
-BASE_PY = getattr(sys, "_base_executable", PY)  # the interpreter the venv was made from
+# The distribution's interpreter, as the image runs it (no venv, no editable-install finder in
+# site); else the one this venv was made from.
+BASE_PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else getattr(sys, "_base_executable", PY)
 
 
 def spawn(
@@ -217,7 +219,6 @@ def main() -> int:
     series_fns: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("python -c pass", base("pass")),
         ("python -I -S -c pass", base("pass", "-I", "-S")),
-        # The interpreter without this venv (no editable-install finder in site), as in the image:
         ("base python3 -c pass", base("pass", exe=BASE_PY)),
         ("base python3 -I -c pass", base("pass", "-I", exe=BASE_PY)),
         ("base python3 -I -S -c pass", base("pass", "-I", "-S", exe=BASE_PY)),
