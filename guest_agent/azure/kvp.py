@@ -1,9 +1,9 @@
 """Hyper-V KVP diagnostics: leave a PROVISIONING_REPORT record the Azure host can read.
 
 The guest appends fixed-size records to ``/var/lib/hyperv/.kvp_pool_1``; ``hv_kvp_daemon``
-relays them to the host over VMBus (azure.md §4.1).  The host collects KVP when it receives
+relays them to the host over VMBus (linux tools/hv/hv_kvp_daemon.c).  The host collects KVP when it receives
 the health report and ignores records written later, so a report must be on disk (fsync'd)
-before the health POST (cloud-init helpers/azure.py `_post_health_report`; azure.md §4.3).
+before the health POST (cloud-init helpers/azure.py `_post_health_report`).
 
 The one module a report needs (datetime) is imported with this one, which the fabric
 imports before the network wait: after the lease they would sit on the way to Ready.
@@ -132,7 +132,7 @@ def vm_id_from_dmi(product_uuid: str, gen1: bool) -> str:
     """Azure's vmId from the SMBIOS system UUID, lower-case (equals IMDS compute.vmId).
 
     Gen1 (BIOS) VMs expose the first three UUID fields little-endian, so they are byte-swapped
-    (cloud-init sources/azure/identity.py, azure-init status.rs; azure.md §4.3).  An unparsable
+    (cloud-init sources/azure/identity.py, azure-init status.rs).  An unparsable
     value gives the all-zero UUID, as azure-init falls back to.
     """
     h = product_uuid.strip().lower().replace("-", "")

@@ -1,6 +1,6 @@
 """Cloud detection from local facts, and the registry of user-data sources.
 
-Detection reads DMI strings under /sys/class/dmi/id (clouds.md §1.3) and looks for a
+Detection reads DMI strings under /sys/class/dmi/id (cloud-init ds-identify) and looks for a
 cidata seed; it never touches the network.  Each provider module exposes `fetch(ctx)`
 returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 """
