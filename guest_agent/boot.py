@@ -1,7 +1,8 @@
 """The boot path: the only module that knows the order of the stages.
 
-detect -> network -> fetch -> validate -> write -> measure -> netns -> READY=1
-       -> (Azure) report Ready -> (background since READY=1) IMDS NAT for the pod.
+detect -> network -> fetch -> validate -> write -> measure -> READY=1 -> (Azure) report Ready.
+The pod network namespace and the pod's IMDS NAT are not here: they run in units of their own
+(netns@podns.service, guest-agent-imds-nat.service), so this process needs no capability.
 Any AgentError before READY=1 is reported to the fabric (Azure) as NotReady with its
 reason, and nothing after it runs: Ready is never reported after a failed provisioning.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,25 +142,6 @@ def write_timeline(tl: Timeline, cfg: Config, root: str) -> None:
         log.warning("cannot write the timeline: %s", exc.describe())
 
 
-def _nat_worker(cfg: Config, root: str, addr: str, result: list[AgentError | None], tl: Timeline) -> None:
-    from guest_agent import netns
-
-    try:
-        with tl.stage("imds-nat"):
-            netns.setup_imds_nat(
-                netns=cfg.netns.name,
-                run_dir=str(under_root(root, cfg.netns.run_dir)),
-                imds_addr=addr,
-                table=cfg.netns.nft_table,
-                deadline_s=cfg.netns.imds_nat_deadline_s,
-            )
-        result.append(None)
-    except AgentError as exc:
-        result.append(exc)
-    except Exception as exc:  # a thread must not die silently
-        result.append(UnhandledError(exc))
-
-
 def warm(provider: str) -> None:
     """Import now, before the network wait, what the stages after it need (the provider's
     module, the YAML parser).  On a real boot the agent starts ~2 s before the DHCP lease, so
@@ -174,13 +155,18 @@ def warm(provider: str) -> None:
 def run(cfg: Config, root: str, deps: Deps) -> int:
     tl = Timeline(clock=deps.clock, status=deps.notifier.status)
     fabric: AzureFabric | None = None
-    addr: str | None = None
     try:
         with tl.stage("detect"):
             facts = clouds.read_facts(root, cfg)
             provider = cfg.provider if cfg.provider != "auto" else clouds.detect(facts)
         deps.log_fields["GUEST_AGENT_PROVIDER"] = provider
         log.info("provider %s (%s)", provider, "configured" if cfg.provider != "auto" else "detected from DMI")
+        if provider == "cidata" and cfg.cidata.wait_for_delivery:
+            from guest_agent.clouds import cidata
+
+            if cidata.delivery_pending(root, cfg.cidata):  # byom: the VM waits in a pool for its user-data
+                with tl.stage("delivery"):
+                    cidata.wait_for_delivery(root, cfg.cidata, deps.notifier, clock=deps.clock)
         if provider == "azure" and cfg.azure.report_ready:
             from guest_agent.azure.fabric import AzureFabric
 
@@ -202,12 +188,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
         with tl.stage("fetch"):
             raw = fetch_user_data(provider, cfg, root, deps)
         provision(raw, cfg, root, tl)
-        if cfg.netns.enabled:
-            from guest_agent import netns
-
-            with tl.stage("netns"):
-                created = netns.ensure_netns(cfg.netns.name, run_dir=str(under_root(root, cfg.netns.run_dir)))
-            log.info("pod network namespace %s %s", cfg.netns.name, "created" if created else "reused")
         deps.notifier.ready("config files written")
         tl.mark("ready")
         log.info("user-data applied; READY=1 sent", extra={"MESSAGE_ID": MSG_APPLIED, **fields(stage="ready")})
@@ -218,14 +198,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             log.exception("unexpected error")
         return fail(err, tl, cfg, root, deps, fabric)
 
-    nat_result: list[AgentError | None] = []
-    nat: threading.Thread | None = None
-    nat_addr = cfg.netns.imds_addr or addr
-    if cfg.netns.enabled and cfg.netns.imds_nat and nat_addr:
-        nat = threading.Thread(
-            target=_nat_worker, args=(cfg, root, nat_addr, nat_result, tl), name="imds-nat", daemon=True
-        )
-        nat.start()
     code = EXIT_OK
     if fabric is not None:
         try:
@@ -235,15 +207,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             # Exit status reflects provisioning only: the files are written and READY=1 is sent,
             # so a non-zero exit would only make systemd (Restart=on-failure) provision again.
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
-    if nat is not None:
-        deps.notifier.status("waiting for the pod address to set up IMDS access")
-        nat.join()
-        nat_err = nat_result[0] if nat_result else None
-        if nat_err is not None:
-            log.error("IMDS access for the pod not set up: %s", nat_err.describe(), extra=fields(stage="imds-nat"))
-            code = code or nat_err.exit_code
-        else:
-            log.info("IMDS access for the pod set up", extra=fields(stage="imds-nat"))
     summary(tl)
     write_timeline(tl, cfg, root)
     deps.notifier.status("done" if code == EXIT_OK else "done, with errors (see the journal)")

@@ -219,7 +219,7 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
     cmdline = (image / "cmdline").read_text().strip()
     cmdline += " systemd.wants=e2e-dump.service e2e.hold=120"
     if sc.name == "valid" and not args.no_probes:
-        cmdline += " e2e.netns_probe=1 e2e.restart_probe=1"
+        cmdline += " e2e.netns_probe=1 e2e.restart_probe=1 e2e.nat_probe=1"
     ttys1 = workdir / "ttyS1.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
@@ -351,7 +351,7 @@ def check_boot(res: BootResult) -> Checks:
             c.check(
                 ent is not None and ent.get("mode") == mode, f"/run/peerpod/{name} mode {mode[2:]}", ent and ent["mode"]
             )
-        extra = sorted(set(pp) - set(exp.files) - {"."})
+        extra = sorted(set(pp) - set(exp.files) - {".", ".."})
         c.check(not extra, "no other files in /run/peerpod", extra)
         digest = base64.b64decode(pp.get("initdata.digest", {}).get("b64", "")).decode()
         c.check(digest == exp.initdata_digest, "initdata.digest", digest)
@@ -365,11 +365,26 @@ def check_boot(res: BootResult) -> Checks:
         )
         podns = d["netns"]["podns_lo"]
         c.check(podns["rc"] == 0 and "UP" in podns["out"], "podns usable from the host mount namespace, lo up", podns)
+        nsu = units.get("netns@podns.service", {})
+        c.check(nsu.get("ActiveState") == "active", "podns made by netns@podns.service", nsu)
+        if "nat_probe" in d:
+            np = d["nat_probe"]
+            c.check(
+                np["before"].get("SubState") == "running",
+                "guest-agent-imds-nat waits for the pod address without holding up boot",
+                np["before"],
+            )
+            c.check(
+                np["after"].get("SubState") == "exited" and np["after"].get("Result") == "success",
+                "guest-agent-imds-nat set up the NAT once the pod had an address, exit 0",
+                np["after"],
+            )
+            c.check(np["get"].get("status") == 200, "the pod reaches IMDS through the NAT (HTTP 200)", np)
         if "netns_probe" in d:
             pr = d["netns_probe"]
             c.check(
-                pr["unit_sandbox"]["propagates"],
-                "netns made under the unit's sandbox is visible to the host",
+                pr["unit_sandbox"]["propagates"] and pr["unit_sandbox"]["lo_up"],
+                "netns made by netns@.service's commands under its sandbox is visible to the host, lo up",
                 pr["unit_sandbox"],
             )
             c.check(
@@ -381,7 +396,7 @@ def check_boot(res: BootResult) -> Checks:
             rp = d["restart_probe"]
             c.check(
                 rp["wanted"]["e2e-dep-w"].get("ActiveState") == "active",
-                "a dependent wanted by a unit that failed once and restarted gets started (APF drop-in design)",
+                "a dependent wanted by a unit that failed once and restarted gets started (guest-agent Wants= APF)",
                 rp,
             )
             c.check(
@@ -403,6 +418,8 @@ def check_boot(res: BootResult) -> Checks:
         c.check(ga.get("ExecMainStatus") == "78", "guest-agent exits 78 (invalid user-data)", ga)
         c.check(ga.get("NRestarts") == "0", "guest-agent not restarted after 78", ga.get("NRestarts"))
         c.check(apf.get("ActiveEnterTimestampMonotonic", "0") == "0", "APF never started", apf)
+        nat = units.get("guest-agent-imds-nat.service", {})
+        c.check(nat.get("ExecMainStartTimestampMonotonic", "0") == "0", "the IMDS NAT unit never started", nat)
         c.check(res.apf_banner is None, "nothing answers on 15150", res.apf_banner)
         if sc.azure:
             not_ready = [b for _, s, b in reports if s == "NotReady"]
