@@ -89,8 +89,8 @@ def split_url(url: str) -> Target:
     elif ":" in authority:
         host, _, p = authority.rpartition(":")
         port = _port(p, url)
-    if not host or "@" in host:
-        raise ConfigError("a metadata URL needs a host (and no user info)", url=url[:200])
+    if not host or "@" in host or not host.isascii() or any(c in host for c in "/?#\\ \t\r\n"):
+        raise ConfigError("a metadata URL needs an ASCII host (and no user info)", url=url[:200])
     return Target(host, port, path)
 
 
@@ -311,9 +311,9 @@ def exchange(
     end = time.monotonic() + max(budget_s, 0.001)
     data = _request_bytes(method, t, headers or {}, body)
     try:
-        # The host as bytes: getaddrinfo encodes a str with the "idna" codec, which imports
-        # stringprep and unicodedata (~2 ms) for what is almost always an IP literal.
-        host = t.host.encode("ascii") if t.host.isascii() else t.host
+        # The host as bytes (split_url allows ASCII only): getaddrinfo encodes a str with the
+        # "idna" codec, which imports stringprep and unicodedata (~2 ms) for an IP literal.
+        host = t.host.encode("ascii")
         sock = socket.create_connection((host, t.port), timeout=max(min(connect_timeout_s, budget_s), 0.001))  # type: ignore[arg-type]
     except OSError as exc:
         raise _fault(exc) from None

@@ -197,3 +197,10 @@ def test_well_formed_chunked_gzip_and_read_to_close_answers() -> None:
         got.append(httpio.exchange("GET", url, budget_s=5, connect_timeout_s=1, max_body=4096)[:3:2])
         srv.close()
     assert got == [(200, b"hello world"), (200, b"hello world\n"), (429, b"no"), (200, b"read to the end")]
+
+
+def test_a_non_ascii_host_is_a_config_error() -> None:
+    from guest_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ASCII host"):
+        httpio.exchange("GET", "http://a..é/", budget_s=1, connect_timeout_s=1, max_body=10)
