@@ -42,6 +42,7 @@ fuzz: venv pytest-deps
 bench: venv
 	$(PY) -m tests.bench $(if $(N),--runs $(N))
 	$(PY) -m tests.bench_fabric
+	$(PY) -m tests.bench_fleet
 
 # The pod VM image (root: mmdebstrap in root mode); rebuilt only when its inputs changed.
 image: venv

@@ -24,9 +24,7 @@ from guest_agent.notify import Notifier
 from guest_agent.timeline import Timeline
 
 if TYPE_CHECKING:
-    import requests
-
-    from guest_agent.fabric import AzureFabric
+    from guest_agent.azure.fabric import AzureFabric
 
 log = logging.getLogger("guest_agent.boot")
 
@@ -36,7 +34,7 @@ class Deps:
     """The edges of the world, injectable for tests."""
 
     notifier: Notifier = field(default_factory=Notifier)
-    session_factory: Callable[[], requests.Session] = transport.new_session
+    rand: Callable[[], float] = transport.urandom_unit  # backoff jitter
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     log_fields: dict[str, str] = field(default_factory=dict)  # added to every journal entry
@@ -49,7 +47,6 @@ def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
         root=root,
         deadline=transport.Deadline(cfg.fetch.deadline_s, deps.clock),
         backoff=transport.Backoff(cfg.fetch.backoff_initial_s, cfg.fetch.backoff_max_s, cfg.fetch.retry_after_max_s),
-        session_factory=deps.session_factory,
     )
     raw: bytes = transport.retry_until(
         lambda: module.fetch(ctx),
@@ -57,6 +54,7 @@ def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
         deadline=ctx.deadline,
         backoff=ctx.backoff,
         sleep=deps.sleep,
+        rand=deps.rand,
     )
     return raw
 
@@ -145,6 +143,16 @@ def write_timeline(tl: Timeline, cfg: Config, root: str) -> None:
         log.warning("cannot write the timeline: %s", exc.describe())
 
 
+def warm(provider: str) -> None:
+    """Import now, before the network wait, what the stages after it need (the provider's
+    module, the YAML parser).  On a real boot the agent starts ~2 s before the DHCP lease, so
+    these imports cost nothing there; after the route appears they would sit between the lease
+    and Ready (`make bench`: "route present -> Ready")."""
+    import yaml  # noqa: F401
+
+    clouds.provider_module(provider)
+
+
 def run(cfg: Config, root: str, deps: Deps) -> int:
     tl = Timeline(clock=deps.clock, status=deps.notifier.status)
     fabric: AzureFabric | None = None
@@ -161,12 +169,13 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
                 with tl.stage("delivery"):
                     cidata.wait_for_delivery(root, cfg.cidata, deps.notifier, clock=deps.clock)
         if provider == "azure" and cfg.azure.report_ready:
-            from guest_agent.fabric import AzureFabric
+            from guest_agent.azure.fabric import AzureFabric
 
             fabric = AzureFabric(
-                cfg.azure, root=root, session_factory=deps.session_factory, clock=deps.clock, sleep=deps.sleep
+                cfg.azure, root=root, state_dir=cfg.state_dir, clock=deps.clock, sleep=deps.sleep, rand=deps.rand
             )
         addr = clouds.metadata_address(provider, cfg)
+        warm(provider)
         if addr is not None and cfg.network.wait:
             from guest_agent import network
 
@@ -177,8 +186,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
                     on_wait=lambda: log.info("no route to %s yet: waiting for netlink events", addr),
                 )
             log.info("route to %s via ifindex %s, source %s", addr, route.oif, route.prefsrc)
-        if fabric is not None:
-            fabric.start_prefetch()  # goal state GET overlaps the user-data fetch
         with tl.stage("fetch"):
             raw = fetch_user_data(provider, cfg, root, deps)
         provision(raw, cfg, root, tl)
@@ -198,8 +205,9 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             with tl.stage("report-ready"):
                 fabric.report_ready(tl.durations_ms())
         except AgentError as err:
+            # Exit status reflects provisioning only: the files are written and READY=1 is sent,
+            # so a non-zero exit would only make systemd (Restart=on-failure) provision again.
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
-            code = err.exit_code
     summary(tl)
     write_timeline(tl, cfg, root)
     deps.notifier.status("done" if code == EXIT_OK else "done, with errors (see the journal)")
@@ -217,7 +225,7 @@ def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabr
     if fabric is not None:
         try:
             with tl.stage("report-failure"):
-                fabric.report_failure(err.describe(), tl.durations_ms())
+                fabric.report_failure(err, tl.durations_ms())
         except AgentError as rerr:
             log.error("the failure report was not acknowledged: %s", rerr.describe())
         write_timeline(tl, cfg, root)
@@ -231,9 +239,9 @@ def fail_early(err: AgentError, cfg: Config, root: str, deps: Deps | None = None
     fabric = None
     try:
         if cfg.provider == "azure" or clouds.detect(clouds.read_facts(root, cfg)) == "azure":
-            from guest_agent.fabric import AzureFabric
+            from guest_agent.azure.fabric import AzureFabric
 
-            fabric = AzureFabric(cfg.azure, root=root, session_factory=deps.session_factory, clock=deps.clock)
+            fabric = AzureFabric(cfg.azure, root=root, state_dir=cfg.state_dir, clock=deps.clock, rand=deps.rand)
     except Exception as exc:  # detection itself failing must not hide the original error
         log.warning("cannot tell whether to report to the fabric: %r", exc)
     return fail(err, Timeline(clock=deps.clock), cfg, root, deps, fabric)

@@ -11,9 +11,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 
-from guest_agent import __version__, transport
+from guest_agent import __version__
 from guest_agent.config import Config, under_root
 from guest_agent.errors import EXIT_OK, EXIT_SOFTWARE, AgentError, UnhandledError
 
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("file", help="user-data file")
     sp = with_root(sub.add_parser("timeline", help="print the last run's stages"))
     sp.add_argument("--json", action="store_true")
-    with_root(sub.add_parser("report-ready", help="report Ready to the Azure wireserver"))
+    sp = with_root(sub.add_parser("report-ready", help="report Ready to the Azure wireserver"))
+    sp.add_argument("--force", action="store_true", help="even after NotReady was reported in this boot")
     sp = with_root(sub.add_parser("report-failure", help="report NotReady/ProvisioningFailed to the Azure wireserver"))
     sp.add_argument("--reason", required=True)
     sp = sub.add_parser("netns", help="rerun a pod network step by hand")
@@ -59,7 +61,6 @@ def _read(path: str, limit: int) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    transport.preload()  # requests' import overlaps config, DMI and the network wait
     args = _parser().parse_args(argv)
     from guest_agent import log as agent_log
 
@@ -104,10 +105,13 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log_fields: dict[str, str])
     if args.command == "timeline":
         return _timeline(cfg, root, as_json=args.json)
     if args.command in ("report-ready", "report-failure"):
+        from guest_agent.azure.fabric import AzureFabric
         from guest_agent.errors import FabricError
-        from guest_agent.fabric import AzureFabric
 
-        fabric = AzureFabric(cfg.azure, root=root)
+        fabric = AzureFabric(cfg.azure, root=root, state_dir=cfg.state_dir)
+        if args.command == "report-ready" and args.force and fabric.not_ready_reported():
+            log.warning("NotReady was reported in this boot; reporting Ready anyway (--force)")
+            os.unlink(fabric.marker)
         res = fabric.report_ready({}) if args.command == "report-ready" else fabric.report_failure(args.reason, {})
         if res is None:
             raise FabricError("the wireserver did not acknowledge the report (or azure.report_ready is off)")
