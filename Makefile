@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test lint typecheck pytest pytest-deps bench image e2e bench-boot install clean
+.PHONY: all venv demo test lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot install clean
 
 all: test
 
@@ -34,9 +34,15 @@ test: lint typecheck pytest-deps pytest
 pytest-deps:
 	.ci/apt-deps test
 
+# The decoder fuzz targets with many examples and a random seed (make test runs 100 each, fixed).
+FUZZ_EXAMPLES ?= 5000
+fuzz: venv pytest-deps
+	GUEST_AGENT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_decoders.py
+
 bench: venv
 	$(PY) -m tests.bench $(if $(N),--runs $(N))
 	$(PY) -m tests.bench_fabric
+	$(PY) -m tests.bench_fleet
 
 # The pod VM image (root: mmdebstrap in root mode); rebuilt only when its inputs changed.
 image: venv

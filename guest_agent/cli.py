@@ -10,12 +10,13 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import textwrap
 import typing
 from collections.abc import Sequence
 
-from guest_agent import __version__, transport
+from guest_agent import __version__
 from guest_agent.config import Config, under_root
 from guest_agent.errors import (
     EXIT_CODES,
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
             "`default`; an invalid file exits 78 naming the key and the rule.",
         )
     )
-    with_root(
+    sp = with_root(
         cmd(
             sub,
             "report-ready",
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
             "by hand, as `run` does after provisioning; the JSON health endpoint, else goal state + XML.",
         )
     )
+    sp.add_argument("--force", action="store_true", help="even after NotReady was reported in this boot")
     sp = with_root(
         cmd(
             sub,
@@ -174,7 +176,6 @@ def _read(path: str, limit: int) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    transport.preload()  # requests' import overlaps config, DMI and the network wait
     args = _parser().parse_args(argv)
     from guest_agent import log as agent_log
 
@@ -223,10 +224,13 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log_fields: dict[str, str])
     if args.command == "timeline":
         return _timeline(cfg, root, as_json=args.json)
     if args.command in ("report-ready", "report-failure"):
+        from guest_agent.azure.fabric import AzureFabric
         from guest_agent.errors import FabricError
-        from guest_agent.fabric import AzureFabric
 
-        fabric = AzureFabric(cfg.azure, root=root)
+        fabric = AzureFabric(cfg.azure, root=root, state_dir=cfg.state_dir)
+        if args.command == "report-ready" and args.force and fabric.not_ready_reported():
+            log.warning("NotReady was reported in this boot; reporting Ready anyway (--force)")
+            os.unlink(fabric.marker)
         res = fabric.report_ready({}) if args.command == "report-ready" else fabric.report_failure(args.reason, {})
         if res is None:
             raise FabricError("the wireserver did not acknowledge the report (or azure.report_ready is off)")
@@ -253,6 +257,10 @@ def _check(path: str, cfg: Config) -> int:
     src = "default (none in user-data)" if plan.initdata_is_default else "from user-data"
     print(f"initdata: {src}, {plan.initdata.algorithm} digest {plan.initdata.digest_hex}")
     print(f"PCR extend value (sha256 bank): {plan.initdata.pcr_extend_value.hex()}")
+    for path in plan.skipped_paths:
+        print(f"skipped (not on the allow-list): {path}")
+    for key in plan.skipped_initdata_keys:
+        print(f"skipped initdata [data] key: {key}")
     return EXIT_OK
 
 

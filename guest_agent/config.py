@@ -66,6 +66,9 @@ class FilesConfig:
     default_mode: int = 0o600  # they hold TLS keys and registry credentials
     dir_mode: int = 0o755  # for /run/peerpod when the agent has to create it
     peerpod_dir: str = "/run/peerpod"
+    # false: a well-formed path off the allow-list, or an unknown initdata [data] key, is skipped
+    # with a warning, as CAA does; true: such a document is refused whole (exit 78).
+    strict: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,28 @@ sha256 bank of PCR 8 with its first 32 bytes whatever the algorithm (CAA PR #218
 verifier replays PCR8 = SHA256(0x00*32 || digest[:32]).
 
 Policy differences from CAA (`extractInitdataAndHash`): a `[data]` name outside the allow-list
-is an error for the whole user-data here (CAA logs and skips it), and names are compared
-exactly (CAA compares after `filepath.Join`, so it also accepts e.g. "./aa.toml").
+is skipped (and reported in `Initdata.skipped`) only when it is a plain file name; one with a
+`/`, `.`/`..`, a control character or over 255 bytes is refused whole, as is every name in
+strict mode.  Names are compared exactly (CAA compares after `filepath.Join`, so it also
+accepts e.g. "./aa.toml").
+
+`tomllib` recurses once per nested array or inline table, spends time quadratic in the length of
+a dotted key, and turns integers with `int()`, so before it runs, `structure()` scans the document
+(outside strings and comments) and refuses more than `MAX_DEPTH` levels or `MAX_ITEMS` keys and
+values; a ValueError from a 5000-digit integer and a RecursionError are turned into the same
+"not valid TOML" refusal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid
+from guest_agent.safeyaml import show
 
 # CAA writes this when user-data carries no initdata (no trailing newline), so the digest and
 # PCR 8 are still defined; sha256 = adb48cc1...66478d.
@@ -36,6 +46,10 @@ ALLOWED_DATA_NAMES: tuple[str, ...] = ("aa.toml", "cdh.toml", "policy.rego")
 
 ALGORITHMS: tuple[str, ...] = ("sha256", "sha384", "sha512")
 
+MAX_DEPTH = 32  # arrays, inline tables and dotted-key parts; the initdata spec needs 1 ([data])
+MAX_ITEMS = 10_000  # lines, keys and values outside strings; the initdata spec has about 20
+NAME_MAX = 255
+
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
@@ -45,6 +59,7 @@ class Initdata:
     version: str
     digest: bytes
     files: tuple[tuple[str, bytes], ...]  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
+    skipped: tuple[str, ...] = ()  # well-formed [data] names outside ALLOWED_DATA_NAMES (not strict)
 
     @property
     def digest_hex(self) -> str:
@@ -62,7 +77,7 @@ def decode_file(raw: bytes, *, limit: int) -> bytes:
 
     `limit` bounds the decompressed size (gzip bombs).
     """
-    compressed = b64decode_strict(raw, what="initdata")
+    compressed = b64decode_strict(raw, what="initdata", limit=limit)
     return gunzip_bounded(compressed, limit=limit, what="initdata")
 
 
@@ -75,46 +90,147 @@ def encode_file(toml_bytes: bytes) -> bytes:
     return base64.b64encode(co.compress(toml_bytes) + co.flush())
 
 
-def parse(toml_bytes: bytes) -> Initdata:
+_SPECIAL = re.compile(r"[\"'#\[\]{}=,.\n]")
+# String bodies, matched in one go (the alternatives are disjoint, so no backtracking).
+_BASIC_BODY = re.compile(r'(?:[^"\\\n]|\\[^\n])*')  # up to the closing quote, a newline or the end
+_LITERAL_BODY = re.compile(r"[^'\n]*")
+_ML_BASIC_BODY = re.compile(r'(?:[^"\\]|\\.|"(?!""))*', re.S)  # up to the closing """
+
+
+def _match_end(pattern: re.Pattern[str], text: str, pos: int) -> int:
+    m = pattern.match(text, pos)
+    return pos if m is None else m.end()  # these patterns match the empty string: never None
+
+
+def _string_end(text: str, start: int) -> int:
+    """Where the TOML string opening at `start` ends, exactly as tomllib reads it.
+
+    Basic strings have backslash escapes, literal strings none; a one-line string stops at a
+    newline (an error tomllib reports, so nothing after it is parsed); a multi-line string's
+    closing delimiter may carry up to two extra quotes (three quotes, a, four quotes is the string `a"`).
+    """
+    q = text[start]
+    if text.startswith(q * 3, start):
+        if q == "'":
+            j = text.find("'''", start + 3)
+        else:
+            end = _match_end(_ML_BASIC_BODY, text, start + 3)
+            j = end if text.startswith(q * 3, end) else -1
+        if j < 0:
+            return len(text)
+        run = 3
+        while run < 5 and text.startswith(q, j + run):
+            run += 1
+        return j + run
+    end = _match_end(_LITERAL_BODY if q == "'" else _BASIC_BODY, text, start + 1)
+    return end + 1 if text.startswith(q, end) else end  # at a newline: tomllib stops there too
+
+
+def structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> tuple[int, int]:
+    """(deepest nesting, items) of a TOML document, outside strings and comments; the scan stops
+    early once either passes its maximum.
+
+    Nesting counts open arrays and inline tables plus the dots of the current dotted key
+    (`a.b.c = 1` is three tables deep: tomllib's time per dotted key is quadratic in its length,
+    16,000 parts took 3 s here).  Items count strings, comments and the other significant characters
+    (`=`, `,`, brackets, braces, newlines), which bounds tomllib's work and this loop's.
+    One pass, no recursion; a regex jumps from one significant character to the next.
+    """
+    depth = dots = items = deepest = 0
+    pos = 0
+    while (m := _SPECIAL.search(text, pos)) is not None:
+        c, pos = m.group(), m.end()
+        if c == "#":
+            nl = text.find("\n", pos)
+            pos, dots = (len(text) if nl < 0 else nl + 1), 0
+        elif c in "\"'":
+            pos = _string_end(text, m.start())
+        elif c == ".":
+            dots += 1
+            deepest = max(deepest, depth + dots)
+            if deepest > max_depth:
+                break
+            continue
+        items += 1
+        if items > max_items:
+            break
+        if c in "#\"'":
+            continue
+        dots = 0
+        if c in "]}":
+            depth = max(depth - 1, 0)
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                break
+    return deepest, items
+
+
+def _plain_name(name: str) -> bool:
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and name.isprintable()
+        and len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX
+    )
+
+
+def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
     """Validate the initdata TOML and compute its digest over exactly these bytes."""
     try:
         text = toml_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserDataInvalid("initdata is not valid UTF-8", offset=exc.start) from exc
+    depth, items = structure(text)
+    if depth > MAX_DEPTH:
+        raise UserDataInvalid("initdata TOML is nested too deeply", field="initdata", limit=MAX_DEPTH)
+    if items > MAX_ITEMS:
+        raise UserDataInvalid("initdata TOML has too many lines, keys and values", field="initdata", limit=MAX_ITEMS)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # The message carries only a position ("... (at line 3, column 9)"), no document content.
-        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)) from exc
+        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
+    except (ValueError, RecursionError) as exc:  # int() past 4300 digits; nesting the scan missed
+        raise UserDataInvalid("initdata is not valid TOML", error=type(exc).__name__) from None
 
     algorithm = doc.get("algorithm")
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        shown = algorithm[:32] if isinstance(algorithm, str) else type(algorithm).__name__
+        shown = show(algorithm, 32) if isinstance(algorithm, str) else type(algorithm).__name__
         raise UserDataInvalid(
-            f"initdata algorithm {shown!r} is not supported (sha256, sha384 or sha512)", algorithm=shown
+            f"initdata algorithm {shown!r} is not supported (sha256, sha384 or sha512)", field="algorithm"
         )
 
     # CAA's struct field is a Go string: missing gives "", a non-string fails the TOML decode.
     version = doc.get("version", "")
     if not isinstance(version, str):
-        raise UserDataInvalid("initdata version is not a string", type=type(version).__name__)
+        raise UserDataInvalid("initdata version is not a string", field="version", type=type(version).__name__)
 
     data = doc.get("data", {})
     if not isinstance(data, dict):
-        raise UserDataInvalid("initdata [data] is not a table", type=type(data).__name__)
+        raise UserDataInvalid("initdata [data] is not a table", field="data", type=type(data).__name__)
     files: list[tuple[str, bytes]] = []
+    skipped: list[str] = []
     for name, value in data.items():
-        if name not in ALLOWED_DATA_NAMES:
+        shown = show(name, 64)
+        if not isinstance(value, str):  # CAA: map[string]string, so a parse error whatever the name
             raise UserDataInvalid(
-                f"initdata [data] names a file that is not allowed: {name[:64]!r}",
+                f"initdata [data] value for {shown!r} is not a string", field="data", type=type(value).__name__
+            )
+        if name in ALLOWED_DATA_NAMES:
+            files.append((name, value.encode("utf-8")))
+        elif strict or not _plain_name(name):
+            raise UserDataInvalid(
+                f"initdata [data] names a file that is not allowed: {shown!r}",
+                field="data",
                 allowed=",".join(ALLOWED_DATA_NAMES),
             )
-        if not isinstance(value, str):
-            raise UserDataInvalid(f"initdata [data] value for {name!r} is not a string", type=type(value).__name__)
-        files.append((name, value.encode("utf-8")))
+        else:
+            skipped.append(name)
 
     digest = hashlib.new(algorithm, toml_bytes).digest()
-    return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files))
+    return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files), skipped=tuple(skipped))
 
 
 def expected_pcr(initial: bytes, extend: bytes) -> bytes:

@@ -4,6 +4,11 @@ Enough of ECMA-119 for a cloud-init `cidata` disk: the primary volume descriptor
 label, and a file in the root directory found by its Joliet name (UCS-2), its Rock
 Ridge NM name, or its plain ISO9660 name (upper case, `;1` version suffix).
 Reading the block device directly avoids waiting for udev's by-label link and a mount.
+
+The image is the host's: every offset and length in it is hostile.  Reads are bounded (32
+descriptors, one primary and one Joliet directory of at most 1 MiB, the file by `limit`), the
+record walk always advances, and the only exceptions are the agent's own (`NotIso`, `TooLarge`)
+and `OSError` from the device itself.
 """
 
 from __future__ import annotations
@@ -12,12 +17,18 @@ import re
 import struct
 from typing import BinaryIO
 
+from guest_agent.errors import MetadataUnavailable, UserDataInvalid
+
 SECTOR = 2048
 _JOLIET_ESCAPES = (b"%/@", b"%/C", b"%/E")
 
 
-class NotIso(Exception):
-    pass
+class NotIso(MetadataUnavailable):
+    """Not an ISO9660 image (the caller moves on to the next device)."""
+
+
+class TooLarge(UserDataInvalid, ValueError):
+    """The wanted file is larger than the caller's limit (a ValueError for older callers)."""
 
 
 def _descriptors(dev: BinaryIO) -> list[bytes]:
@@ -95,7 +106,7 @@ def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
     """Content of root-directory file `wanted` (e.g. "user-data"), or None if absent."""
     vds = _descriptors(dev)
     joliet = [vd for vd in vds if vd[0] == 2 and vd[88:91] in _JOLIET_ESCAPES]
-    for vd in joliet + [vd for vd in vds if vd[0] == 1]:
+    for vd in joliet[:1] + [vd for vd in vds if vd[0] == 1][:1]:  # the first of each: bounded work
         root = vd[156 : 156 + 34]
         extent, length = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
         for raw, ext, size, flags, su in _records(dev, extent, length, limit=1 << 20):
@@ -111,7 +122,7 @@ def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
                 level1 = raw.decode("ascii", "replace").split(";", 1)[0] == _level1(wanted)
             if name == wanted or level1 or (vd[0] == 1 and _plain(name).replace("_", "-") == wanted):
                 if size > limit:
-                    raise ValueError(f"{wanted} is larger than {limit} bytes")
+                    raise TooLarge(f"{wanted} on the ISO9660 image is larger than the size limit", limit_bytes=limit)
                 dev.seek(ext * SECTOR)
                 return dev.read(size)
     return None

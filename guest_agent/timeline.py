@@ -59,6 +59,7 @@ class Timeline:
         self.start = clock()
         self.stages: list[Stage] = []
         self.marks: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # e.g. user-data entries skipped as CAA skips them
 
     @contextmanager
     def stage(self, name: str, doing: str = "") -> Iterator[Stage]:
@@ -89,6 +90,10 @@ class Timeline:
         """A point event (e.g. READY=1 sent)."""
         self.marks[name] = self.clock()
 
+    def count(self, name: str, n: int) -> None:
+        """A tally for the run (kept in timeline.json beside the stages)."""
+        self.counts[name] = self.counts.get(name, 0) + n
+
     def durations_ms(self) -> dict[str, float]:
         return {s.name: s.ms for s in self.stages if s.end is not None}
 
@@ -99,6 +104,7 @@ class Timeline:
             "agent_start": self.start,
             "stages": [asdict(s) for s in self.stages],
             "marks": self.marks,
+            "counts": self.counts,
         }
 
     def to_json(self) -> bytes:

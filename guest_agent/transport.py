@@ -1,23 +1,19 @@
-"""HTTP plumbing shared by every metadata client: a proxy-free session and a retry loop.
+"""The retry loop shared by every metadata client and the wireserver: deadlines, jittered
+backoff, Retry-After, and the classification of an HTTP status into "retry" or "fail".
 
-`requests` costs ~75 ms to import, more than the interpreter itself, so nothing here
-imports it at module level: `preload()` starts the import in a thread at agent start,
-where it overlaps with reading DMI and waiting for the network.
+The exchange itself (socket, bounds, faults) is in httpio.py.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from guest_agent.errors import AgentError, MetadataUnavailable
-
-if TYPE_CHECKING:
-    import requests
 
 log = logging.getLogger("guest_agent.transport")
 T = TypeVar("T")
@@ -25,41 +21,11 @@ T = TypeVar("T")
 # Early-boot "not yet" answers worth retrying (cloud-init imds.py, ignition: 404/410/429 and 5xx).
 RETRY_STATUS = frozenset({404, 408, 410, 429, 500, 502, 503, 504})
 
-_preload_thread: threading.Thread | None = None
 
-
-def preload() -> None:
-    """Import requests and PyYAML in the background; `new_session()` joins the thread.
-
-    On a real boot the agent starts before DHCP has finished, so these ~100 ms of imports
-    run while the network wait blocks in poll(); they are off the network-up -> Ready path.
-    """
-    global _preload_thread
-    if _preload_thread is None:
-
-        def _imp() -> None:
-            import requests  # noqa: F401
-            import yaml  # noqa: F401
-
-        _preload_thread = threading.Thread(target=_imp, name="preload-requests", daemon=True)
-        _preload_thread.start()
-
-
-def new_session() -> requests.Session:
-    """A session that never uses a proxy: trust_env off ignores HTTP(S)_PROXY and .netrc
-    (WALinuxAgent: "Never use the HTTP proxy for wireserver"; IMDS docs require a bypass)."""
-    if _preload_thread is not None:
-        _preload_thread.join()
-    import requests
-    import requests.adapters
-
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {}
-    adapter = requests.adapters.HTTPAdapter(max_retries=0, pool_connections=4, pool_maxsize=4)
-    s.mount("http://", adapter)
-    s.mount("https://", adapter)
-    return s
+def urandom_unit() -> float:
+    """A uniform float in [0, 1) from the kernel's CSPRNG: no `random` import (~2 ms) on the
+    boot path, and no shared seed between VMs booted from one image."""
+    return int.from_bytes(os.urandom(7), "big") / float(1 << 56)
 
 
 class Deadline:
@@ -75,22 +41,29 @@ class Deadline:
         return self.clock() >= self.at
 
 
-@dataclass(frozen=True)
-class Backoff:
+class Backoff(NamedTuple):
     initial_s: float = 0.1
     max_s: float = 2.0
     retry_after_max_s: float = 30.0
 
-    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """Delay before retry number `attempt` (1-based): doubling, capped at max_s.
+    def delay(
+        self, attempt: int, retry_after_s: float | None = None, rand: Callable[[], float] = urandom_unit
+    ) -> float:
+        """Delay before retry number `attempt` (1-based): full jitter over a doubling cap.
 
-        A server's Retry-After lengthens the delay (up to retry_after_max_s) but never
-        shortens it: `Retry-After: 0` must not turn the loop into a flood (Azure IMDS
-        allows 5 requests/s)."""
-        backoff = float(min(self.initial_s * 2.0 ** (attempt - 1), self.max_s))
-        if retry_after_s is not None:
-            return max(backoff, min(retry_after_s, self.retry_after_max_s))
-        return backoff
+        `rand()` in [0, 1) scales the cap min(initial_s * 2^(attempt-1), max_s) ("full jitter",
+        AWS Architecture Blog, "Exponential Backoff And Jitter"), so a fleet that failed together
+        does not retry together.  A server's Retry-After (capped at retry_after_max_s) is waited
+        out first and the jitter comes on top, spanning the larger of the cap and the Retry-After
+        itself (at most max_s): the request is never early, and 200 VMs told `Retry-After: 1`
+        come back spread over a second, not in one millisecond (Azure IMDS allows 5 requests/s).
+        """
+        cap = float(min(self.initial_s * 2.0 ** (attempt - 1), self.max_s))
+        unit = min(max(rand(), 0.0), 1.0)
+        if retry_after_s is None:
+            return cap * unit
+        wait = min(retry_after_s, self.retry_after_max_s)
+        return wait + unit * max(cap, min(wait, self.max_s))
 
 
 class Retry(Exception):
@@ -103,20 +76,38 @@ class Retry(Exception):
         self.immediate = immediate  # our own decision (e.g. refetch a stale goal state), not a server's
 
 
-def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Retry-After is delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_IMF_FIXDATE = re.compile(
+    r"([A-Z][a-z]{2}), ([0-9]{2}) ([A-Z][a-z]{2}) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
+)
+RETRY_AFTER_MAX_DIGITS = 9  # ~31 years of seconds: anything longer is not a delay anyone means
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After (RFC 9110 §10.2.3): delta-seconds (ASCII digits only) or an IMF-fixdate.
+
+    `now` is wall-clock time (an HTTP-date is absolute).  Anything else, including the obsolete
+    RFC 850 and asctime date forms and digits `str.isdigit` accepts but `int` refuses ('²'),
+    is ignored (None): the caller's own backoff applies.
+    """
     if not value:
         return None
+    if now is None:
+        now = time.time()
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    import email.utils  # ~5 ms: only when a server sent an HTTP-date
-
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= RETRY_AFTER_MAX_DIGITS else None
+    m = _IMF_FIXDATE.fullmatch(value)
+    if m is None or m.group(1) not in _DAYS or m.group(3) not in _MONTHS:
         return None
-    return max(0.0, when.timestamp() - now())
+    import calendar
+
+    day, year, hh, mm, ss = (int(m.group(i)) for i in (2, 4, 5, 6, 7))
+    if not (1 <= day <= 31 and hh <= 23 and mm <= 59 and ss <= 60 and year >= 1970):
+        return None
+    when = calendar.timegm((year, _MONTHS.index(m.group(3)) + 1, day, hh, mm, ss, 0, 0, 0))
+    return max(0.0, when - now)
 
 
 def retry_until(
@@ -127,6 +118,7 @@ def retry_until(
     backoff: Backoff,
     sleep: Callable[[float], None] = time.sleep,
     on_deadline: Callable[[str], AgentError] | None = None,
+    rand: Callable[[], float] = urandom_unit,
 ) -> T:
     """Call `attempt` until it returns, raises a non-`Retry` error, or the deadline passes.
 
@@ -142,7 +134,7 @@ def retry_until(
             if r.reason != last:
                 log.warning("%s: %s (attempt %d, retrying until the deadline)", what, r.reason, n)
                 last = r.reason
-            delay = 0.0 if r.immediate else backoff.delay(n, r.retry_after_s)
+            delay = 0.0 if r.immediate else backoff.delay(n, r.retry_after_s, rand)
             if delay >= deadline.remaining():
                 if on_deadline is not None:
                     raise on_deadline(r.reason) from None
@@ -152,12 +144,37 @@ def retry_until(
             sleep(delay)
 
 
-def timeout_for(deadline: Deadline, connect_s: float, read_s: float) -> tuple[float, float]:
-    """Per-request (connect, read) timeouts, never past the deadline."""
-    rem = max(deadline.remaining(), 0.001)
-    return (min(connect_s, rem), min(read_s, rem))
+def budget_s(deadline: Deadline, connect_s: float, read_s: float) -> float:
+    """One exchange's total time (connect + answer), never past the stage's deadline."""
+    return min(deadline.remaining(), connect_s + read_s)
 
 
 def http_retry_reason(status: int, body: bytes) -> str:
     snippet = body[:80].decode("utf-8", "replace").strip()
     return f"HTTP {status}" + (f" ({snippet})" if snippet else "")
+
+
+class Answer(Protocol):
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+def retry_or_raise(
+    resp: Answer,
+    what: str,
+    *,
+    retry_status: Callable[[int], bool],
+    refused: Callable[[str], AgentError],
+    now: float | None = None,
+) -> Retry:
+    """For a non-success answer: a `Retry` (with the server's Retry-After) to raise when
+    `retry_status(status)`, else raise `refused(reason)`: the one classification used by the
+    metadata clients and the wireserver."""
+    reason = http_retry_reason(resp.status, resp.body)
+    if retry_status(resp.status):
+        return Retry(f"{what}: {reason}", retry_after_s=parse_retry_after(resp.headers.get("retry-after"), now))
+    raise refused(reason)

@@ -1,27 +1,47 @@
 """User-data: decode, parse `#cloud-config`, validate against the allow-list, plan the writes.
 
-Pure functions only.  The host that supplies user-data is untrusted, so the accepted
-language is deliberately tiny: a `#cloud-config` document whose only key is
-`write_files`, each entry with `path`, `content`, `encoding`, `permissions`, `owner`.
-Anything else (`runcmd`, `bootcmd`, ...) rejects the whole document: the agent never
-executes anything from user-data.  One bad entry rejects everything (exit 78), and
-`plan()` has decided every byte before `files.apply()` writes any.
+Pure functions (their only side effect is a warning per skipped entry).  The host that supplies
+user-data is untrusted, so the accepted language is deliberately tiny: a YAML mapping (the
+`#cloud-config` first line is optional, as in CAA's `process-user-data`) whose only key is
+`write_files`, each entry with `path`, `content`, `encoding`, `permissions`.  Anything else
+(`runcmd`, `bootcmd`, ...) rejects the whole document: the agent never executes anything from
+user-data.  The YAML is read by `safeyaml` (bounded depth and node count, no anchors, aliases,
+merge keys or foreign tags), so no document can crash or exhaust the agent.
+
+Compatibility with CAA (cloud-api-adaptor `pkg/userdata/provision.go`, `pkg/initdata/initdata.go`):
+with `files.strict = false` (the default) a well-formed, absolute, normalised path that is not on
+the allow-list is skipped with a warning, as CAA does (older CAA releases sent
+`/run/peerpod/agent-config.toml` and `/run/peerpod/daemon.json`), and so is an initdata `[data]`
+key that is a plain file name outside aa.toml/cdh.toml/policy.rego.  `files.strict = true`
+refuses such documents whole.  Everything malformed is refused whole (exit 78) either way: YAML
+errors, unknown keys, wrong types, relative, traversing or non-normalised paths.  `plan()` has
+decided every byte before `files.apply()` writes any.
+
+`owner:` is refused (exit 78), in `check` and `run` alike: the unit runs without CAP_CHOWN and
+its seccomp filter (`~@privileged`) denies the chown family, so an owner could never be applied;
+CAA's own reader (yaml.v2 `UnmarshalStrict` into `{path, content}`) rejects the key too.  Every
+file belongs to the agent's user (root), mode 0600.
 """
 
 from __future__ import annotations
 
+import logging
 import posixpath
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from guest_agent import codec, initdata
+from guest_agent import codec, initdata, safeyaml
 from guest_agent.config import Config
 from guest_agent.errors import UserDataInvalid
 from guest_agent.files import FileSpec
+from guest_agent.log import fields
+from guest_agent.safeyaml import field_of
 
-HEADER = "#cloud-config"
+log = logging.getLogger("guest_agent.userdata")
+
 ENTRY_KEYS = frozenset({"path", "content", "encoding", "permissions", "owner"})
 INITDATA_PATH = "initdata"  # under files.peerpod_dir
+PATH_MAX = 4096  # Linux's PATH_MAX, bytes including the NUL
+MAX_WARNINGS = 32  # skipped entries logged one by one; all of them are on the Plan
 
 # cloud-init's write_files encodings (cloudinit/config/cc_write_files.py), minus nothing.
 _ENCODINGS: dict[str, tuple[str, ...]] = {
@@ -36,6 +56,9 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
     "gzip+base64": ("b64", "gz"),
 }
 
+# cloud-init part types other than #cloud-config: they ask for something the agent never does.
+_OTHER_PARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job", "#cloud-config-")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -44,20 +67,17 @@ class Plan:
     files: tuple[FileSpec, ...]
     initdata: initdata.Initdata
     initdata_is_default: bool
+    # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
+    skipped_paths: tuple[str, ...] = field(default=())
+    skipped_initdata_keys: tuple[str, ...] = field(default=())
 
-
-def _load_yaml(text: str) -> Any:
-    import yaml  # ~20 ms; libyaml's C loader when available
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        return yaml.load(text, Loader=loader)  # a safe loader: no Python object tags
-    except yaml.YAMLError as exc:
-        raise UserDataInvalid("user-data is not valid YAML", error=str(exc).splitlines()[0]) from exc
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_paths) + len(self.skipped_initdata_keys)
 
 
 def decode(raw: bytes, cfg: Config) -> str:
-    """Size-check, peel optional gzip/base64 layers, require UTF-8 `#cloud-config` text."""
+    """Size-check, peel optional gzip/base64 layers, require UTF-8 text (`#cloud-config` optional)."""
     if len(raw) > cfg.limits.max_user_data_bytes:
         raise UserDataInvalid(
             "user-data is larger than the size limit", size=len(raw), limit_bytes=cfg.limits.max_user_data_bytes
@@ -70,125 +90,159 @@ def decode(raw: bytes, cfg: Config) -> str:
     except UnicodeDecodeError as exc:
         raise UserDataInvalid("user-data is not UTF-8 text", offset=exc.start) from exc
     text = text.removeprefix("\ufeff")
-    if text.split("\n", 1)[0].rstrip() != HEADER:
-        raise UserDataInvalid("user-data is not a #cloud-config document (first line must be #cloud-config)")
+    first = text.split("\n", 1)[0].rstrip()
+    if first != "#cloud-config" and first.startswith(_OTHER_PARTS):
+        reason = "user-data is a cloud-init part the agent does not run, not #cloud-config"
+        raise UserDataInvalid(reason, first_line=safeyaml.show(first, 24))
     return text
 
 
-def normalise_path(path: Any, index: int) -> str:
-    if not isinstance(path, str) or not path:
-        raise UserDataInvalid("write_files entry has no path string", entry=index)
-    if "\0" in path or not path.startswith("/"):
-        raise UserDataInvalid("write_files path must be absolute", entry=index, path=path[:200])
+def normalise_path(path: str | None, where: str) -> str:
+    """A well-formed target path: absolute, normalised, printable, at most PATH_MAX bytes."""
+    if not path:
+        raise UserDataInvalid(f"{field_of(where)} has no path string", where=where)
+    shown = safeyaml.show(path, 80)
+    if len(path.encode("utf-8", "surrogatepass")) >= PATH_MAX or not path.isprintable():
+        raise UserDataInvalid(f"{field_of(where)} is too long or holds control characters", where=where, path=shown)
+    if not path.startswith("/"):
+        raise UserDataInvalid(f"{field_of(where)} must be absolute", where=where, path=shown)
     norm = posixpath.normpath(path)
     if norm != path or "/../" in f"{path}/" or "/./" in f"{path}/" or norm.startswith("//"):
-        raise UserDataInvalid("write_files path is not normalised", entry=index, path=path[:200])
+        raise UserDataInvalid(f"{field_of(where)} is not normalised", where=where, path=shown)
     return norm
 
 
-def _mode(value: Any, index: int, default: int) -> int:
-    if value is None:
+def _mode(node: safeyaml.Node | None, where: str, default: int) -> int:
+    mode = None if node is None else safeyaml.uint(node, where, octal_strings=True)
+    if mode is None:
         return default
-    if isinstance(value, bool):
-        raise UserDataInvalid("write_files permissions must be an octal mode", entry=index)
-    if isinstance(value, int):  # YAML 1.1 reads 0644 as octal already
-        mode = value
-    elif isinstance(value, str):
-        try:
-            mode = int(value, 8)
-        except ValueError:
-            raise UserDataInvalid("write_files permissions must be an octal mode", entry=index) from None
-    else:
-        raise UserDataInvalid("write_files permissions must be an octal mode", entry=index)
     if not 0 <= mode <= 0o777:  # no setuid/setgid/sticky from an untrusted host
-        raise UserDataInvalid("write_files permissions out of range (0000-0777)", entry=index, mode=oct(mode))
+        raise UserDataInvalid(f"{field_of(where)} out of range (0000-0777)", where=where, mode=oct(mode)[:24])
     return mode
 
 
-def _owner(value: Any, index: int) -> tuple[int | None, int | None]:
-    if value is None:
-        return None, None
-    if not isinstance(value, str) or value.count(":") > 1 or not value:
-        raise UserDataInvalid("write_files owner must be 'user' or 'user:group'", entry=index)
-    user, _, group = value.partition(":")
-    import grp
-    import pwd
-
+def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
+    limit = cfg.limits.max_file_bytes
+    content = safeyaml.content(entry["content"], f"{where}.content") if "content" in entry else None
+    encoding = safeyaml.text(entry["encoding"], f"{where}.encoding") if "encoding" in entry else None
+    encoding = (encoding or "text/plain").lower()
+    if encoding not in _ENCODINGS:
+        raise UserDataInvalid(
+            f"{field_of(where)}.encoding is not supported",
+            where=f"{where}.encoding",
+            encoding=safeyaml.show(encoding, 24),
+        )
+    data = (content or "").encode("utf-8") if not isinstance(content, bytes) else content
+    what = f"{where}.content"
+    layers = _ENCODINGS[encoding]
     try:
-        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-        gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None
-    except KeyError:
-        raise UserDataInvalid("write_files owner names an unknown user or group", entry=index, owner=value) from None
-    return uid, gid
-
-
-def _content(entry: dict[str, Any], index: int, cfg: Config) -> bytes:
-    content = entry.get("content", "")
-    if content is None:
-        content = ""
-    encoding = entry.get("encoding", "text/plain")
-    if not isinstance(encoding, str) or encoding.lower() not in _ENCODINGS:
-        raise UserDataInvalid("write_files encoding is not supported", entry=index, encoding=str(encoding)[:40])
-    if isinstance(content, str):
-        data = content.encode("utf-8")
-    elif isinstance(content, bytes):  # YAML !!binary
-        data = content
-    else:
-        raise UserDataInvalid("write_files content must be a string", entry=index)
-    what = f"write_files entry {index}"
-    for layer in _ENCODINGS[encoding.lower()]:
-        if layer == "b64":
-            data = codec.b64decode_strict(data, what=what)
-        else:
-            data = codec.gunzip_bounded(data, limit=cfg.limits.max_file_bytes, what=what)
-    if len(data) > cfg.limits.max_file_bytes:
-        raise UserDataInvalid("write_files content is larger than the size limit", entry=index, size=len(data))
+        for layer in layers:
+            if layer == "b64":
+                # The gzip under it may be up to the decoded limit; plain base64 content up to the file limit.
+                bound = cfg.limits.max_decoded_bytes if "gz" in layers else limit
+                data = codec.b64decode_strict(data, what=field_of(what), limit=bound)
+            else:
+                data = codec.gunzip_bounded(data, limit=limit, what=field_of(what))
+    except UserDataInvalid as exc:
+        exc.supporting_data.setdefault("where", what)
+        raise
+    if len(data) > limit:
+        raise UserDataInvalid(
+            f"{field_of(what)} is larger than the size limit", where=what, size=len(data), limit_bytes=limit
+        )
     return data
 
 
-def parse(text: str, cfg: Config) -> list[FileSpec]:
+@dataclass(frozen=True)
+class Parsed:
+    files: list[FileSpec]
+    skipped: list[str]  # well-formed paths not on the allow-list (files.strict = false)
+
+
+def parse_document(text: str, cfg: Config) -> Parsed:
     """The write_files entries of a decoded #cloud-config document, fully validated."""
-    doc = _load_yaml(text)
-    if doc is None:
-        return []
+    doc = safeyaml.compose(text)
+    if doc is None or safeyaml.is_null(doc):
+        return Parsed([], [])
     if not isinstance(doc, dict):
-        raise UserDataInvalid("user-data must be a YAML mapping")
-    unknown = sorted(str(k) for k in doc if k != "write_files")
+        raise UserDataInvalid("user-data must be a YAML mapping", where="(document)")
+    unknown = sorted(safeyaml.show(k, 24) for k in doc if k != "write_files")
     if unknown:
         raise UserDataInvalid("user-data has keys the agent refuses (only write_files)", keys=",".join(unknown)[:200])
-    entries = doc.get("write_files") or []
+    entries = doc.get("write_files")
+    if entries is None or safeyaml.is_null(entries):
+        return Parsed([], [])
     if not isinstance(entries, list):
-        raise UserDataInvalid("write_files must be a list")
+        raise UserDataInvalid("write_files must be a list", where="write_files")
     allowed = frozenset(cfg.files.allowed_paths)
     specs: list[FileSpec] = []
+    skipped: list[str] = []
     seen: set[str] = set()
+    total = 0
     for i, entry in enumerate(entries):
+        where = f"write_files[{i}]"
         if not isinstance(entry, dict):
-            raise UserDataInvalid("write_files entry must be a mapping", entry=i)
-        extra = sorted(str(k) for k in entry if k not in ENTRY_KEYS)
+            raise UserDataInvalid(f"{field_of(where)} must be a mapping", where=where)
+        extra = sorted(safeyaml.show(k, 24) for k in entry if k not in ENTRY_KEYS)
         if extra:
-            raise UserDataInvalid("write_files entry has unsupported keys", entry=i, keys=",".join(extra)[:200])
-        path = normalise_path(entry.get("path"), i)
-        if path not in allowed:
-            raise UserDataInvalid("write_files path is not on the allow-list", entry=i, path=path[:200])
-        if path in seen:
-            raise UserDataInvalid("write_files lists a path twice", entry=i, path=path)
-        seen.add(path)
-        uid, gid = _owner(entry.get("owner"), i)
-        specs.append(
-            FileSpec(
-                path, _content(entry, i, cfg), _mode(entry.get("permissions"), i, cfg.files.default_mode), uid, gid
+            raise UserDataInvalid(f"{field_of(where)} has unsupported keys", where=where, keys=",".join(extra)[:200])
+        # Every field is validated, also for an entry that is then skipped: malformed is malformed.
+        given = safeyaml.text(entry["path"], f"{where}.path") if "path" in entry else None
+        path = normalise_path(given, f"{where}.path")
+        owner = entry.get("owner")
+        if owner is not None and not safeyaml.is_null(owner):
+            raise UserDataInvalid(
+                "write_files[].owner is not supported: the agent cannot change owners (no CAP_CHOWN); files are root's",
+                where=f"{where}.owner",
             )
-        )
-    return specs
+        content = _content(entry, where, cfg)
+        # Each entry is bounded by max_file_bytes; their sum by max_decoded_bytes, or a thousand
+        # small gzip entries (skipped ones too) would each inflate to max_file_bytes.
+        total += len(content)
+        if total > cfg.limits.max_decoded_bytes:
+            raise UserDataInvalid(
+                "write_files contents are larger than the size limit in total",
+                where=f"{where}.content",
+                limit_bytes=cfg.limits.max_decoded_bytes,
+            )
+        mode = _mode(entry.get("permissions"), f"{where}.permissions", cfg.files.default_mode)
+        if path not in allowed:
+            if cfg.files.strict:
+                raise UserDataInvalid(
+                    f"{field_of(where)}.path is not on the allow-list",
+                    where=f"{where}.path",
+                    path=safeyaml.show(path, 80),
+                )
+            skipped.append(path)
+            continue
+        if path in seen:
+            raise UserDataInvalid(f"{field_of(where)}.path lists a path twice", where=f"{where}.path", path=path)
+        seen.add(path)
+        specs.append(FileSpec(path, content, mode))
+    return Parsed(specs, skipped)
+
+
+def parse(text: str, cfg: Config) -> list[FileSpec]:
+    """The write_files entries of a decoded #cloud-config document (skipped ones left out)."""
+    return parse_document(text, cfg).files
+
+
+def _warn_skipped(kind: str, name: str, reason: str) -> None:
+    log.warning(
+        "%s %s skipped: %s", kind, name, reason, extra=fields(stage="validate", **{kind.replace(" ", "_"): name})
+    )
 
 
 def plan(raw: bytes, cfg: Config) -> Plan:
     """raw user-data -> every file to write, including what initdata holds and its digest."""
-    specs = parse(decode(raw, cfg), cfg)
+    parsed = parse_document(decode(raw, cfg), cfg)
+    for path in parsed.skipped[:MAX_WARNINGS]:
+        _warn_skipped("path", path, "not on the allow-list (files.allowed_paths)")
+    if len(parsed.skipped) > MAX_WARNINGS:
+        log.warning("%d more paths skipped", len(parsed.skipped) - MAX_WARNINGS, extra=fields(stage="validate"))
     peerpod = cfg.files.peerpod_dir
     initdata_path = posixpath.join(peerpod, INITDATA_PATH)
-    by_path = {s.path: s for s in specs}
+    by_path = {s.path: s for s in parsed.files}
     given = by_path.get(initdata_path)
     if given is not None:
         toml = initdata.decode_file(given.content, limit=cfg.limits.max_decoded_bytes)
@@ -200,7 +254,9 @@ def plan(raw: bytes, cfg: Config) -> Plan:
         by_path[initdata_path] = FileSpec(
             initdata_path, initdata.encode_file(toml), cfg.files.default_mode, source="agent"
         )
-    idata = initdata.parse(toml)
+    idata = initdata.parse(toml, strict=cfg.files.strict)
+    for key in idata.skipped[:MAX_WARNINGS]:
+        _warn_skipped("initdata key", key, f"not one of {', '.join(initdata.ALLOWED_DATA_NAMES)}")
     # initdata is applied after write_files in CAA, so its aa.toml/cdh.toml win.
     for name, content in idata.files:
         p = posixpath.join(peerpod, name)
@@ -211,4 +267,6 @@ def plan(raw: bytes, cfg: Config) -> Plan:
         files=tuple(by_path.values()),
         initdata=idata,
         initdata_is_default=is_default,
+        skipped_paths=tuple(parsed.skipped),
+        skipped_initdata_keys=idata.skipped,
     )

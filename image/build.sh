@@ -89,7 +89,7 @@ fi
 
 # ---------------------------------------------------------------- wheels (built on the host)
 # Debian 12 host and image share glibc 2.36 and CPython 3.11, so cp311 wheels built here install in
-# the image; systemd-python is an sdist that needs gcc + libsystemd-dev, which the image lacks.
+# the image, where pip installs them offline (--no-index) into the agent venv.
 WHEELS=$CACHE/wheels
 if [ ! -f "$WHEELS/.deps-$deps_hash" ]; then
     log "wheels: ${DEPS[*]}"

@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest_agent.azure.fabric import AzureFabric
 from guest_agent.config import AzureConfig
-from guest_agent.fabric import AzureFabric
 from tests.fakecloud.wireserver import FakeWireserver
 
 SCENARIOS = {
     "json": "JSON /provisioning/health",
     "xml": "XML: JSON 404, GET goal state, POST health",
-    "xml+prefetch": "XML, goal state prefetched in the background",
 }
 
 
@@ -51,9 +50,6 @@ def measure(scenario: str, rtt_ms: float, iterations: int) -> Row:
         cfg = AzureConfig(wireserver_url=ws.url, ready_deadline_s=30.0)
         for _ in range(iterations):
             fabric = AzureFabric(cfg, root=str(root))
-            if scenario == "xml+prefetch":
-                fabric.start_prefetch()
-                fabric.wait_prefetch(10)
             n_before = len(ws.accepted())
             t0 = time.monotonic()
             res = fabric.report_ready({"fetch": 1.0})
@@ -76,7 +72,7 @@ def measure(scenario: str, rtt_ms: float, iterations: int) -> Row:
 
 
 def run(iterations: int = 30, rtts_ms: tuple[float, ...] = (0.0, 2.0)) -> list[Row]:
-    # Warm up: import requests and the fake once, outside the measurement.
+    # Warm up: the imports and the fake once, outside the measurement.
     measure("json", 0.0, 2)
     return [measure(s, rtt, iterations) for rtt in rtts_ms for s in SCENARIOS]
 

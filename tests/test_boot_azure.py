@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from guest_agent import boot, cli
+from guest_agent.azure import kvp
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from tests import caa
@@ -85,10 +86,13 @@ def test_report_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with FakeWireserver() as ws:
         root, conf = _azure_root(tmp_path, closed_port(), ws.url)
         assert cli.main(["report-failure", "--root", str(root), "--config", str(conf), "--reason", "disk full"]) == 0
-        # An operator's explicit command is obeyed (the boot path itself never does this).
-        assert cli.main(["report-ready", "--root", str(root), "--config", str(conf)]) == 0
+        # Never Ready after NotReady in one boot, not even by hand ...
+        assert cli.main(["report-ready", "--root", str(root), "--config", str(conf)]) == EXIT_UNAVAILABLE
+        # ... unless the operator insists.
+        assert cli.main(["report-ready", "--force", "--root", str(root), "--config", str(conf)]) == 0
         reports = ws.accepted()
-    assert [(r.state, r.description) for r in reports] == [("NotReady", "disk full"), ("Ready", None)]
+    assert [r.state for r in reports] == ["NotReady", "Ready"]
+    assert kvp.parse_provisioning_report(reports[0].description or "")["reason"] == "disk full"
     out = capsys.readouterr().out
     assert "acknowledged: NotReady" in out and "acknowledged: Ready" in out
 
@@ -129,8 +133,35 @@ def test_json_flow_imports_no_xml_and_no_pyroute2(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert [r.state for r in ws.accepted()] == ["Ready"]
-        assert ws.requests_to("goalstate")  # the prefetch did run ...
+        assert not ws.requests_to("goalstate")  # no goal state on the JSON flow
     imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    assert "xml.etree.ElementTree" not in imported  # ... but parsed nothing
+    assert "xml.parsers.expat" not in imported
+    assert "requests" not in imported and "http.client" not in imported
     assert "pyroute2" not in imported
     assert "systemd.journal" not in imported
+
+
+def test_a_second_run_after_not_ready_never_reports_ready(tmp_path: Path) -> None:
+    """Restart semantics: run 1 fails (bad user-data, exit 78) and reports NotReady; run 2 in the
+    same boot (same /run) provisions fine, exits 0 (its exit status reflects provisioning only),
+    and does not report Ready."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+    with FakeWireserver() as ws:
+        runs = []
+        for user_data in (b"%% not base64", caa.cloud_config()):
+            with FakeServer("imds", imds.azure(user_data, Script())) as srv:
+                root, conf = _azure_root(tmp_path, srv.url, ws.url)
+                (root / "var/lib/hyperv").mkdir(parents=True, exist_ok=True)
+                argv = [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)]
+                runs.append(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120))
+        reports = ws.accepted()
+    assert [r.returncode for r in runs] == [EXIT_CONFIG, 0], runs[1].stderr[-2000:]
+    assert [r.state for r in reports] == ["NotReady"]
+    assert "NotReady was already reported in this boot: never Ready after it" in runs[1].stderr
+    assert (root / "run/peerpod/apf.json").exists()
+    pool = (root / "var/lib/hyperv/.kvp_pool_1").read_bytes()
+    assert [kvp.parse_provisioning_report(v)["result"] for _, v in kvp.decode_records(pool)] == ["error"]

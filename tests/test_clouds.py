@@ -76,7 +76,7 @@ def make_cfg(cloud: str, url: str, *, deadline_s: float = 3.0, timeout_s: float 
 
 
 def fetch(cloud: str, url: str, root: Path, ft: FakeTime, **kw: float) -> bytes:
-    deps = boot.Deps(clock=ft.clock, sleep=ft.sleep)
+    deps = boot.Deps(clock=ft.clock, sleep=ft.sleep, rand=lambda: 1.0)  # jitter at its cap: delays are exact
     return boot.fetch_user_data(cloud, make_cfg(cloud, url, **kw), str(root), deps)
 
 
@@ -214,7 +214,8 @@ def test_ibmcloud_request_shape(serve: Callable[[Handler], FakeServer], ft: Fake
 def test_no_proxy_even_when_the_environment_sets_one(
     cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import requests
+    import urllib.error
+    import urllib.request
 
     proxy = closed_port_url()  # a proxy that refuses every connection, on loopback
     for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
@@ -222,9 +223,9 @@ def test_no_proxy_even_when_the_environment_sets_one(
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)
     server = serve(FACTORY[cloud](USER_DATA, Script()))
-    # Control: a default session honours the variable, so this environment really points at the proxy.
-    with pytest.raises(requests.exceptions.ProxyError):
-        requests.Session().get(server.url + "/", timeout=2)
+    # Control: the stdlib's default opener honours the variable, so this environment really points at the proxy.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server.url + "/", timeout=2)
     assert server.requests == []
     assert fetch(cloud, server.url, tmp_path, ft) == USER_DATA
     assert data_requests(server, cloud)
@@ -235,7 +236,8 @@ def test_no_proxy_even_when_the_environment_sets_one(
 RETRIED: dict[str, tuple[Callable[[], Reply], float]] = {
     "404": (lambda: Reply(404, "Not Found"), FIRST_BACKOFF),
     "410": (lambda: Reply(410, "Gone"), FIRST_BACKOFF),
-    "429-retry-after-3": (lambda: Reply(429, "Too Many Requests", {"Retry-After": "3"}), 3.0),
+    # Retry-After, then jitter (here at its maximum) spanning min(Retry-After, backoff_max_s)
+    "429-retry-after-2": (lambda: Reply(429, "Too Many Requests", {"Retry-After": "2"}), 2.0 + 2.0),
     "429-no-retry-after": (lambda: Reply(429, "Too Many Requests"), FIRST_BACKOFF),
     "500": (lambda: Reply(500, "Internal Server Error"), FIRST_BACKOFF),
     "503": (lambda: Reply(503, "Service Unavailable"), FIRST_BACKOFF),
@@ -263,7 +265,8 @@ def test_retry_after_is_capped(serve: Callable[[Handler], FakeServer], ft: FakeT
     script = Script({"user-data": [Reply(429, "", {"Retry-After": "3600"})]})
     server = serve(imds.azure(USER_DATA, script))
     assert fetch("azure", server.url, tmp_path, ft, deadline_s=100.0) == USER_DATA
-    assert ft.sleeps == [Config().fetch.retry_after_max_s]
+    fc = Config().fetch
+    assert ft.sleeps == [fc.retry_after_max_s + fc.backoff_max_s]  # capped, then the jitter (here at its maximum)
 
 
 def test_retry_after_past_the_deadline_gives_up_at_once(
@@ -581,3 +584,29 @@ def test_cli_run_invalid_user_data_exits_78(
     assert peerpod_files(tmp_path) == {}
     assert len(server.requests) == 1
     assert [r.state for r in reports] == ["NotReady"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"access_token": ' + b"[" * 50 + b"]" * 50 + b"}", b"\xff\xfe", b'"x"'],
+)
+def test_hostile_ibm_json_is_a_retry(body: bytes) -> None:
+    from guest_agent.clouds import ibmcloud
+    from guest_agent.transport import Retry
+
+    for parse in (ibmcloud.parse_token, ibmcloud.parse_initialization):
+        with pytest.raises(Retry):
+            parse(body)
+
+
+@pytest.mark.parametrize("cloud", CLOUDS)
+def test_an_oversized_answer_is_refused_as_too_large(
+    cloud: str, serve: Callable[[Handler], FakeServer], ft: FakeTime, tmp_path: Path
+) -> None:
+    """Not truncated into a misleading "not valid base64": refused as too large, exit 78, no retry."""
+    huge = Reply(200, "QUFB" * (Config().limits.max_user_data_bytes // 2 + 1))  # past 2x the limit
+    server = serve(FACTORY[cloud](USER_DATA, Script({"user-data": [huge]})))
+    with pytest.raises(UserDataInvalid, match="larger than the size limit") as ei:
+        fetch(cloud, server.url, tmp_path, ft)
+    assert ei.value.exit_code == EXIT_CONFIG
+    assert ft.sleeps == []

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from guest_agent import __version__, kvp
+from guest_agent import __version__
+from guest_agent.azure import kvp
+from guest_agent.azure.fabric import AzureFabric, read_vm_id, wireserver_base_url
 from guest_agent.config import AzureConfig
-from guest_agent.errors import FabricError
-from guest_agent.fabric import AzureFabric, read_vm_id, wireserver_base_url
-from tests.fakecloud.server import Reply, Request, Script
-from tests.fakecloud.wireserver import FakeWireserver, goal_state_xml
+from guest_agent.errors import FabricError, UserDataInvalid
+from tests.fakecloud.server import Request
+from tests.fakecloud.wireserver import FakeWireserver
 
 PRODUCT_UUID = "5E1D1A2B-3C4D-5E6F-7A8B-9C0D1E2F3A4B"
 STAGES = {"detect": 2.2, "network": 410.0, "fetch": 35.7}
@@ -93,15 +94,21 @@ def test_failure_writes_kvp_then_not_ready_on_the_xml_shape(
     root = make_root(tmp_path, efi=False)
     at_post = KvpAtPost(root)
     ws = servers(json_endpoint=False, on_health=at_post)
-    reason = "user-data is not valid YAML; stage=validate; line=3"
-    res = fabric(ws.url, root).report_failure(reason, {"fetch": 12.0})
+    err = UserDataInvalid("user-data is not valid YAML", line=3, problem="a|b")
+    err.stage = "validate"
+    res = fabric(ws.url, root).report_failure(err, {"fetch": 12.0})
     assert res is not None and (res.state, res.flavour) == ("NotReady", "xml")
     (before,) = at_post.seen
-    report = kvp.parse_provisioning_report(before[0][1])
-    assert (report["result"], report["reason"]) == ("error", reason)
+    value = before[0][1]
+    report = kvp.parse_provisioning_report(value)
+    assert (report["result"], report["reason"]) == ("error", "user-data is not valid YAML")
+    assert (report["stage"], report["line"], report["problem"]) == ("validate", "3", "a|b")
     assert report["vm_id"] == "2b1a1d5e-4d3c-6f5e-7a8b-9c0d1e2f3a4b"  # Gen1: byte-swapped
+    # the Description is the same encoded report (cloud-init, azure-init), quoted only where needed
+    head = f"result=error|reason=user-data is not valid YAML|agent=guest-agent/{__version__}"
+    assert value.startswith(head + "|stage=validate|line=3|'problem=a|b'|vm_id=")
     (rep,) = ws.accepted()
-    assert (rep.state, rep.substatus, rep.description) == ("NotReady", "ProvisioningFailed", reason)
+    assert (rep.state, rep.substatus, rep.description) == ("NotReady", "ProvisioningFailed", value)
 
 
 def test_failure_on_the_json_shape(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
@@ -111,12 +118,9 @@ def test_failure_on_the_json_shape(tmp_path: Path, servers: Callable[..., FakeWi
     res = fabric(ws.url, root).report_failure(reason, {})
     assert res is not None and res.flavour == "json"
     (rep,) = ws.accepted()
-    assert (rep.flavour, rep.state, rep.substatus, rep.description) == (
-        "json",
-        "NotReady",
-        "ProvisioningFailed",
-        reason,
-    )
+    assert (rep.flavour, rep.state, rep.substatus) == ("json", "NotReady", "ProvisioningFailed")
+    assert kvp.parse_provisioning_report(rep.description or "")["reason"] == reason
+    assert rep.description == pool(root)[0][1]
 
 
 def test_never_ready_after_a_failure(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
@@ -124,9 +128,21 @@ def test_never_ready_after_a_failure(tmp_path: Path, servers: Callable[..., Fake
     ws = servers()
     f = fabric(ws.url, root)
     f.report_failure("boom", {})
-    with pytest.raises(FabricError):
+    with pytest.raises(FabricError, match="never Ready after it"):
         f.report_ready({})
+    # nor a later run in the same boot (a fresh fabric: the marker under /run/guest-agent)
+    with pytest.raises(FabricError, match="never Ready after it"):
+        fabric(ws.url, root).report_ready({})
     assert [r.state for r in ws.reports] == ["NotReady"]
+    assert [kvp.parse_provisioning_report(v)["result"] for _, v in pool(root)] == ["error"]
+
+
+def test_marker_is_written_before_the_not_ready_post(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
+    root = make_root(tmp_path)
+    seen: list[bool] = []
+    ws = servers(on_health=lambda req: seen.append((root / "run/guest-agent/azure-not-ready").exists()))
+    fabric(ws.url, root).report_failure("boom", {})
+    assert seen == [True]
 
 
 def silent_wireserver(root: Path, servers: Callable[..., FakeWireserver], **deadline_s: float) -> AzureFabric:
@@ -165,46 +181,9 @@ def test_report_ready_off(tmp_path: Path, servers: Callable[..., FakeWireserver]
     root = make_root(tmp_path)
     ws = servers()
     f = fabric(ws.url, root, report_ready=False)
-    f.start_prefetch()
     assert f.report_ready({}) is None
     assert ws.server.requests == []
     assert len(pool(root)) == 1
-
-
-def test_prefetched_goal_state_is_used(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
-    root = make_root(tmp_path)
-    ws = servers(json_endpoint=False)
-    f = fabric(ws.url, root)
-    f.start_prefetch()
-    assert f.wait_prefetch(10)
-    res = f.report_ready({})
-    assert res is not None and (res.flavour, res.round_trips, res.prefetched_goal_state) == ("xml", 2, True)
-    assert len(ws.requests_to("goalstate")) == 1
-
-
-def test_prefetch_retries_until_the_goal_state_is_served(
-    tmp_path: Path, servers: Callable[..., FakeWireserver]
-) -> None:
-    root = make_root(tmp_path)
-    ws = servers(json_endpoint=False, script=Script({"goalstate": [Reply(503), Reply(500)]}))
-    f = fabric(ws.url, root)
-    f.start_prefetch()
-    assert f.wait_prefetch(10)
-    res = f.report_ready({})
-    assert res is not None and res.prefetched_goal_state
-    assert len(ws.requests_to("goalstate")) == 3
-
-
-def test_report_waits_for_an_in_flight_prefetch(tmp_path: Path, servers: Callable[..., FakeWireserver]) -> None:
-    root = make_root(tmp_path)
-    slow = Reply(200, goal_state_xml(), delay_s=0.5)  # still in flight when the report starts
-    ws = servers(json_endpoint=False, script=Script({"goalstate": [slow]}))
-    f = fabric(ws.url, root)
-    f.start_prefetch()
-    assert ws.server.wait_for(lambda reqs: any(r.path.startswith("/machine") for r in reqs))
-    res = f.report_ready({})
-    assert res is not None and res.prefetched_goal_state
-    assert len(ws.requests_to("goalstate")) == 1  # no second GET
 
 
 def test_wireserver_url_from_the_lease_under_root(tmp_path: Path) -> None:

@@ -103,7 +103,22 @@ def test_caa_sha384_pcr_vector() -> None:
         (b'version = "0.1.0"\n', "is not supported"),
         (b"algorithm = 256\n", "'int' is not supported"),
         (make_toml(data="\"../x\" = '''\nx\n'''\n"), "not allowed: '../x'"),
-        (make_toml(data="\"malicious.rego\" = '''\nx\n'''\n"), "not allowed: 'malicious.rego'"),
+        (make_toml(data="\"a/b\" = ''\n"), "not allowed: 'a/b'"),
+        (make_toml(data="\"..\" = ''\n"), "not allowed: '..'"),
+        (make_toml(data="\"a\\nb\" = ''\n"), "not allowed: 'a\\\\nb'"),
+        (make_toml(data=f"\"{'n' * 256}\" = ''\n"), "not allowed"),
+        (make_toml(data='"x" = 1\n'), "is not a string"),
+        (b"a = " + b"[" * 40 + b"]" * 40, "nested too deeply"),
+        (b"a = " + b"{b=" * 40 + b"1" + b"}" * 40, "nested too deeply"),
+        (b"a = " + b"[" * 5000, "nested too deeply"),
+        (b"a = [[[[" + b'"]]]", ' * 2000 + b"]]]]", "is not supported"),  # brackets in strings do not count
+        (b'a = [ """x"""" , ' + b"[" * 5000, "nested too deeply"),  # a closing """ may carry 2 more quotes
+        (b"a = " + b"1" * 5000, "not valid TOML"),  # int() past Python's 4300-digit limit
+        (b"a." * 400_000 + b"b = 1\n", "nested too deeply"),  # tomllib is quadratic in a dotted key
+        (b"[" + b"a." * 400_000 + b"b]\n", "nested too deeply"),
+        (b"".join(b"k%d = 1\n" % i for i in range(10_001)), "too many lines, keys and values"),
+        (b"x = [" + b"1," * 20_000 + b"]\n", "too many lines, keys and values"),
+        (b"a = 0x" + b"f" * 5000, "is not supported"),  # hex ints have no digit limit: parsed, then ignored
         (make_toml(data="\"./aa.toml\" = ''\n"), "not allowed: './aa.toml'"),
         (make_toml(data='"aa.toml" = 1\n'), "is not a string"),
         (make_toml(data='"aa.toml" = ["x"]\n'), "is not a string"),
@@ -120,6 +135,30 @@ def test_parse_rejects(toml: bytes, fragment: str) -> None:
         initdata.parse(toml)
     assert fragment in info.value.reason
     assert info.value.exit_code == 78
+    assert len(info.value.describe()) < 300
+
+
+def test_unknown_plain_names_are_skipped_unless_strict() -> None:
+    toml = make_toml(data="\"aa.toml\" = 'a'\n\"malicious.rego\" = '''\nx\n'''\n\"kata.toml\" = ''\n")
+    parsed = initdata.parse(toml)
+    assert parsed.files == (("aa.toml", b"a"),)
+    assert parsed.skipped == ("malicious.rego", "kata.toml")
+    assert parsed.digest == hashlib.sha384(toml).digest()  # over the whole document, skipped keys included
+    with pytest.raises(UserDataInvalid, match=r"not allowed: 'malicious\.rego'"):
+        initdata.parse(toml, strict=True)
+
+
+def test_structure_scan_follows_toml_strings() -> None:
+    def nesting_depth(text: str) -> int:
+        return initdata.structure(text, max_depth=99)[0]
+
+    assert nesting_depth("a = [[1], [2]]\n[t]\n[[arr]]\n") == 2
+    assert nesting_depth('a = \'[[[[\'\nb = "\\"[[["\n# [[[[\n') == 0
+    assert nesting_depth("a = '''x''''' \nb = [[1]]") == 2  # '''x''''' is x''
+    assert nesting_depth('a = "[[\nb = [[1]]') == 2  # a basic string ends at the newline
+    assert nesting_depth('a = """x\\"""[[[\n"""\nb = [[1]]') == 2  # an escaped quote does not close
+    assert nesting_depth("a.b.c = 1.5\n") == 2  # dotted keys are nested tables
+    assert initdata.structure("a = 1\nb = [1, 2]\n") == (1, 7)
 
 
 @pytest.mark.parametrize(
@@ -147,3 +186,9 @@ def test_gzip_bomb_is_bounded() -> None:
     # exactly at the limit is fine
     exact = base64.b64encode(gzip.compress(b"#" * LIMIT))
     assert len(initdata.decode_file(exact, limit=LIMIT)) == LIMIT
+
+
+def test_every_caa_shape_is_within_the_structure_limits() -> None:
+    for toml in (make_toml(), initdata.DEFAULT_INITDATA_TOML, make_toml("sha256", data="")):
+        depth, items = initdata.structure(toml.decode())
+        assert depth <= 2 and items < 30

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import kvp
+from guest_agent.azure import kvp
 
 
 def test_record_layout() -> None:
@@ -133,3 +133,27 @@ def test_full_pool_is_left_alone(tmp_path: Path) -> None:
     f.write_bytes(kvp.encode_record("X", "y") * kvp.MAX_RECORDS)
     assert kvp.append_report(str(tmp_path), "K", "V", booted_at=0.0) is False
     assert f.stat().st_size == kvp.MAX_RECORDS * kvp.RECORD_BYTES
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["result=error", "reason=a|b", "x=it's", "k=v=w", "plain"],
+        ["line=a\nb", "cr=a\rb", "both=\r\n", "'", "|", "", "  spaced  ", 'dq="x"', "é|ü"],
+        [""],
+        ["a", ""],
+    ],
+)
+def test_encode_report_matches_cloud_inits_csv_writer(fields: list[str]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, delimiter="|", quotechar="'", quoting=csv.QUOTE_MINIMAL).writerow(fields)
+    assert kvp.encode_report(fields) == buf.getvalue().rstrip()
+
+
+@pytest.mark.parametrize("raw", ["5E1D1A2B-3C4D-5E6F-7A8B-9C0D1E2F3A4B", "00000000-0000-0000-0000-000000000001"])
+@pytest.mark.parametrize("gen1", [True, False])
+def test_vm_id_matches_the_uuid_module(raw: str, gen1: bool) -> None:
+    import uuid
+
+    u = uuid.UUID(raw)
+    assert kvp.vm_id_from_dmi(raw, gen1) == str(uuid.UUID(bytes=u.bytes_le) if gen1 else u)

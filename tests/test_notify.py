@@ -63,6 +63,19 @@ def test_notifier_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
         s.close()
 
 
+@pytest.mark.parametrize("value", ["vsock:2:1234", "relative/path", "@"])
+def test_unsupported_addresses_are_not_used(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", value)
+    assert Notifier().notify("EXTEND_TIMEOUT_USEC=1000000") is False
+
+
+def test_any_message_goes_through(notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    s, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert Notifier().notify("EXTEND_TIMEOUT_USEC=30000000\nSTATUS=waiting for user-data")
+    assert recv_all(s) == ["EXTEND_TIMEOUT_USEC=30000000\nSTATUS=waiting for user-data"]
+
+
 def test_notifier_without_socket_returns_false(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert Notifier().ready("x") is False
@@ -71,7 +84,7 @@ def test_notifier_without_socket_returns_false(monkeypatch: pytest.MonkeyPatch) 
 def test_notifier_bad_socket_is_logged_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
     n = Notifier()
-    assert n.ready("x") is False  # systemd-python raises here; the wrapper must not
+    assert n.ready("x") is False  # sendto raises ENOENT/ECONNREFUSED here; the wrapper must not
     assert n.status("y") is False
 
 

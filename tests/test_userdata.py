@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,84 @@ def test_yaml_octal_permissions(cfg: Config) -> None:
     assert spec.mode == 0o644
 
 
-def test_owner_by_name_and_number(cfg: Config) -> None:
-    doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    owner: root:0\n"
+@pytest.mark.parametrize(
+    "owner",
+    ["root:0", "root", "0", "'4294967295'", "4294967295", "'1\\0'", "²", "9" * 5000, "!!int 99", "[a]", "{a: b}"],
+)
+def test_owner_is_refused_whatever_its_value(cfg: Config, owner: str) -> None:
+    """The unit has no CAP_CHOWN and no chown syscalls: refused up front, in check and run alike."""
+    doc = f"write_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    owner: {owner}\n".encode()
+    with pytest.raises(UserDataInvalid) as ei:
+        userdata.plan(doc, cfg)
+    assert "owner" in ei.value.reason
+    assert len(ei.value.describe()) < 300
+
+
+def test_null_owner_is_no_owner(cfg: Config) -> None:
+    doc = b"write_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    owner:\n"
     spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
-    assert (spec.uid, spec.gid) == (0, 0)
+    assert (spec.uid, spec.gid, spec.mode) == (None, None, 0o600)
+
+
+def test_cloud_config_line_is_optional(cfg: Config) -> None:
+    """CAA's process-user-data needs no header (the line is a YAML comment to yaml.v2)."""
+    raw = caa.cloud_config().removeprefix(b"#cloud-config\n")
+    assert not raw.startswith(b"#")
+    assert files_of(userdata.plan(raw, cfg))["/run/peerpod/apf.json"].startswith(b"{")
+    # and without it, base64 around the document is still recognised (CAA's Azure/GCP readers)
+    assert files_of(userdata.plan(base64.b64encode(raw), cfg))["/run/peerpod/apf.json"].startswith(b"{")
+
+
+def test_paths_off_the_allow_list_are_skipped_with_a_warning(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+    """What older CAA releases sent: logged, counted on the plan, not written; the rest is."""
+    extra = (
+        "  - path: /run/peerpod/agent-config.toml\n    content: x\n"
+        "  - path: /run/peerpod/daemon.json\n    content: '{}'\n"
+        "  - path: /run/peerpod/policy.rego\n    content: x\n"
+    )
+    caplog.set_level("WARNING", logger="guest_agent.userdata")
+    plan = userdata.plan(caa.cloud_config(initdata=caa.initdata_toml(), extra_entries=extra), cfg)
+    skipped = ("/run/peerpod/agent-config.toml", "/run/peerpod/daemon.json", "/run/peerpod/policy.rego")
+    assert plan.skipped_paths == skipped
+    assert plan.skipped == 3
+    got = files_of(plan)
+    assert "/run/peerpod/agent-config.toml" not in got and "/run/peerpod/daemon.json" not in got
+    assert got["/run/peerpod/policy.rego"] == caa.POLICY_REGO.encode()  # from initdata, not write_files
+    assert [r.__dict__["GUEST_AGENT_PATH"] for r in caplog.records] == list(skipped)
+    assert all(r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_unknown_initdata_keys_are_skipped(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+    toml = caa.initdata_toml(data={"aa.toml": "x", "kata-agent.toml": "y", "image-policy.json": "{}"})
+    plan = userdata.plan(caa.cloud_config(initdata=toml), cfg)
+    assert plan.skipped_initdata_keys == ("kata-agent.toml", "image-policy.json")
+    assert "/run/peerpod/kata-agent.toml" not in files_of(plan)
+    assert files_of(plan)["/run/peerpod/initdata.digest"] == hashlib.sha384(toml).hexdigest().encode()
+    assert [r.__dict__["GUEST_AGENT_INITDATA_KEY"] for r in caplog.records if r.levelname == "WARNING"] == [
+        "kata-agent.toml",
+        "image-policy.json",
+    ]
+
+
+def strict(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, files=dataclasses.replace(cfg.files, strict=True))
+
+
+STRICT_REJECTIONS: dict[str, tuple[bytes, str]] = {
+    "initdata unknown key": (
+        caa.cloud_config(initdata=caa.initdata_toml(data={"aa.toml": "x", "malicious.rego": "x"})),
+        "not allowed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRICT_REJECTIONS))
+def test_strict_refuses_what_caa_skips(cfg: Config, case: str) -> None:
+    raw, fragment = STRICT_REJECTIONS[case]
+    assert userdata.plan(raw, cfg).skipped == 1
+    with pytest.raises(UserDataInvalid) as ei:
+        userdata.plan(raw, strict(cfg))
+    assert fragment in ei.value.describe()
 
 
 def test_empty_cloud_config_writes_only_initdata_defaults(cfg: Config) -> None:
@@ -116,11 +191,6 @@ REJECTIONS: dict[str, tuple[bytes, str]] = {
     "dot segment": (b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/./apf.json\n    content: x\n", "normalised"),
     "double slash": (b"#cloud-config\nwrite_files:\n  - path: //run/peerpod/apf.json\n    content: x\n", "normalised"),
     "relative path": (b"#cloud-config\nwrite_files:\n  - path: run/peerpod/apf.json\n    content: x\n", "absolute"),
-    "not allowed": (b"#cloud-config\nwrite_files:\n  - path: /etc/passwd\n    content: x\n", "allow-list"),
-    "policy.rego via write_files": (
-        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/policy.rego\n    content: x\n",
-        "allow-list",
-    ),
     "runcmd": (caa.cloud_config() + b"runcmd:\n  - [touch, /tmp/pwned]\n", "refuses"),
     "bootcmd only": (b"#cloud-config\nbootcmd: [reboot]\n", "refuses"),
     "unknown entry key": (
@@ -133,7 +203,9 @@ REJECTIONS: dict[str, tuple[bytes, str]] = {
         "twice",
     ),
     "invalid yaml": (b"#cloud-config\nwrite_files: [\n  - path: {\n", "not valid YAML"),
-    "not cloud-config": (b"#!/bin/sh\nreboot\n", "#cloud-config"),
+    "shell script": (b"#!/bin/sh\nreboot\n", "#cloud-config"),
+    "include part": (b"#include\nhttp://127.0.0.1/x\n", "#cloud-config"),
+    "plain text": (b"hello\n", "mapping"),
     "not utf-8": (b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: \xff\xfe\n", "UTF-8"),
     "oversized": (b"#cloud-config\n#" + b"x" * (300 * 1024) + b"\n", "size limit"),
     "gzip bomb": (BOMB, "size limit"),
@@ -149,10 +221,17 @@ REJECTIONS: dict[str, tuple[bytes, str]] = {
         b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: '!!!'\n    encoding: b64\n",
         "base64",
     ),
-    "unknown owner": (
-        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: x\n    owner: nosuchuser\n",
-        "unknown user",
+    "owner": (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/apf.json\n    content: x\n    owner: root\n",
+        "owner is not supported",
     ),
+    "traversal off the allow-list": (b"write_files:\n  - path: /etc/../etc/passwd\n    content: x\n", "normalised"),
+    "relative off the allow-list": (b"write_files:\n  - path: etc/passwd\n", "absolute"),
+    "control character in path": (b'write_files:\n  - path: "/etc/pass\\nwd"\n', "control"),
+    "path as a list": (b"write_files:\n  - path: [/run/peerpod/apf.json]\n", "must be a string"),
+    "path as !!int": (b"write_files:\n  - path: !!int 12\n", "does not give a string"),
+    "content as mapping": (b"write_files:\n  - path: /run/peerpod/apf.json\n    content: {a: b}\n", "string"),
+    "write_files as mapping": (b"write_files: {path: /run/peerpod/apf.json}\n", "must be a list"),
     "list document": (b"#cloud-config\n- a\n- b\n", "mapping"),
     "initdata unknown algorithm": (
         caa.cloud_config(initdata=b'algorithm = "md5"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'),
@@ -204,3 +283,32 @@ def test_allow_list_comes_from_config(cfg: Config) -> None:
     )
     doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/extra\n    content: x\n"
     assert "/run/peerpod/extra" in files_of(userdata.plan(doc, extended))
+
+
+def test_skipped_entries_in_check_provision_and_the_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = "  - path: /run/peerpod/daemon.json\n    content: '{}'\n  - path: /etc/motd\n    content: hi\n"
+    toml = caa.initdata_toml(data={"aa.toml": "x", "kata-agent.toml": "y"})
+    ud = tmp_path / "user-data"
+    ud.write_bytes(caa.cloud_config(initdata=toml, extra_entries=extra))
+    assert cli.main(["check", str(ud)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped (not on the allow-list): /run/peerpod/daemon.json" in out
+    assert "skipped initdata [data] key: kata-agent.toml" in out
+    root = tmp_path / "root"
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == 0
+    assert not (root / "run/peerpod/daemon.json").exists() and not (root / "etc/motd").exists()
+    assert not (root / "run/peerpod/kata-agent.toml").exists()
+    assert (root / "run/peerpod/aa.toml").read_bytes() == b"x"
+    timeline = json.loads((root / "run/guest-agent/timeline.json").read_text())
+    assert timeline["counts"] == {"skipped_entries": 3}
+
+
+def test_owner_is_refused_by_check_and_provision_alike(tmp_path: Path) -> None:
+    ud = tmp_path / "user-data"
+    ud.write_bytes(caa.cloud_config(extra_entries="  - path: /run/peerpod/aa.toml\n    content: x\n    owner: root\n"))
+    root = tmp_path / "root"
+    assert cli.main(["check", str(ud)]) == EXIT_CONFIG
+    assert cli.main(["provision", "--root", str(root), "--user-data", str(ud)]) == EXIT_CONFIG
+    assert not (root / "run/peerpod/aa.toml").exists()

@@ -11,20 +11,20 @@ from typing import Any
 
 import pytest
 
-from guest_agent import transport
-from guest_agent.errors import FabricError
-from guest_agent.transport import Backoff, Deadline
-from guest_agent.wireserver import (
+from guest_agent import httpio
+from guest_agent.azure.health import WireserverClient
+from guest_agent.azure.wire import (
     DESCRIPTION_MAX_CHARS,
     GoalState,
     GoalStateIncomplete,
-    WireserverClient,
     build_health_json,
     build_health_xml,
     parse_goal_state,
     parse_option_245,
     wireserver_address,
 )
+from guest_agent.errors import FabricError
+from guest_agent.transport import Backoff, Deadline
 from tests.fakecloud.server import Reply, Script
 from tests.fakecloud.wireserver import CONTAINER_ID, INSTANCE_ID, FakeWireserver, goal_state_xml, parse_health_xml
 
@@ -166,7 +166,8 @@ class Sleeps:
 def client(url: str, sleep: Callable[[float], None] | None = None, **kw: Any) -> WireserverClient:
     kw.setdefault("connect_timeout_s", 1.0)
     kw.setdefault("read_timeout_s", 2.0)
-    return WireserverClient(url, session=transport.new_session(), sleep=sleep or Sleeps(), agent_name=AGENT, **kw)
+    kw.setdefault("rand", lambda: 1.0)  # the full backoff cap: delays are asserted exactly
+    return WireserverClient(url, sleep=sleep or Sleeps(), agent_name=AGENT, **kw)
 
 
 def deadline(s: float = 30.0) -> Deadline:
@@ -176,7 +177,7 @@ def deadline(s: float = 30.0) -> Deadline:
 def test_json_flow_headers_and_body(servers: Callable[..., FakeWireserver]) -> None:
     ws = servers()
     res = client(ws.url).report("Ready", deadline=deadline())
-    assert (res.flavour, res.status, res.round_trips, res.prefetched_goal_state) == ("json", 201, 1, False)
+    assert (res.flavour, res.status, res.round_trips) == ("json", 201, 1)
     (req,) = ws.server.requests
     assert (req.method, req.raw_path) == ("POST", "/provisioning/health")
     assert req.header("content-type") == "application/json"
@@ -237,7 +238,7 @@ def test_role_instance_missing_twice_then_present(servers: Callable[..., FakeWir
     sleeps = Sleeps()
     res = client(ws.url, sleep=sleeps).report("Ready", deadline=deadline())
     assert res.round_trips == 1 + 3 + 1
-    assert sleeps.delays == [0.5, 0.5]  # WALinuxAgent's fixed 0.5 s between goal-state reads
+    assert sleeps.delays == [0.5 + 0.5, 0.5 + 0.5]  # WALinuxAgent's 0.5 s between goal-state reads, plus jitter
     assert len(ws.accepted()) == 1
 
 
@@ -284,9 +285,9 @@ def test_retry_after_is_honoured(servers: Callable[..., FakeWireserver]) -> None
     )
     ws = servers(script=script)
     sleeps = Sleeps()
-    res = client(ws.url, sleep=sleeps).report("Ready", deadline=deadline())
+    res = client(ws.url, sleep=sleeps, rand=lambda: 0.5).report("Ready", deadline=deadline())
     assert res.round_trips == 3
-    assert sleeps.delays == [7.0, 3.0]
+    assert sleeps.delays == [7.0 + 1.0, 3.0 + 1.0]  # Retry-After, then jitter over min(Retry-After, 2 s)
 
 
 def test_server_errors_on_goal_state_are_retried(servers: Callable[..., FakeWireserver]) -> None:
@@ -321,7 +322,7 @@ def test_never_answering_wireserver_reaches_the_deadline(servers: Callable[..., 
     with pytest.raises(FabricError) as ei:
         c.report("Ready", deadline=Deadline(0.6))
     assert "did not acknowledge the Ready report before the deadline" in ei.value.reason
-    assert ei.value.supporting_data["last_error"] == "POST /provisioning/health: read timeout"
+    assert ei.value.supporting_data["last_error"].startswith("POST /provisioning/health: timed out")
     assert ei.value.supporting_data["round_trips"] >= 1
 
 
@@ -333,7 +334,7 @@ def test_refused_connections_reach_the_deadline() -> None:
     c = client(f"http://127.0.0.1:{port}", sleep=time.sleep, connect_timeout_s=0.1)
     with pytest.raises(FabricError) as ei:
         c.report("Ready", deadline=Deadline(0.5))
-    assert ei.value.supporting_data["last_error"] == "POST /provisioning/health: connection failed"
+    assert ei.value.supporting_data["last_error"] == "POST /provisioning/health: connection failed (Connection refused)"
 
 
 @pytest.mark.parametrize("json_endpoint", [True, False])
@@ -351,44 +352,33 @@ def test_not_ready_carries_the_reason_on_both_shapes(
         assert b"&lt;line 3&gt; &amp; 'col 5'" in rep.request.body
 
 
-def test_prefetched_goal_state_saves_a_round_trip(servers: Callable[..., FakeWireserver]) -> None:
-    ws = servers(json_endpoint=False)
-    c = client(ws.url)
-    body = c.prefetch_goal_state(deadline())
-    assert body is not None and parse_goal_state(body) == GoalState("1", CONTAINER_ID, INSTANCE_ID)
-    assert c.prefetch_round_trips == 1
-    res = c.report("Ready", deadline=deadline())
-    assert (res.round_trips, res.prefetched_goal_state) == (2, True)  # json 404 + POST
-
-
-def test_prefetch_never_raises(servers: Callable[..., FakeWireserver]) -> None:
-    ws = servers(json_endpoint=False, script=Script({"goalstate": [Reply(401)]}))
-    c = client(ws.url)
-    assert c.prefetch_goal_state(deadline()) is None
-    res = c.report("Ready", deadline=deadline())  # the report fetches it itself
-    assert (res.round_trips, res.prefetched_goal_state) == (3, False)
-
-
 def test_wrong_version_header_is_rejected_by_the_fake(servers: Callable[..., FakeWireserver]) -> None:
     """The fake enforces what the real server does, so the tests above mean something."""
     ws = servers()
-    s = transport.new_session()
-    r = s.get(ws.url + "/machine/?comp=goalstate", headers={"x-ms-version": "2015-04-05"}, timeout=2)
-    assert r.status_code == 400
+
+    def send(method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> int:
+        kw: Any = {"budget_s": 2.0, "connect_timeout_s": 1.0, "max_body": 65536}
+        return httpio.exchange(method, ws.url + path, headers=headers, body=body, **kw).status
+
+    assert send("GET", "/machine/?comp=goalstate", {"x-ms-version": "2015-04-05"}) == 400
     xml_headers = {"x-ms-version": "2012-11-30", "Content-Type": "application/xml"}
-    r = s.post(ws.url + "/machine?comp=health", data=build_health_xml(GS, "Ready"), headers=xml_headers, timeout=2)
-    assert r.status_code == 400
-    r = s.post(
-        ws.url + "/provisioning/health", data=b'{"state":"Ready"}', headers={"Content-Type": "text/plain"}, timeout=2
-    )
-    assert r.status_code == 400
+    assert send("POST", "/machine?comp=health", xml_headers, build_health_xml(GS, "Ready")) == 400
+    assert send("POST", "/provisioning/health", {"Content-Type": "text/plain"}, b'{"state":"Ready"}') == 400
 
 
-def test_prefetched_goal_state_without_role_instance_is_read_again(servers: Callable[..., FakeWireserver]) -> None:
-    no_role = fixture("goal_state_no_role_instance.xml")
-    ws = servers(json_endpoint=False, script=Script({"goalstate": [Reply(200, no_role)]}))
-    c = client(ws.url)
-    assert c.prefetch_goal_state(deadline()) == no_role  # stored as received, not parsed yet
-    res = c.report("Ready", deadline=deadline())
-    assert (res.flavour, res.prefetched_goal_state) == ("xml", False)
-    assert len(ws.requests_to("goalstate")) == 2  # the prefetched copy was not usable
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<GoalState>" + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</GoalState>",  # deep: no RecursionError
+        b"<GoalState>" + b"<a/>" * 20_000 + b"</GoalState>",  # wide
+        b"<GoalState><Incarnation>" + b"1" * 300_000 + b"</Incarnation></GoalState>",  # large
+        b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+        b"<GoalState><Incarnation>&b;</Incarnation></GoalState>",  # billion laughs
+        b'<!DOCTYPE GoalState SYSTEM "file:///etc/passwd"><GoalState/>',  # external entity
+        b"<GoalState><Incarnation>\x00</Incarnation></GoalState>",
+        b"",
+    ],
+)
+def test_hostile_goal_states_are_fabric_errors(data: bytes) -> None:
+    with pytest.raises(FabricError):
+        parse_goal_state(data)

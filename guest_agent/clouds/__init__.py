@@ -1,6 +1,6 @@
 """Cloud detection from local facts, and the registry of user-data sources.
 
-Detection reads DMI strings under /sys/class/dmi/id (clouds.md §1.3) and looks for a
+Detection reads DMI strings under /sys/class/dmi/id (cloud-init ds-identify) and looks for a
 cidata seed; it never touches the network.  Each provider module exposes `fetch(ctx)`
 returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 """
@@ -8,17 +8,13 @@ returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from guest_agent.config import Config, under_root
 
 if TYPE_CHECKING:
-    import requests
-
     from guest_agent.transport import Backoff, Deadline
 
 DMI_FIELDS = (
@@ -93,15 +89,7 @@ class FetchContext:
     root: str
     deadline: Deadline
     backoff: Backoff
-    session_factory: Callable[[], requests.Session]
     state: dict[str, Any] = field(default_factory=dict)  # per-provider state across attempts (tokens)
-    _session: requests.Session | None = None
-
-    @property
-    def session(self) -> requests.Session:
-        if self._session is None:
-            self._session = self.session_factory()
-        return self._session
 
 
 def provider_module(name: str) -> ModuleType:
@@ -110,6 +98,8 @@ def provider_module(name: str) -> ModuleType:
 
     if name not in ("azure", "aws", "gcp", "alibaba", "ibmcloud", "cidata"):
         raise ValueError(f"unknown provider {name!r}")
+    if name == "azure":
+        return importlib.import_module("guest_agent.azure.imds")  # Azure's modules live together
     return importlib.import_module(f"guest_agent.clouds.{name}")
 
 
@@ -122,4 +112,8 @@ def metadata_address(name: str, cfg: Config) -> str | None:
         "alibaba": cfg.alibaba.metadata_url,
         "ibmcloud": cfg.ibmcloud.metadata_url,
     }.get(name)
-    return urlsplit(url).hostname if url else None
+    if not url:
+        return None
+    from guest_agent.httpio import split_url
+
+    return split_url(url).host

@@ -1,66 +1,84 @@
-"""One metadata HTTP request, with failures sorted into retry / fail fast."""
+"""One metadata HTTP request (httpio.exchange), with failures sorted into retry / fail fast."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 
+from guest_agent import httpio
 from guest_agent.clouds import FetchContext
-from guest_agent.errors import MetadataUnavailable
-from guest_agent.transport import RETRY_STATUS, Retry, http_retry_reason, parse_retry_after, timeout_for
+from guest_agent.errors import MetadataUnavailable, UserDataInvalid
+from guest_agent.httpio import Response
+from guest_agent.transport import RETRY_STATUS, Retry, budget_s, retry_or_raise
 
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
+__all__ = ["Response", "is_token", "parse_json", "request", "require_body", "retry_or_fail"]
 
 
 def request(
     ctx: FetchContext, method: str, url: str, *, headers: dict[str, str], data: bytes | None = None
 ) -> Response:
-    """Connection errors and timeouts become `Retry`; every HTTP answer is returned."""
-    import requests
+    """Transport faults become `Retry` (httpio); every HTTP answer is returned.
 
-    fc = ctx.cfg.fetch
+    The body bound is twice the user-data limit (room for base64 or a JSON wrapper); an answer
+    past it is refused as too large (exit 78), never truncated into a misleading decode error.
+    """
+    fc, limit = ctx.cfg.fetch, ctx.cfg.limits.max_user_data_bytes * 2
     try:
-        r = ctx.session.request(
+        return httpio.exchange(
             method,
             url,
             headers=headers,
-            data=data,
-            timeout=timeout_for(ctx.deadline, fc.connect_timeout_s, fc.read_timeout_s),
-            allow_redirects=False,
-            stream=True,
+            body=data,
+            budget_s=budget_s(ctx.deadline, fc.connect_timeout_s, fc.read_timeout_s),
+            connect_timeout_s=fc.connect_timeout_s,
+            max_body=limit,
         )
-        with r:
-            # Bounded read: an untrusted answer cannot make the agent buffer more than this.
-            body = r.raw.read(ctx.cfg.limits.max_user_data_bytes * 2 + 1, decode_content=True)
-    except requests.Timeout as exc:
-        raise Retry(f"timed out ({type(exc).__name__})") from None
-    except requests.ConnectionError as exc:
-        raise Retry(f"connection failed ({_root_cause(exc)})") from None
-    return Response(r.status_code, {k.lower(): v for k, v in r.headers.items()}, body)
-
-
-def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return str(exc).split(":")[-1].strip() or type(exc).__name__
+    except httpio.ResponseTooLarge as exc:
+        raise UserDataInvalid("the metadata answer is larger than the size limit", **exc.supporting_data) from None
 
 
 def retry_or_fail(resp: Response, what: str) -> Retry:
     """For a non-200 answer: a `Retry` to raise, or raise MetadataUnavailable (fail fast)."""
-    reason = http_retry_reason(resp.status, resp.body)
-    if resp.status in RETRY_STATUS:
-        return Retry(f"{what}: {reason}", retry_after_s=parse_retry_after(resp.headers.get("retry-after")))
-    raise MetadataUnavailable(f"{what} was refused by the metadata service", status=resp.status, detail=reason)
+    return retry_or_raise(
+        resp,
+        what,
+        retry_status=RETRY_STATUS.__contains__,
+        refused=lambda reason: MetadataUnavailable(
+            f"{what} was refused by the metadata service", status=resp.status, detail=reason
+        ),
+    )
 
 
 def is_token(value: str) -> bool:
     """A session token we can send back: visible ASCII only (RFC 9110 §5.5 field values).
-    Anything else (a broken or hostile answer) would make requests raise on the next call."""
+    Anything else (a broken or hostile answer) is not echoed into a request header."""
     return bool(value) and all("!" <= c <= "~" for c in value)
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_NESTING = re.compile(rb"[\[\]{}]")
+JSON_MAX_DEPTH = 32  # a metadata answer is a flat object or two deep
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped)."""
+    depth = deepest = 0
+    for m in _JSON_NESTING.finditer(_JSON_STRING.sub(b"", body)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_json(body: bytes, what: str) -> object:
+    """A metadata JSON answer, bounded in depth first: `json.loads` recurses and would raise
+    RecursionError on a few thousand brackets.  Anything unusable is a `Retry`."""
+    import json
+
+    if json_depth(body) > JSON_MAX_DEPTH:
+        raise Retry(f"{what} is nested deeper than {JSON_MAX_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise Retry(f"{what} is not JSON") from None
 
 
 def require_body(resp: Response, what: str) -> bytes:

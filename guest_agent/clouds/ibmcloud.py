@@ -11,26 +11,23 @@ from __future__ import annotations
 import json
 
 from guest_agent.clouds import FetchContext, cidata
-from guest_agent.clouds.http import is_token, request, retry_or_fail
+from guest_agent.clouds.http import is_token, parse_json, request, retry_or_fail
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import Retry
 
 
 def parse_token(body: bytes) -> str:
-    try:
-        tok = json.loads(body)["access_token"]
-    except (ValueError, KeyError, TypeError):
-        raise Retry("IBM metadata token answer has no access_token") from None
+    doc = parse_json(body, "IBM metadata token answer")
+    tok = doc.get("access_token") if isinstance(doc, dict) else None
+    if tok is None:
+        raise Retry("IBM metadata token answer has no access_token")
     if not isinstance(tok, str) or not is_token(tok):
         raise Retry("IBM metadata token answer has no usable access_token")
     return tok
 
 
 def parse_initialization(body: bytes) -> bytes:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise Retry("IBM metadata initialization answer is not JSON") from None
+    doc = parse_json(body, "IBM metadata initialization answer")
     ud = doc.get("user_data") if isinstance(doc, dict) else None
     if not isinstance(ud, str) or not ud:
         raise Retry("IBM metadata initialization has no user_data")

@@ -42,7 +42,7 @@ def azure(user_data: bytes | None, script: Script) -> Handler:
     """Azure IMDS: `compute/userData` returns the base64 text; `Metadata: true` is mandatory."""
 
     def handle(req: Request) -> Reply:
-        # IMDS rejects requests without `Metadata: true` and any with X-Forwarded-For (azure.md §3.1).
+        # IMDS rejects requests without `Metadata: true` and any with X-Forwarded-For.
         if (req.header("metadata") or "").lower() != "true" or req.header("x-forwarded-for") is not None:
             return Reply(400, json.dumps({"error": "Bad request. Required metadata header not specified"}))
         if req.method != "GET" or req.path != "/metadata/instance/compute/userData":

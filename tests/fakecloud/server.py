@@ -64,6 +64,10 @@ class Script:
             return q.popleft() if q else None
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # listen() backlog: a fleet of agents connects at once (tests/bench_fleet.py)
+
+
 class FakeServer:
     def __init__(
         self, name: str, handler: Handler, *, host: str = "127.0.0.1", port: int = 0, log: IO[str] | None = None
@@ -119,7 +123,7 @@ class FakeServer:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _serve
 
-        self._httpd = ThreadingHTTPServer((host, port), _H)
+        self._httpd = _Server((host, port), _H)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=lambda: self._httpd.serve_forever(poll_interval=0.05), name=f"fake-{name}", daemon=True

@@ -1,6 +1,6 @@
 """A fake Azure WireServer: goal state, the XML health endpoint and the JSON one.
 
-It checks requests the way the real one is known to (azure.md §1): goal state and XML health
+It checks requests the way the real one is known to (WALinuxAgent, cloud-init): goal state and XML health
 need ``x-ms-version: 2012-11-30``; health bodies must come with their content type and parse.
 A health report whose incarnation or container id is not the current goal state's answers
 410 (a stale goal state).  Script routes (consumed before the normal behaviour, after the

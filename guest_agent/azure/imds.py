@@ -1,4 +1,5 @@
-"""Azure IMDS user-data (azure.md §3): `compute/userData`, base64 text, `Metadata: true`."""
+"""Azure IMDS user-data: `compute/userData`, base64 text, `Metadata: true` (Microsoft Learn,
+"Azure Instance Metadata Service"; cloud-init DataSourceAzure)."""
 
 from __future__ import annotations
 

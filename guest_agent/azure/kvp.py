@@ -1,22 +1,26 @@
 """Hyper-V KVP diagnostics: leave a PROVISIONING_REPORT record the Azure host can read.
 
 The guest appends fixed-size records to ``/var/lib/hyperv/.kvp_pool_1``; ``hv_kvp_daemon``
-relays them to the host over VMBus (azure.md §4.1).  The host collects KVP when it receives
+relays them to the host over VMBus (linux tools/hv/hv_kvp_daemon.c).  The host collects KVP when it receives
 the health report and ignores records written later, so a report must be on disk (fsync'd)
-before the health POST (cloud-init helpers/azure.py `_post_health_report`; azure.md §4.3).
+before the health POST (cloud-init helpers/azure.py `_post_health_report`).
+
+The one module a report needs (datetime) is imported with this one, which the fabric
+imports before the network wait: after the lease they would sit on the way to Ready.
 
 Nothing here may fail provisioning: `append_report` logs and returns False instead of raising.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import fcntl
 import logging
 import os
 import time
 
-log = logging.getLogger("guest_agent.kvp")
+log = logging.getLogger("guest_agent.azure.kvp")
 
 POOL_FILE = ".kvp_pool_1"  # guest -> host
 KEY_FIELD_BYTES = 512  # HV_KVP_EXCHANGE_MAX_KEY_SIZE
@@ -63,25 +67,22 @@ def decode_records(data: bytes) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- PROVISIONING_REPORT
 
 
-def _field(key: str, value: object) -> str:
-    """``key=value``, quoted CSV-style when the value could be misread.
-
-    The report is a '|'-delimited CSV row with quote character "'" (cloud-init
-    errors.encode_report, azure-init health::encode_report), so a CSV reader on the host
-    splits it.  Line breaks become spaces; a field whose value holds '|', "'" or '=' is
-    wrapped in "'" with inner "'" doubled.  Quoting '=' is more than CSV needs (readers split
-    a field at its first '='), but keeps every field with a single unquoted '='.
-    """
-    text = " ".join(str(value).splitlines())
-    f = f"{key}={text}"
-    if any(c in text for c in "|'="):
-        return "'" + f.replace("'", "''") + "'"
-    return f
+def encode_report(fields: list[str]) -> str:
+    """One '|'-delimited CSV row, quote character "'", quoted only where needed: what
+    cloud-init's `encode_report` (cloudinit/sources/azure/errors.py: csv.writer, delimiter '|',
+    quotechar "'", QUOTE_MINIMAL) and azure-init write, for PROVISIONING_REPORT and the NotReady
+    description, so the host splits ours the same way.  A field holding the delimiter, the
+    quote or a line break is quoted with inner quotes doubled (the csv module's rule, without
+    its import; tests/test_kvp.py checks the two agree)."""
+    out = []
+    for f in fields:
+        if any(c in f for c in "|'\r\n") or (f == "" and len(fields) == 1):
+            f = "'" + f.replace("'", "''") + "'"
+        out.append(f)
+    return "|".join(out)
 
 
 def iso8601_utc(timestamp: float) -> str:
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -92,23 +93,30 @@ def build_provisioning_report(
     vm_id: str,
     timestamp: float,
     reason: str | None = None,
+    supporting: dict[str, object] | None = None,
     stages: dict[str, float] | None = None,
 ) -> str:
     """``result=success|agent=guest-agent/<v>|vm_id=...|timestamp=<ISO8601 UTC>|<stage>_ms=...``.
 
-    With `reason` (result=error) ``reason=...`` follows ``result``.  Stage durations are whole
-    milliseconds.  The whole string is cut to the 1022 bytes a KVP value can carry by
-    `encode_record`; the reason comes first so it survives, stage timings go last.
+    With `reason` (result=error): ``result=error|reason=...|agent=...|<supporting k=v>...|vm_id=...
+    |timestamp=...``, cloud-init's field order.  Stage durations are whole milliseconds and come
+    last, so a cut (KVP values carry 1022 bytes, a health description 512 characters) loses them
+    first.  Line breaks inside a value become spaces.
     """
     if result not in ("success", "error"):
         raise ValueError(f"result must be success or error, not {result!r}")
-    fields = [_field("result", result)]
+
+    def f(key: str, value: object, limit: int = 200) -> str:
+        return f"{key}={' '.join(str(value).splitlines())[:limit]}"
+
+    fields = [f("result", result)]
     if reason is not None:
-        fields.append(_field("reason", reason[:512]))
-    fields += [_field("agent", agent), _field("vm_id", vm_id), _field("timestamp", iso8601_utc(timestamp))]
-    for name, ms in (stages or {}).items():
-        fields.append(_field(f"{name}_ms", round(ms)))
-    return "|".join(fields)
+        fields.append(f("reason", reason, 512))
+    fields.append(f("agent", agent))
+    fields += [f(k, v) for k, v in (supporting or {}).items()]
+    fields += [f("vm_id", vm_id), f("timestamp", iso8601_utc(timestamp))]
+    fields += [f(f"{name}_ms", round(ms)) for name, ms in (stages or {}).items()]
+    return encode_report(fields)
 
 
 def parse_provisioning_report(text: str) -> dict[str, str]:
@@ -124,18 +132,16 @@ def vm_id_from_dmi(product_uuid: str, gen1: bool) -> str:
     """Azure's vmId from the SMBIOS system UUID, lower-case (equals IMDS compute.vmId).
 
     Gen1 (BIOS) VMs expose the first three UUID fields little-endian, so they are byte-swapped
-    (cloud-init sources/azure/identity.py, azure-init status.rs; azure.md §4.3).  An unparsable
+    (cloud-init sources/azure/identity.py, azure-init status.rs).  An unparsable
     value gives the all-zero UUID, as azure-init falls back to.
     """
-    import uuid
-
-    try:
-        u = uuid.UUID(product_uuid.strip())
-    except ValueError:
+    h = product_uuid.strip().lower().replace("-", "")
+    if len(h) != 32 or not all(c in "0123456789abcdef" for c in h):
         return ZERO_UUID
-    if gen1:
-        u = uuid.UUID(bytes=u.bytes_le)
-    return str(u)
+    if gen1:  # the first three fields, little-endian (what uuid.UUID(bytes=u.bytes_le) does)
+        b = bytes.fromhex(h)
+        h = (b[3::-1] + b[5:3:-1] + b[7:5:-1] + b[8:]).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --------------------------------------------------------------------------- pool file

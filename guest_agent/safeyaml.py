@@ -1,0 +1,244 @@
+"""A bounded YAML composer: libyaml's event stream into plain dicts, lists and `Scalar` leaves.
+
+PyYAML's loaders compose a node graph recursively (the C loader in Cython, so ~60 KB of nested
+`[[[[` overflows the C stack and the process dies with SIGSEGV), expand aliases and merge keys
+without bound (a 0.6 KB alias bomb, 0.8 KB of chained `<<: [*a, *a]`, reach hundreds of MiB),
+and construct typed values from tags (impossible dates, 5000-digit ints: exceptions outside the
+agent's error classes).  This module uses only the *parser* (libyaml's `yaml_parser_parse` is a
+state machine with an explicit stack; PyYAML's pure-Python parser is too) and builds the tree
+itself in a loop, so:
+
+- nesting depth and node count are bounded while reading (`MAX_DEPTH`, `MAX_NODES`), before any
+  further event is pulled;
+- anchors, aliases and merge keys (`<<`) are refused (CAA's template never emits them, and
+  yaml.v2's `UnmarshalStrict` in CAA is the only other reader of this document);
+- duplicate mapping keys are refused (yaml.v2 strict mode does too), as are non-scalar keys,
+  more than one document, and tags on collections other than the standard `!!map`/`!!seq`;
+- scalars are *not* resolved here: a leaf keeps its text, explicit tag and whether it was plain,
+  and the caller turns it into the type the field needs (`text`, `content`, `uint_mode`), which
+  is where a tag that cannot yield that type is refused.  This is schema-directed like yaml.v2
+  decoding into a Go struct: a plain `123` given for a string field is the string "123".
+
+Every failure is a `UserDataInvalid` whose supporting data names the field (`where`, e.g.
+`write_files[0].encoding`) and holds at most a short `ascii()` prefix of any document text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from guest_agent.errors import UserDataInvalid
+
+MAX_DEPTH = 16  # CAA's document needs 3 (mapping, sequence, mapping)
+MAX_NODES = 10_000  # scalars + collections; CAA's document has ~20
+SHOWN = 40  # characters of untrusted text an error message may carry
+
+TAG_PREFIX = "tag:yaml.org,2002:"
+STR, NULL, INT, BINARY = (TAG_PREFIX + t for t in ("str", "null", "int", "binary"))
+_COLLECTION_TAGS = {"map": (None, "!", TAG_PREFIX + "map"), "seq": (None, "!", TAG_PREFIX + "seq")}
+
+# YAML 1.1's null for a plain scalar (PyYAML's resolver): empty, ~, null, Null, NULL.
+_NULL = re.compile(r"(?:~|null|Null|NULL|)")
+# YAML 1.1's int forms (PyYAML's resolver) except sexagesimal ("1:30"), which no mode uses.
+_INT = re.compile(r"[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]+|0|[1-9][0-9_]*)")
+_MAX_INT_CHARS = 24  # far below Python's 4300-digit int() limit; any mode fits in 12
+
+
+def field_of(where: str) -> str:
+    """`write_files[3].path` -> `write_files[].path`: reasons stay fixed, the index goes in `where`."""
+    return re.sub(r"\[\d+\]", "[]", where)
+
+
+def show(text: str, n: int = SHOWN) -> str:
+    """A short, printable-ASCII prefix of untrusted text for an error message or log field."""
+    shown = ascii(text[:n])[1:-1]
+    return shown + "..." if len(text) > n else shown
+
+
+@dataclass(frozen=True, slots=True)
+class Scalar:
+    value: str
+    tag: str | None  # explicit tag (full URI, or "!"), None when untagged
+    plain: bool  # plain style and untagged: YAML 1.1 implicit resolution applies
+    line: int  # 1-based
+
+
+Node: TypeAlias = Scalar | list["Node"] | dict[str, "Node"]
+
+
+class _Frame:
+    """An open collection: its container, the pending mapping key, and its path from the root."""
+
+    __slots__ = ("container", "key", "label")
+
+    def __init__(self, container: list[Node] | dict[str, Node], label: str) -> None:
+        self.container = container
+        self.key: str | None = None
+        self.label = label
+
+    def child(self) -> str:
+        """The path of the node that comes next in this collection."""
+        if isinstance(self.container, list):
+            return f"{self.label}[{len(self.container)}]"
+        return f"{self.label}.{show(self.key, 24)}" if self.key is not None else self.label
+
+
+def _refuse(reason: str, stack: list[_Frame], line: int, **extra: Any) -> UserDataInvalid:
+    where = (stack[-1].child() if stack else "") or "(document)"
+    return UserDataInvalid(reason, where=where.lstrip("."), line=line, **extra)
+
+
+def _events(text: str) -> Any:
+    import yaml  # ~20 ms; libyaml's parser when available
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # only its parser half is used
+    return yaml, yaml.parse(text, Loader=loader)
+
+
+def compose(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Node | None:
+    """The document's tree, or None for an empty stream/document. Never recurses."""
+    yaml, events = _events(text)
+    ev = yaml.events
+    root: Node | None = None
+    stack: list[_Frame] = []  # open collections, innermost last
+    nodes = documents = 0
+    line = 1
+
+    def attach(node: Node) -> str:
+        """Put `node` into the innermost collection; returns its path."""
+        nonlocal root
+        if not stack:
+            root = node
+            return ""
+        top = stack[-1]
+        where = top.child()
+        if isinstance(top.container, list):
+            top.container.append(node)
+        elif top.key is None:  # this node is a mapping key
+            if not isinstance(node, Scalar):
+                raise _refuse("YAML mapping keys must be scalars", stack, line)
+            if node.tag not in (None, "!", STR):
+                raise _refuse("YAML mapping keys must be plain strings", stack, line, tag=show(node.tag or "", 32))
+            if node.plain and node.value == "<<":
+                raise _refuse("YAML merge keys (<<) are not accepted", stack, line)
+            if node.value in top.container:
+                raise _refuse("YAML mapping has a duplicate key", stack, line, key=show(node.value, 24))
+            top.key = node.value
+        else:
+            top.container[top.key] = node
+            top.key = None
+        return where
+
+    try:
+        for event in events:
+            if event.start_mark is not None:
+                line = event.start_mark.line + 1
+            if isinstance(event, ev.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise _refuse("user-data holds more than one YAML document", stack, line)
+                continue
+            if isinstance(event, ev.AliasEvent):
+                raise _refuse("YAML aliases (*name) are not accepted", stack, line)
+            if isinstance(event, ev.NodeEvent) and event.anchor is not None:
+                raise _refuse("YAML anchors (&name) are not accepted", stack, line)
+            if isinstance(event, ev.ScalarEvent | ev.CollectionStartEvent):
+                nodes += 1
+                if nodes > max_nodes:
+                    raise _refuse("user-data has too many YAML nodes", stack, line, limit=max_nodes)
+            if isinstance(event, ev.ScalarEvent):
+                plain = event.tag is None and bool(event.implicit[0])
+                attach(Scalar(event.value, event.tag, plain, line))
+            elif isinstance(event, ev.CollectionStartEvent):
+                kind = "map" if isinstance(event, ev.MappingStartEvent) else "seq"
+                if event.tag not in _COLLECTION_TAGS[kind]:
+                    raise _refuse("YAML tag is not accepted here", stack, line, tag=show(event.tag, 32))
+                if len(stack) >= max_depth:
+                    raise _refuse("user-data YAML is nested too deeply", stack, line, limit=max_depth)
+                container: list[Node] | dict[str, Node] = {} if kind == "map" else []
+                if stack and isinstance(stack[-1].container, dict) and stack[-1].key is None:
+                    raise _refuse("YAML mapping keys must be scalars", stack, line)
+                stack.append(_Frame(container, attach(container)))
+            elif isinstance(event, ev.CollectionEndEvent):
+                stack.pop()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UserDataInvalid(
+            "user-data is not valid YAML",
+            error=show(str(problem), 60),
+            line=(mark.line + 1) if mark is not None else line,
+            column=(mark.column + 1) if mark is not None else 0,
+        ) from None
+    finally:
+        events.close()
+    return root
+
+
+# --- schema-directed conversion of leaves -------------------------------------------------
+
+
+def _scalar(node: Node, where: str, what: str) -> Scalar:
+    if not isinstance(node, Scalar):
+        got = "mapping" if isinstance(node, dict) else "list"
+        raise UserDataInvalid(f"{field_of(where)} must be {what}", where=where, got=got)
+    return node
+
+
+def is_null(node: Node) -> bool:
+    return isinstance(node, Scalar) and (
+        (node.plain and _NULL.fullmatch(node.value) is not None) or (node.tag == NULL and node.value in ("", "~"))
+    )
+
+
+def text(node: Node, where: str) -> str | None:
+    """A string field: the scalar's text (None for null); only string tags are accepted."""
+    if is_null(node):
+        return None
+    s = _scalar(node, where, "a string")
+    if s.tag not in (None, "!", STR):
+        raise UserDataInvalid(
+            f"{field_of(where)} has a YAML tag that does not give a string", where=where, tag=show(s.tag or "")
+        )
+    return s.value
+
+
+def content(node: Node, where: str) -> bytes | str | None:
+    """A content field: a string, or bytes for `!!binary` (strict base64)."""
+    if isinstance(node, Scalar) and node.tag == BINARY:
+        try:
+            return base64.b64decode(re.sub(r"\s+", "", node.value), validate=True)
+        except (binascii.Error, ValueError):
+            raise UserDataInvalid(f"{field_of(where)} is !!binary but not valid base64", where=where) from None
+    return text(node, where)
+
+
+def uint(node: Node, where: str, *, octal_strings: bool) -> int | None:
+    """An unsigned int field: a plain or `!!int` YAML 1.1 int (0644 is octal), or, with
+    `octal_strings`, a quoted octal string ("0644", "644", "0o644") as cloud-init reads it."""
+    if is_null(node):
+        return None
+    s = _scalar(node, where, "a number")
+    value = s.value.strip()
+    if len(value) > _MAX_INT_CHARS:
+        raise UserDataInvalid(f"{field_of(where)} is too long for a number", where=where, chars=len(value))
+    if s.plain or s.tag == INT:
+        if _INT.fullmatch(value) is None:
+            raise UserDataInvalid(f"{field_of(where)} is not an integer", where=where, value=show(value, 24))
+        digits = value.replace("_", "")
+        sign = -1 if digits.startswith("-") else 1
+        digits = digits.lstrip("+-")
+        if digits.startswith(("0b", "0x")):
+            if len(digits) == 2:  # "0x_" is all underscores
+                raise UserDataInvalid(f"{field_of(where)} is not an integer", where=where, value=show(value, 24))
+            return sign * int(digits[2:], 2 if digits[1] == "b" else 16)
+        return sign * (int(digits, 8) if len(digits) > 1 and digits.startswith("0") else int(digits))
+    if octal_strings and s.tag in (None, "!", STR) and re.fullmatch(r"(?:0o)?[0-7]{1,6}", value):
+        return int(value.removeprefix("0o"), 8)
+    raise UserDataInvalid(
+        f"{field_of(where)} must be an octal mode", where=where, value=show(value, 24), tag=show(s.tag or "")
+    )

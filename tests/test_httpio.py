@@ -1,0 +1,206 @@
+"""httpio against a hostile server (tests/fakecloud/faults.py, real sockets on 127.0.0.1).
+
+Each fault must end as a `Retry` (so the caller retries until its own deadline) or, for an
+oversized answer, as `ResponseTooLarge`; nothing else may escape.  End to end, a real
+`guest-agent run` whose IMDS misbehaves exits 69 by its deadline and reports NotReady, and a
+misbehaving wireserver cannot hold the NotReady or Ready report past its deadline.
+Tests never assert wall time: a fault the deadline did not end would hang the test (each
+subprocess has a generous timeout as a safety net).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest_agent import httpio
+from guest_agent.azure import kvp
+from guest_agent.transport import Retry, parse_retry_after
+from tests import caa
+from tests.fakecloud import imds
+from tests.fakecloud.faults import FAULTS, TOO_LARGE, FaultServer
+from tests.fakecloud.server import FakeServer, Script
+from tests.fakecloud.wireserver import FakeWireserver
+
+
+@pytest.fixture(scope="module")
+def faults() -> Iterator[FaultServer]:
+    with FaultServer() as srv:
+        yield srv
+
+
+def exchange(url: str, max_body: int = 64 * 1024) -> httpio.Response:
+    return httpio.exchange(
+        "GET", url, headers={"Metadata": "true"}, budget_s=0.4, connect_timeout_s=0.2, max_body=max_body
+    )
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_every_fault_is_a_retry(faults: FaultServer, name: str) -> None:
+    if name == "retry-after-unicode":  # a well-formed answer with a bad header: the status decides
+        resp = exchange(f"{faults.url}/fault/{name}")
+        assert (resp.status, parse_retry_after(resp.header("retry-after"), 0.0)) == (503, None)
+        return
+    with pytest.raises(Retry) as ei:
+        exchange(f"{faults.url}/fault/{name}")
+    assert ei.value.reason
+
+
+@pytest.mark.parametrize("name", sorted(TOO_LARGE))
+def test_too_large_is_reported_as_such(faults: FaultServer, name: str) -> None:
+    with pytest.raises(httpio.ResponseTooLarge, match="larger than the size limit"):
+        exchange(f"{faults.url}/fault/{name}", max_body=1000)
+
+
+def test_a_plain_answer_still_works(faults: FaultServer) -> None:
+    assert exchange(f"{faults.url}/not-a-fault").status == 404
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3", 3.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("²", None),  # str.isdigit() says yes, int() says no
+        ("٣", None),  # an Arabic-Indic digit
+        ("-1", None),
+        ("1.5", None),
+        ("1e3", None),
+        ("9" * 400, None),  # past int's digit limit, and past any sane delay
+        ("Thu, 01 Jan 1970 00:01:40 GMT", 100.0),
+        ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),  # in the past: no wait
+        ("Thu, 32 Jan 1970 00:00:00 GMT", None),
+        ("Thu, 01 Foo 1970 00:00:00 GMT", None),
+        ("Thursday, 01-Jan-70 00:00:00 GMT", None),  # obsolete form: our own backoff applies
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, 0.0) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://169.254.169.254", "http://", "http://user@host/", "http://h:0/", "http://h:99999/", "http://h:x/"],
+)
+def test_bad_urls_are_config_errors(url: str) -> None:
+    from guest_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        httpio.split_url(url)
+
+
+def test_header_values_with_line_breaks_are_never_sent(faults: FaultServer) -> None:
+    with pytest.raises(Retry, match="refusing to send header"):
+        httpio.exchange(
+            "GET", faults.url + "/x", headers={"X": "a\r\nInjected: 1"}, budget_s=1, connect_timeout_s=1, max_body=10
+        )
+    assert "x" not in faults.hits[-1:]
+
+
+# --------------------------------------------------------------------------- the agent, end to end
+
+
+def _agent(root: Path, conf_text: str) -> subprocess.Popen[str]:
+    caa.make_root(str(root), caa.AZURE_DMI)
+    conf = root.parent / (root.name + ".toml")
+    conf.write_text(conf_text + "[netns]\nenabled = false\n[tpm]\nenabled = false\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+    argv = [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_misbehaving_imds_ends_by_the_deadline_with_69_and_not_ready(faults: FaultServer, tmp_path: Path) -> None:
+    """Every fault as the Azure IMDS, one agent each, all at once: exit 69, NotReady reported."""
+    names = sorted(FAULTS)
+    servers = {n: FakeWireserver().start() for n in names}
+    try:
+        procs = {
+            n: _agent(
+                tmp_path / n,
+                f'[azure]\nimds_url = "{faults.url}"\nuser_data_path = "/fault/{n}"\n'
+                f'wireserver_url = "{servers[n].url}"\nfailure_deadline_s = 10.0\n'
+                "[fetch]\ndeadline_s = 1.0\nconnect_timeout_s = 0.2\nread_timeout_s = 0.3\n",
+            )
+            for n in names
+        }
+        outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
+        for n, p in procs.items():
+            assert p.returncode == 69, (n, outs[n][-1500:])
+            assert "fetching user-data (azure) failed until the deadline" in outs[n], n
+            (rep,) = servers[n].accepted()
+            assert rep.state == "NotReady", n
+            report = kvp.parse_provisioning_report(rep.description or "")
+            assert report["reason"] == "fetching user-data (azure) failed until the deadline", n
+            assert not (tmp_path / n / "run/peerpod").exists()
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+@pytest.mark.parametrize("fault", ["drip-headers", "endless-continue", "drip-chunked"])
+def test_a_misbehaving_wireserver_cannot_hold_the_reports(faults: FaultServer, tmp_path: Path, fault: str) -> None:
+    """NotReady (user-data invalid: 78) and Ready (provisioned: 0) against a wireserver that never
+    finishes an answer: each run ends by its report's deadline with the provisioning's own code."""
+    bad_ud = FakeServer("imds", imds.azure(b"%% not base64", Script())).start()
+    good_ud = FakeServer("imds", imds.azure(caa.cloud_config(), Script())).start()
+    try:
+        ws = f"{faults.url}/fault/{fault}"
+        common = "wireserver_connect_timeout_s = 0.2\nwireserver_read_timeout_s = 0.3\n"
+        failing = _agent(
+            tmp_path / "failing",
+            f'[azure]\nimds_url = "{bad_ud.url}"\nwireserver_url = "{ws}"\nfailure_deadline_s = 1.0\n{common}',
+        )
+        ok = _agent(
+            tmp_path / "ok",
+            f'[azure]\nimds_url = "{good_ud.url}"\nwireserver_url = "{ws}"\nready_deadline_s = 1.0\n{common}',
+        )
+        out_failing, out_ok = failing.communicate(timeout=120)[0], ok.communicate(timeout=120)[0]
+    finally:
+        bad_ud.stop()
+        good_ud.stop()
+    assert failing.returncode == 78, out_failing[-1500:]
+    assert "could not report the provisioning failure" in out_failing
+    assert (tmp_path / "failing/run/guest-agent/azure-not-ready").exists()
+    # Exit status reflects provisioning only: the files are there, READY=1 was sent.
+    assert ok.returncode == 0, out_ok[-1500:]
+    assert "Ready was not acknowledged" in out_ok
+    assert (tmp_path / "ok/run/peerpod/apf.json").exists()
+
+
+def test_well_formed_chunked_gzip_and_read_to_close_answers() -> None:
+    """The good cases of what the fuzz mutates (tests/test_http_fuzz.py): parsed exactly."""
+    import socket
+    import threading
+
+    from tests.test_http_fuzz import ANSWERS
+
+    got = []
+    for answer in ANSWERS:
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def serve(s: socket.socket = srv, a: bytes = answer) -> None:
+            conn, _ = s.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(a)
+
+        threading.Thread(target=serve, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/"
+        got.append(httpio.exchange("GET", url, budget_s=5, connect_timeout_s=1, max_body=4096)[:3:2])
+        srv.close()
+    assert got == [(200, b"hello world"), (200, b"hello world\n"), (429, b"no"), (200, b"read to the end")]
+
+
+def test_a_non_ascii_host_is_a_config_error() -> None:
+    from guest_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ASCII host"):
+        httpio.exchange("GET", "http://a..é/", budget_s=1, connect_timeout_s=1, max_body=10)
