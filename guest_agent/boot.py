@@ -56,6 +56,7 @@ def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
         backoff=ctx.backoff,
         sleep=deps.sleep,
         rand=deps.rand,
+        on_retry=lambda text: deps.notifier.status(f"fetch: {text}"),
     )
     return raw
 
@@ -190,7 +191,13 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             from guest_agent.azure.fabric import AzureFabric
 
             fabric = AzureFabric(
-                cfg.azure, root=root, state_dir=cfg.state_dir, clock=deps.clock, sleep=deps.sleep, rand=deps.rand
+                cfg.azure,
+                root=root,
+                state_dir=cfg.state_dir,
+                clock=deps.clock,
+                sleep=deps.sleep,
+                rand=deps.rand,
+                on_retry=lambda text: deps.notifier.status(f"report: {text}"),
             )
         addr = clouds.metadata_address(provider, cfg)
         warm(provider)

@@ -119,10 +119,13 @@ def retry_until(
     sleep: Callable[[float], None] = time.sleep,
     on_deadline: Callable[[str], AgentError] | None = None,
     rand: Callable[[], float] = urandom_unit,
+    on_retry: Callable[[str], object] | None = None,
 ) -> T:
     """Call `attempt` until it returns, raises a non-`Retry` error, or the deadline passes.
 
-    Logs the first failure and every change of failure reason, not every attempt.
+    Logs the first failure and every change of failure reason, not every attempt.  `on_retry`
+    gets a one-line status after every failed attempt (the agent's `STATUS=`: what it retries,
+    the last reason, the attempt and the time left).
     """
     n = 0
     last: str | None = None
@@ -135,6 +138,8 @@ def retry_until(
                 log.warning("%s: %s (attempt %d, retrying until the deadline)", what, r.reason, n)
                 last = r.reason
             delay = 0.0 if r.immediate else backoff.delay(n, r.retry_after_s, rand)
+            if on_retry is not None:
+                on_retry(f"{what}: {r.reason} (attempt {n}, retrying, {deadline.remaining():.0f} s left)")
             if delay >= deadline.remaining():
                 if on_deadline is not None:
                     raise on_deadline(r.reason) from None

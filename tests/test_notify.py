@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from guest_agent.config import Config
 from guest_agent.notify import Notifier
 from tests import caa
 from tests.fakecloud import imds
-from tests.fakecloud.server import FakeServer, Script
+from tests.fakecloud.server import FakeServer, Reply, Script
 
 
 @pytest.fixture
@@ -142,3 +143,26 @@ def test_start_budget_follows_the_configured_deadlines() -> None:
     assert boot.start_budget_s(longer) == base + 720
     no_wait = Config(network=dataclasses.replace(Config().network, wait=False))
     assert boot.start_budget_s(no_wait) == base - 120
+
+
+def test_status_carries_the_last_retry_reason(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
+    """`systemctl status guest-agent` says what the agent retries and why, while it retries."""
+    s, path = notify_socket
+    root = tmp_path / "root"
+    caa.make_root(str(root), {"sys_vendor": "Amazon EC2", "product_name": "m6i.large"})
+    script = Script({"user-data": [Reply(status=503, body=b"warming up")]})
+    with FakeServer("imds", imds.aws(caa.cloud_config(), script)) as srv:
+        conf = tmp_path / "c.toml"
+        conf.write_text(f'[aws]\nimds_url = "{srv.url}"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n')
+        env = {**os.environ, "NOTIFY_SOCKET": path}
+        env.pop("JOURNAL_STREAM", None)
+        rc = subprocess.call(
+            [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)], env=env
+        )
+    assert rc == 0
+    retries = [m for m in recv_all(s) if m.startswith("STATUS=fetch: fetching user-data (aws): ")]
+    assert len(retries) == 1, retries
+    assert re.fullmatch(
+        r"STATUS=fetch: fetching user-data \(aws\): .*HTTP 503 \(warming up\) \(attempt 1, retrying, \d+ s left\)",
+        retries[0],
+    ), retries

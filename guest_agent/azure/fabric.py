@@ -74,8 +74,10 @@ class AzureFabric:
         wall_clock: Callable[[], float] = time.time,
         version: str = __version__,
         backoff: Backoff = DEFAULT_BACKOFF,
+        on_retry: Callable[[str], object] | None = None,  # STATUS= after each failed attempt
     ) -> None:
         self.cfg = cfg
+        self.on_retry = on_retry
         self.root = root
         self.marker = _under(root, f"{state_dir}/{NOT_READY_MARKER}")
         self.state_dir = state_dir
@@ -102,6 +104,7 @@ class AzureFabric:
                 read_timeout_s=self.cfg.wireserver_read_timeout_s,
                 agent_name=self.agent,
                 wall_clock=self.wall_clock,
+                on_retry=self.on_retry,
             )
         return self._client
 

@@ -81,8 +81,10 @@ class WireserverClient:
         read_timeout_s: float = 10.0,
         agent_name: str = DEFAULT_AGENT_NAME,
         wall_clock: Callable[[], float] = time.time,
+        on_retry: Callable[[str], object] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.on_retry = on_retry
         self.target = httpio.split_url(self.base_url)
         self.clock = clock
         self.sleep = sleep
@@ -160,6 +162,7 @@ class WireserverClient:
             backoff=self.backoff,
             sleep=self.sleep,
             rand=self.rand,
+            on_retry=self.on_retry,
             on_deadline=lambda last: FabricError(
                 f"the wireserver did not acknowledge {what} before the deadline",
                 last_error=last,
