@@ -89,19 +89,23 @@ def test_notifier_bad_socket_is_logged_not_raised(tmp_path: Path, monkeypatch: p
     assert n.status("y") is False
 
 
-def test_agent_sends_status_per_stage_then_ready(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
-    s, path = notify_socket
+def run_on_aws(tmp_path: Path, notify_path: str, script: Script) -> int:
+    """`guest-agent run` in a child against a fake EC2 IMDS, notifying `notify_path`."""
     root = tmp_path / "root"
     caa.make_root(str(root), {"sys_vendor": "Amazon EC2", "product_name": "m6i.large"})
-    with FakeServer("imds", imds.aws(caa.cloud_config(), Script())) as srv:
+    with FakeServer("imds", imds.aws(caa.cloud_config(), script)) as srv:
         conf = tmp_path / "c.toml"
         conf.write_text(f'[aws]\nimds_url = "{srv.url}"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n')
-        env = {**os.environ, "NOTIFY_SOCKET": path}
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
         env.pop("JOURNAL_STREAM", None)
-        rc = subprocess.call(
+        return subprocess.call(
             [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)], env=env
         )
-    assert rc == 0
+
+
+def test_agent_sends_status_per_stage_then_ready(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
+    s, path = notify_socket
+    assert run_on_aws(tmp_path, path, Script()) == 0
     msgs = recv_all(s)
     # First, before any wait: the start timeout from the configured deadlines (defaults here).
     assert msgs[0] == f"EXTEND_TIMEOUT_USEC={int(boot.start_budget_s(Config()) * 1e6)}"
@@ -148,18 +152,7 @@ def test_start_budget_follows_the_configured_deadlines() -> None:
 def test_status_carries_the_last_retry_reason(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
     """`systemctl status guest-agent` says what the agent retries and why, while it retries."""
     s, path = notify_socket
-    root = tmp_path / "root"
-    caa.make_root(str(root), {"sys_vendor": "Amazon EC2", "product_name": "m6i.large"})
-    script = Script({"user-data": [Reply(status=503, body=b"warming up")]})
-    with FakeServer("imds", imds.aws(caa.cloud_config(), script)) as srv:
-        conf = tmp_path / "c.toml"
-        conf.write_text(f'[aws]\nimds_url = "{srv.url}"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n')
-        env = {**os.environ, "NOTIFY_SOCKET": path}
-        env.pop("JOURNAL_STREAM", None)
-        rc = subprocess.call(
-            [sys.executable, "-m", "guest_agent", "run", "--root", str(root), "--config", str(conf)], env=env
-        )
-    assert rc == 0
+    assert run_on_aws(tmp_path, path, Script({"user-data": [Reply(status=503, body=b"warming up")]})) == 0
     retries = [m for m in recv_all(s) if m.startswith("STATUS=fetch: fetching user-data (aws): ")]
     assert len(retries) == 1, retries
     assert re.fullmatch(
