@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test lint typecheck pytest pytest-deps bench image e2e bench-boot clean
+.PHONY: all venv demo test lint typecheck pytest pytest-deps bench image e2e bench-boot install clean
 
 all: test
 
@@ -56,6 +56,22 @@ bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
 	for v in guest-agent floor cloudinit; do image/variants/build-variant.sh $$v || exit 1; done
 	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
+
+# The systemd side, laid out for an image builder (mkosi, packer, mmdebstrap); the Python package
+# installs with pip.  BINDIR: where `pip install` put the guest-agent script (written into the units).
+PREFIX  ?= /usr/local
+BINDIR  ?= /usr/local/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+PRESETDIR ?= $(PREFIX)/lib/systemd/system-preset
+
+install:
+	install -d "$(DESTDIR)$(UNITDIR)"
+	for f in units/*.service; do \
+		sed 's|/usr/local/bin/guest-agent |$(BINDIR)/guest-agent |' $$f > "$(DESTDIR)$(UNITDIR)/$${f#units/}" && \
+		chmod 0644 "$(DESTDIR)$(UNITDIR)/$${f#units/}" || exit 1; \
+	done
+	for f in units/*.d/*.conf; do install -D -m 0644 $$f "$(DESTDIR)$(UNITDIR)/$${f#units/}" || exit 1; done
+	install -D -m 0644 units/10-guest-agent.preset "$(DESTDIR)$(PRESETDIR)/10-guest-agent.preset"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

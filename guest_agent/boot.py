@@ -1,7 +1,8 @@
 """The boot path: the only module that knows the order of the stages.
 
-detect -> network -> fetch -> validate -> write -> measure -> netns -> READY=1
-       -> (Azure) report Ready -> (background since READY=1) IMDS NAT for the pod.
+detect -> network -> fetch -> validate -> write -> measure -> READY=1 -> (Azure) report Ready.
+The pod network namespace and the pod's IMDS NAT are not here: they run in units of their own
+(netns@podns.service, guest-agent-imds-nat.service), so this process needs no capability.
 Any AgentError before READY=1 is reported to the fabric (Azure) as NotReady with its
 reason, and nothing after it runs: Ready is never reported after a failed provisioning.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,29 +144,9 @@ def write_timeline(tl: Timeline, cfg: Config, root: str) -> None:
         log.warning("cannot write the timeline: %s", exc.describe())
 
 
-def _nat_worker(cfg: Config, root: str, addr: str, result: list[AgentError | None], tl: Timeline) -> None:
-    from guest_agent import netns
-
-    try:
-        with tl.stage("imds-nat"):
-            netns.setup_imds_nat(
-                netns=cfg.netns.name,
-                run_dir=str(under_root(root, cfg.netns.run_dir)),
-                imds_addr=addr,
-                table=cfg.netns.nft_table,
-                deadline_s=cfg.netns.imds_nat_deadline_s,
-            )
-        result.append(None)
-    except AgentError as exc:
-        result.append(exc)
-    except Exception as exc:  # a thread must not die silently
-        result.append(UnhandledError(exc))
-
-
 def run(cfg: Config, root: str, deps: Deps) -> int:
     tl = Timeline(clock=deps.clock, status=deps.notifier.status)
     fabric: AzureFabric | None = None
-    addr: str | None = None
     try:
         with tl.stage("detect"):
             facts = clouds.read_facts(root, cfg)
@@ -195,12 +175,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
         with tl.stage("fetch"):
             raw = fetch_user_data(provider, cfg, root, deps)
         provision(raw, cfg, root, tl)
-        if cfg.netns.enabled:
-            from guest_agent import netns
-
-            with tl.stage("netns"):
-                created = netns.ensure_netns(cfg.netns.name, run_dir=str(under_root(root, cfg.netns.run_dir)))
-            log.info("pod network namespace %s %s", cfg.netns.name, "created" if created else "reused")
         deps.notifier.ready("config files written")
         tl.mark("ready")
         log.info("user-data applied; READY=1 sent", extra={"MESSAGE_ID": MSG_APPLIED, **fields(stage="ready")})
@@ -211,14 +185,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             log.exception("unexpected error")
         return fail(err, tl, cfg, root, deps, fabric)
 
-    nat_result: list[AgentError | None] = []
-    nat: threading.Thread | None = None
-    nat_addr = cfg.netns.imds_addr or addr
-    if cfg.netns.enabled and cfg.netns.imds_nat and nat_addr:
-        nat = threading.Thread(
-            target=_nat_worker, args=(cfg, root, nat_addr, nat_result, tl), name="imds-nat", daemon=True
-        )
-        nat.start()
     code = EXIT_OK
     if fabric is not None:
         try:
@@ -227,15 +193,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
         except AgentError as err:
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
             code = err.exit_code
-    if nat is not None:
-        deps.notifier.status("waiting for the pod address to set up IMDS access")
-        nat.join()
-        nat_err = nat_result[0] if nat_result else None
-        if nat_err is not None:
-            log.error("IMDS access for the pod not set up: %s", nat_err.describe(), extra=fields(stage="imds-nat"))
-            code = code or nat_err.exit_code
-        else:
-            log.info("IMDS access for the pod set up", extra=fields(stage="imds-nat"))
     summary(tl)
     write_timeline(tl, cfg, root)
     deps.notifier.status("done" if code == EXIT_OK else "done, with errors (see the journal)")

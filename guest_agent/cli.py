@@ -166,8 +166,21 @@ def _netns(args: argparse.Namespace, cfg: Config, root: str) -> int:
         created = netns.ensure_netns(cfg.netns.name, run_dir=run_dir)
         print(f"{cfg.netns.name}: {'created' if created else 'exists'}")
         return EXIT_OK
-    provider = cfg.provider if cfg.provider != "auto" else clouds.detect(clouds.read_facts(root, cfg))
-    imds = args.imds or clouds.metadata_address(provider, cfg) or "169.254.169.254"
+    # The entry point of guest-agent-imds-nat.service: exit 0 once set up (or nothing to do), non-zero
+    # on failure so that unit, and only that unit, retries.
+    from guest_agent.log import fields
+
+    if not (cfg.netns.enabled and cfg.netns.imds_nat) and not args.imds:
+        log.info("IMDS access for the pod: off in the configuration ([netns] enabled/imds_nat)")
+        return EXIT_OK
+    imds = args.imds or cfg.netns.imds_addr
+    if not imds:
+        provider = cfg.provider if cfg.provider != "auto" else clouds.detect(clouds.read_facts(root, cfg))
+        imds = clouds.metadata_address(provider, cfg)
+        if imds is None:
+            log.info("IMDS access for the pod: provider %s has no metadata service", provider)
+            return EXIT_OK
+    log.info("IMDS access for the pod: waiting for the pod's route to %s", imds, extra=fields(stage="imds-nat"))
     res = netns.setup_imds_nat(
         netns=cfg.netns.name,
         run_dir=run_dir,
@@ -176,5 +189,13 @@ def _netns(args: argparse.Namespace, cfg: Config, root: str) -> int:
         deadline_s=cfg.netns.imds_nat_deadline_s,
         pod_ip=args.pod_ip,
     )
-    print(res)
+    log.info(
+        "IMDS access for the pod set up: %s -> %s via %s/%s (%s)",
+        res.pod_ip,
+        res.imds_addr,
+        res.host_veth,
+        res.pod_veth,
+        "veth pair created" if res.created_veth else "veth pair reused",
+        extra=fields(stage="imds-nat", pod_ip=res.pod_ip, imds=res.imds_addr),
+    )
     return EXIT_OK

@@ -89,7 +89,7 @@ class NetnsConfig:
     enabled: bool = True
     name: str = "podns"
     run_dir: str = "/run/netns"
-    imds_nat: bool = True  # proxy-ARP veth + MASQUERADE so the pod reaches IMDS (setup-nat-for-imds)
+    imds_nat: bool = True  # `guest-agent netns imds-nat` (its own unit): proxy-ARP veth + MASQUERADE
     imds_nat_deadline_s: float = 300.0  # wait this long for APF to give the pod its address
     imds_addr: str = ""  # address the pod reaches through the NAT; "" = the provider's metadata address
     nft_table: str = "guest_agent"

@@ -10,7 +10,7 @@
 #   1. base:  mmdebstrap of the package list below -> image/cache/base-<hash>/ (about a minute cold;
 #             downloaded .debs are kept in image/cache/apt/ so a re-run does not download again).
 #   2. image: copy of the base + the agent venv (wheels built on the host, cached in
-#             image/cache/wheels/) + units + image/overlay/ -> image/build/{disk.raw,vmlinuz,initrd.img}.
+#             image/cache/wheels/) + `make install` (units) + image/overlay/ -> image/build/{disk.raw,vmlinuz,initrd.img}.
 # The agent is taken from the working tree at build time, so re-run after changing guest_agent/.
 set -euo pipefail
 
@@ -61,7 +61,7 @@ deps_hash=$(printf '%s\n' "${DEPS[@]}" | sha)
 image_hash=$( (
     echo "base=$base_hash deps=$deps_hash"
     # Agent sources, units, overlay and this script: content and path, sorted.
-    cd "$REPO" && { find pyproject.toml README.md guest_agent units image/overlay image/build.sh image/recipe.sh \
+    cd "$REPO" && { find Makefile pyproject.toml README.md guest_agent units image/overlay image/build.sh image/recipe.sh \
         -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null || true; } | LC_ALL=C sort | xargs -r sha256sum
 ) | sha)
 
@@ -119,15 +119,15 @@ agent_venv "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl
 venv_kb=$(du -sk "$ROOT/opt/guest-agent" | cut -f1)
 
 log "rootfs: units, overlay, presets"
-install -m 0644 -D "$REPO/units/guest-agent.service" "$ROOT/usr/lib/systemd/system/guest-agent.service"
-install -m 0644 -D "$REPO/units/agent-protocol-forwarder.service.d/10-guest-agent.conf" \
-    "$ROOT/usr/lib/systemd/system/agent-protocol-forwarder.service.d/10-guest-agent.conf"
-install -m 0644 -D "$REPO/units/80-guest-agent.preset" "$ROOT/usr/lib/systemd/system-preset/80-guest-agent.preset"
+# The systemd side as an image builder gets it: units, drop-ins, preset.  The units run
+# /usr/local/bin/guest-agent (where `pip install` puts it; here, the venv link above).
+make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
 cp -a --no-preserve=ownership "$HERE/overlay/." "$ROOT/"
 chmod 0755 "$ROOT/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/libexec/e2e-dump"
 
-# Enable by preset, as a package's postinst would.
-systemctl --root="$ROOT" preset guest-agent.service agent-protocol-forwarder.service >/dev/null 2>&1
+# Enable by preset, as a package's postinst would (the stand-in APF: image/overlay's test preset).
+systemctl --root="$ROOT" preset guest-agent.service guest-agent-imds-nat.service \
+    agent-protocol-forwarder.service >/dev/null 2>&1
 systemctl --root="$ROOT" enable systemd-networkd.service >/dev/null 2>&1
 # No logins on a pod VM, and a getty on the serial console can hang it up mid-report.
 systemctl --root="$ROOT" mask getty.target serial-getty@ttyS0.service serial-getty@ttyS1.service >/dev/null 2>&1

@@ -5,6 +5,8 @@ import http.server
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,3 +286,59 @@ def test_imds_nat_missing_namespace(ns: Namespaces) -> None:
         netns.run_in_netns(
             vm, lambda: netns.setup_imds_nat(netns="nope", run_dir=ns.run_dir, imds_addr=IMDS, deadline_s=0.1)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# `guest-agent netns imds-nat`: the entry point of guest-agent-imds-nat.service
+
+
+def imds_nat_command(ns: Namespaces, tmp_path: Path, conf: str = "") -> subprocess.Popen[str]:
+    """Start the command as its unit would, in the test's "vm" namespace (the VM's root namespace)."""
+    cfg = tmp_path / "nat.toml"
+    cfg.write_text(
+        f'provider = "aws"\n[netns]\nname = "pod"\nrun_dir = "{ns.run_dir}"\nnft_table = "{TABLE}"\n'
+        f'imds_nat_deadline_s = 20.0\n{conf}[aws]\nimds_url = "http://{IMDS}"\n'
+    )
+    argv = [sys.executable, "-m", "guest_agent", "netns", "imds-nat", "--config", str(cfg)]
+    return subprocess.Popen(["nsenter", f"--net={ns.path('vm')}", *argv], stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.privileged
+def test_imds_nat_command_waits_for_the_pod_address(topology: Namespaces, tmp_path: Path) -> None:
+    ns = topology
+    ns.sh("pod", "ip addr flush dev eth0")  # APF has not given the pod its address yet
+    proc = imds_nat_command(ns, tmp_path)
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()  # it logs once before it blocks on rtnetlink events
+        assert "waiting for the pod's route" in line
+        ns.sh("pod", "ip addr add 10.200.0.5/24 dev eth0; ip route add default via 10.200.0.1")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "set up: 10.200.0.5 -> 169.254.169.254" in proc.stderr.read()
+    assert fetch_from_pod(ns) == b"user-data"
+    assert masquerade_rules(ns) == 1
+
+
+@pytest.mark.privileged
+def test_imds_nat_command_fails_for_its_unit_to_retry(ns: Namespaces, tmp_path: Path) -> None:
+    ns.add("vm")  # no "pod" namespace: netns@pod.service did not run
+    proc = imds_nat_command(ns, tmp_path)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 69
+    assert "does not exist" in err
+
+
+def test_imds_nat_command_off_in_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "off.toml"
+    cfg.write_text("[netns]\nimds_nat = false\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "guest_agent", "netns", "imds-nat", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0
+    assert "off in the configuration" in proc.stderr

@@ -243,7 +243,7 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
     cmdline += " systemd.wants=e2e-dump.service e2e.hold=120"
     cmdline += "".join(f" systemd.wants={u}" for u in sc.wants)
     if sc.name == "valid" and not args.no_probes:
-        cmdline += " e2e.netns_probe=1 e2e.restart_probe=1"
+        cmdline += " e2e.netns_probe=1 e2e.restart_probe=1 e2e.nat_probe=1"
     ttys1 = workdir / "ttyS1.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
@@ -390,6 +390,21 @@ def check_boot(res: BootResult) -> Checks:
         )
         podns = d["netns"]["podns_lo"]
         c.check(podns["rc"] == 0 and "UP" in podns["out"], "podns usable from the host mount namespace, lo up", podns)
+        nsu = units.get("netns@podns.service", {})
+        c.check(nsu.get("ActiveState") == "active", "podns made by netns@podns.service", nsu)
+        if "nat_probe" in d:
+            np = d["nat_probe"]
+            c.check(
+                np["before"].get("SubState") == "running",
+                "guest-agent-imds-nat waits for the pod address without holding up boot",
+                np["before"],
+            )
+            c.check(
+                np["after"].get("SubState") == "exited" and np["after"].get("Result") == "success",
+                "guest-agent-imds-nat set up the NAT once the pod had an address, exit 0",
+                np["after"],
+            )
+            c.check(np["get"].get("status") == 200, "the pod reaches IMDS through the NAT (HTTP 200)", np)
         if "netns_probe" in d:
             pr = d["netns_probe"]
             c.check(

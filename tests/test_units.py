@@ -1,0 +1,123 @@
+"""The systemd side: `make install` lays out units, drop-ins and the preset; every service we ship
+passes `systemd-analyze verify` and stays within its `systemd-analyze security` exposure budget.
+
+Both run offline against the installed tree (--root), so drop-ins count: netns@.service.d, for
+one, takes the unit out of the default dependencies, which changes its score."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UNITDIR = "usr/lib/systemd/system"
+
+# Exposure budgets (systemd-analyze's 0-10 scale): the agent, which parses untrusted input, at most
+# 2.0; the small network units at most 4.0.
+BUDGET = {"guest-agent.service": 2.0, "guest-agent-imds-nat.service": 4.0, "netns@podns.service": 4.0}
+
+# cloud-api-adaptor's units our drop-ins extend (stand-ins here, so verify parses the drop-ins).
+CAA_UNITS = (
+    "agent-protocol-forwarder.service",
+    "attestation-agent.service",
+    "azure-ready.service",
+    "confidential-data-hub.service",
+    "process-user-data.path",
+    "process-user-data.service",
+    "setup-nat-for-imds.service",
+)
+
+
+def install(dest: Path, *args: str) -> None:
+    subprocess.run(["make", "-s", "-C", str(REPO), "install", f"DESTDIR={dest}", *args], check=True, timeout=60)
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_make_install_layout(tmp_path: Path) -> None:
+    install(tmp_path, "PREFIX=/usr")
+    drop_ins = [f"{UNITDIR}/{u}.d/50-guest-agent.conf" for u in (*CAA_UNITS, "netns@.service")]
+    assert tree(tmp_path) == sorted(
+        [
+            "usr/lib/systemd/system-preset/10-guest-agent.preset",
+            f"{UNITDIR}/guest-agent.service",
+            f"{UNITDIR}/guest-agent-imds-nat.service",
+            f"{UNITDIR}/netns@.service",
+            *drop_ins,
+        ]
+    )
+    for name in tree(tmp_path):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    unit = (tmp_path / UNITDIR / "guest-agent.service").read_text()
+    assert "ExecStart=/usr/local/bin/guest-agent run\n" in unit  # pip's script location by default
+
+
+def test_make_install_prefix_and_bindir(tmp_path: Path) -> None:
+    install(tmp_path, "PREFIX=/opt/ga", "BINDIR=/opt/ga/venv/bin")
+    unit = (tmp_path / "opt/ga/lib/systemd/system/guest-agent-imds-nat.service").read_text()
+    assert "ExecStart=/opt/ga/venv/bin/guest-agent netns imds-nat\n" in unit
+    assert (tmp_path / "opt/ga/lib/systemd/system-preset/10-guest-agent.preset").is_file()
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    """An installed tree with stand-ins for the executables and for CAA's units."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze")
+    install(tmp_path, "PREFIX=/usr")
+    for exe in ("usr/local/bin/guest-agent", "usr/bin/ip", "usr/local/bin/caa-standin"):
+        (tmp_path / exe).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / exe).write_text("#!/bin/sh\n")
+        (tmp_path / exe).chmod(0o755)
+    for unit in CAA_UNITS:
+        body = (
+            "[Path]\nPathExists=/run/x\n"
+            if unit.endswith(".path")
+            else "[Service]\nExecStart=/usr/local/bin/caa-standin\n"
+        )
+        # No default dependencies: the tree has no sysinit.target to pull in.
+        (tmp_path / UNITDIR / unit).write_text("[Unit]\nDefaultDependencies=no\n" + body)
+    return tmp_path
+
+
+def test_units_verify(image_root: Path) -> None:
+    units = [*BUDGET, *CAA_UNITS]
+    done = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={image_root}", "--man=no", *units],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Unknown keys and bad values are only warnings (exit 0): any output at all fails the test.
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+def exposure(root: Path, unit: str) -> float:
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", f"--root={root}", "--no-pager", unit],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "--offline" in done.stderr:
+        pytest.skip("systemd-analyze has no --offline (systemd < 250)")
+    m = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d)", done.stdout)
+    assert m, done.stdout + done.stderr
+    return float(m.group(1))
+
+
+def test_every_service_we_ship_has_a_budget() -> None:
+    shipped = {p.name.replace("@.", "@podns.") for p in (REPO / "units").glob("*.service")}
+    assert shipped == set(BUDGET)
+
+
+@pytest.mark.parametrize("unit", sorted(BUDGET))
+def test_security_exposure(image_root: Path, unit: str) -> None:
+    assert exposure(image_root, unit) <= BUDGET[unit]
