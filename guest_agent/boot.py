@@ -153,6 +153,12 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             provider = cfg.provider if cfg.provider != "auto" else clouds.detect(facts)
         deps.log_fields["GUEST_AGENT_PROVIDER"] = provider
         log.info("provider %s (%s)", provider, "configured" if cfg.provider != "auto" else "detected from DMI")
+        if provider == "cidata" and cfg.cidata.wait_for_delivery:
+            from guest_agent.clouds import cidata
+
+            if cidata.delivery_pending(root, cfg.cidata):  # byom: the VM waits in a pool for its user-data
+                with tl.stage("delivery"):
+                    cidata.wait_for_delivery(root, cfg.cidata, deps.notifier, clock=deps.clock)
         if provider == "azure" and cfg.azure.report_ready:
             from guest_agent.fabric import AzureFabric
 

@@ -143,6 +143,14 @@ class CidataConfig:
     labels: tuple[str, ...] = ("cidata", "CIDATA")
     dev_dir: str = "/dev"  # block devices scanned for an ISO9660 volume with one of the labels
     wait_s: float = 5.0  # how long to wait for the disk to appear when DMI says QEMU/IBM
+    # byom: when no cloud is detected and mount_dir is a mount point without user-data yet, wait
+    # (inotify, no polling) until CAA's SFTP client has written <mount_dir>/user-data and closed it.
+    wait_for_delivery: bool = False
+    delivery_deadline_s: float = 0.0  # 0 = no deadline (a pool VM waits until CAA allocates it)
+
+    def __post_init__(self) -> None:
+        if self.delivery_deadline_s < 0:
+            raise ConfigError("cidata.delivery_deadline_s must be >= 0 (0 = no deadline)")
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,72 @@
-"""Writing config files: all-or-nothing, atomic per file, never through a symlink.
+"""Writing config files: a whole set switched at once, never through a symlink.
 
-`apply()` is a two-phase commit.  Phase one opens every parent directory component by
-component with O_NOFOLLOW (relative to the --root directory fd), refuses a symlink or a
-non-regular file at any target, and writes each file's content to a temp file in its
-target directory (mode set with fchmod before any byte is written, then fsync).  Only
-when every temp file is complete does phase two rename them over their targets and
-fsync the directories.  A failure in phase one removes the temp files: the root is
-left exactly as it was.
+`apply()` replaces the agent's files in a directory (in practice /run/peerpod) as one
+set: after a kill -9 at any moment, a reader sees either the complete previous set or
+the complete new one.  /run/peerpod is a mount point in the sandboxed unit, so the
+directory itself cannot be renamed or exchanged; the switch happens inside it, the way
+Kubernetes' AtomicWriter publishes ConfigMap volumes
+(kubernetes/kubernetes: pkg/volume/util/atomic_writer.go):
+
+    ..data           -> ..gen-<token>        the one pointer, replaced by a single rename(2)
+    ..gen-<token>/   every file of the set, and ..written (the names the agent wrote)
+    apf.json         -> ..data/apf.json      one stable symlink per name
+    policy.rego      a regular file CAA's tmpfiles `C` line copied, until a plan writes the name
+
+One run, under an flock on the directory:
+1. check every target: absent, a regular file (someone else's, such as the tmpfiles
+   defaults) or exactly our `..data/<name>` symlink; anything else (a planted symlink,
+   a directory, a device) is refused before anything is written;
+2. build the new generation: each file created O_EXCL|O_NOFOLLOW, fchmod (and fchown)
+   before any byte, written, fsync'd; files the agent did not write that are visible
+   through the current generation are hard-linked across (they carry over unless the
+   plan replaces them); the ..written list; fsync the generation;
+3. prepare the names, each change invisible: a regular file at a planned name is
+   hard-linked into the *current* generation and a symlink renamed over it (same inode,
+   same content); a planned name that is absent gets a symlink that dangles until the
+   switch (a dangling symlink does not exist for stat/access/open); fsync;
+4. switch: a temp symlink to the new generation renamed over `..data`, fsync (the
+   commit point);
+5. clean up: our symlinks that now dangle (names a previous run wrote that this plan
+   lacks), older generations, temp links.
+A failure before step 4 removes the new generation; leftovers of a killed run (older
+generations, temp links, dangling symlinks) are removed by the next run, and temp names
+carry a random token, so they never collide with a later run.
+
+Consumers follow the symlinks: kata-agent (/etc/kata-opa/default-policy.rego ->
+/run/peerpod/policy.rego, a chain of three), attestation-agent `-c /run/peerpod/aa.toml`,
+CDH's `[ -f ... ]`, APF's apf.json, systemd's PathExists=/ConditionPathExists= (access(2)).
+To check in a boot: a `.path` unit watching /run/peerpod/<name> sees the IN_CREATE of the
+dangling symlink (no trigger, access fails) and then the IN_MOVED_TO of `..data` in the
+same directory, which makes systemd re-check (systemd/systemd: src/core/path.c watches the parent
+with IN_CREATE|IN_MOVED_TO and re-runs access() on any event there).
+
+Several directories (only if `files.allowed_paths` is extended beyond /run/peerpod) are
+each switched atomically, one after another: the set is atomic per directory.
+`write_atomic` writes one file (temp file, rename) for the agent's own state.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from guest_agent.errors import WriteFailed
 
 log = logging.getLogger("guest_agent.files")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DATA = "..data"
+GEN_PREFIX = "..gen-"
+TMP_PREFIX = "..tmp-"
+WRITTEN = "..written"  # inside a generation: the names the agent wrote, one per line
+_WRITTEN_MAX = 64 * 1024
+
+Step = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -68,90 +113,326 @@ def open_parent(root_fd: int, path: str, *, create: bool, dir_mode: int = 0o755)
     return fd
 
 
-def check_target(dir_fd: int, name: str, path: str) -> None:
-    """A target may be absent or a regular file; never a symlink, directory or device."""
+def _token() -> str:
+    return os.urandom(6).hex()
+
+
+def _link_target(name: str) -> str:
+    return f"{DATA}/{name}"
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
+        return None
+
+
+def _is_our_link(dir_fd: int, name: str, st: os.stat_result | None) -> bool:
+    return st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=dir_fd) == _link_target(name)
+
+
+def check_target(dir_fd: int, name: str, path: str) -> None:
+    """A target may be absent, a regular file or our own `..data/<name>` symlink; nothing else."""
+    st = _lstat(dir_fd, name)
+    if st is None or stat.S_ISREG(st.st_mode) or _is_our_link(dir_fd, name, st):
         return
     if stat.S_ISLNK(st.st_mode):
         raise WriteFailed("refusing to replace a symlink planted at a target", path=path)
-    if not stat.S_ISREG(st.st_mode):
-        raise WriteFailed("target exists and is not a regular file", path=path)
+    raise WriteFailed("target exists and is not a regular file", path=path)
+
+
+def _write_new(dir_fd: int, name: str, content: bytes, mode: int, uid: int | None, gid: int | None) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)  # before any byte: no window with a wider mode (umask-proof)
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove a generation (a directory of files) or a leftover link; never follows a symlink."""
+    st = _lstat(dir_fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        for entry in os.listdir(fd):
+            os.unlink(entry, dir_fd=fd)  # a generation holds files only: a directory here fails, loudly
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _read_written(gen_fd: int) -> set[str] | None:
+    try:
+        fd = os.open(WRITTEN, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=gen_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, _WRITTEN_MAX)
+    finally:
+        os.close(fd)
+    return set(data.decode("utf-8", "replace").split("\n")) - {""}
 
 
 @dataclass
-class _Staged:
-    spec: FileSpec
-    dir_fd: int
-    name: str
-    tmp: str
+class _SetDir:
+    """One directory's share of the set, through the steps of the module docstring."""
 
+    path: str  # guest path of the directory, for errors
+    fd: int
+    specs: dict[str, FileSpec]  # name -> spec
+    step: Step
+    current: str | None = None  # the generation `..data` points at
+    new: str | None = None
+    cfd: int = -1  # the current generation, open from build() to close()
+    tok: str = field(default_factory=_token)
 
-def _stage(root_fd: int, spec: FileSpec, dir_mode: int, seq: int) -> _Staged:
-    dfd = open_parent(root_fd, spec.path, create=True, dir_mode=dir_mode)
-    name = spec.path.rsplit("/", 1)[1]
-    tmp = f".{name}.guest-agent-{os.getpid()}-{seq}.tmp"
-    staged = _Staged(spec, dfd, name, tmp)
-    try:
-        check_target(dfd, name, spec.path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    def check(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # one writer: the sweep below must not eat a live generation
+        st = _lstat(self.fd, DATA)
+        if st is not None:
+            target = os.readlink(DATA, dir_fd=self.fd) if stat.S_ISLNK(st.st_mode) else ""
+            gst = _lstat(self.fd, target) if target.startswith(GEN_PREFIX) and "/" not in target else None
+            if gst is None or not stat.S_ISDIR(gst.st_mode):
+                raise WriteFailed("the generation pointer is not ours", path=f"{self.path}/{DATA}")
+            self.current = target
+        for name, spec in self.specs.items():
+            if name.startswith(".."):
+                raise WriteFailed("names starting with '..' are reserved for the agent's generations", path=spec.path)
+            check_target(self.fd, name, spec.path)
+
+    def sweep(self) -> None:
+        """Leftovers of a killed run: generations nothing points at, temp links."""
+        for entry in os.listdir(self.fd):
+            if entry != self.current and entry.startswith((GEN_PREFIX, TMP_PREFIX)):
+                try:
+                    _remove_tree(self.fd, entry)
+                except OSError as exc:  # invisible debris must not fail a run
+                    log.warning("cannot remove %s/%s: %s", self.path, entry, exc)
+        self.step("swept")
+
+    def build(self, dir_mode: int) -> None:
+        self.new = f"{GEN_PREFIX}{self.tok}"
+        os.mkdir(self.new, 0o700, dir_fd=self.fd)
+        gfd = os.open(self.new, _DIR_FLAGS, dir_fd=self.fd)
         try:
-            os.fchmod(fd, spec.mode)  # before any byte: no window with a wider mode (umask-proof)
-            if spec.uid is not None or spec.gid is not None:
-                os.fchown(fd, -1 if spec.uid is None else spec.uid, -1 if spec.gid is None else spec.gid)
-            view = memoryview(spec.content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            os.fchmod(gfd, dir_mode)
+            for name, spec in self.specs.items():
+                _write_new(gfd, name, spec.content, spec.mode, spec.uid, spec.gid)
+                self.step(f"wrote {name}")
+            for name in self._carried():
+                os.link(name, name, src_dir_fd=self.cfd, dst_dir_fd=gfd, follow_symlinks=False)
+                self.step(f"carried {name}")
+            _write_new(gfd, WRITTEN, "".join(f"{n}\n" for n in self.specs).encode(), 0o600, None, None)
+            os.fsync(gfd)
         finally:
-            os.close(fd)
-    except BaseException:
-        _discard(staged)
-        raise
-    return staged
+            os.close(gfd)
+        self.step("built")
+
+    def _carried(self) -> list[str]:
+        """Files the agent did not write, visible now through the current generation."""
+        if self.cfd < 0:
+            return []
+        written = _read_written(self.cfd)
+        if written is None:
+            return []  # not a list we wrote: carry nothing rather than resurrect
+        out = []
+        for entry in sorted(os.listdir(self.cfd)):
+            if entry in self.specs or entry in written or entry.startswith(".."):
+                continue
+            est = _lstat(self.cfd, entry)
+            if est is not None and stat.S_ISREG(est.st_mode) and _is_our_link(self.fd, entry, _lstat(self.fd, entry)):
+                out.append(entry)
+        return out
+
+    def open_current(self, dir_mode: int, *, create: bool) -> None:
+        if self.cfd >= 0 or (self.current is None and not create):
+            return
+        if self.current is None:
+            # First run in this directory: an empty generation (nothing written by the
+            # agent) that the regular files below can move into.
+            first = f"{GEN_PREFIX}{_token()}"
+            os.mkdir(first, dir_mode, dir_fd=self.fd)
+            fd = os.open(first, _DIR_FLAGS, dir_fd=self.fd)
+            try:
+                os.fchmod(fd, dir_mode)
+                _write_new(fd, WRITTEN, b"", 0o600, None, None)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.symlink(first, DATA, dir_fd=self.fd)  # `..data` was absent: nothing reads it yet
+            self.current = first
+            self.step("first generation")
+        self.cfd = os.open(self.current, _DIR_FLAGS, dir_fd=self.fd)
+
+    def prepare(self) -> None:
+        """Every planned name becomes our symlink, without changing what it shows."""
+        for name in self.specs:
+            st = _lstat(self.fd, name)
+            if _is_our_link(self.fd, name, st):
+                continue
+            if _lstat(self.cfd, name) is not None:
+                # Only reachable through `..data/<name>`, which <name> does not point at yet.
+                os.unlink(name, dir_fd=self.cfd)
+            if st is None:
+                os.symlink(_link_target(name), name, dir_fd=self.fd)  # dangles until the switch
+            else:  # a regular file (check() refused everything else): same inode behind a link
+                os.link(name, name, src_dir_fd=self.fd, dst_dir_fd=self.cfd, follow_symlinks=False)
+                tmp = f"{TMP_PREFIX}{self.tok}-{name}"
+                os.symlink(_link_target(name), tmp, dir_fd=self.fd)
+                os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            self.step(f"prepared {name}")
+        os.fsync(self.fd)
+
+    def switch(self) -> None:
+        assert self.new is not None
+        tmp = f"{TMP_PREFIX}{self.tok}-data"
+        os.symlink(self.new, tmp, dir_fd=self.fd)
+        try:
+            self.step("switch staged")
+            os.rename(tmp, DATA, src_dir_fd=self.fd, dst_dir_fd=self.fd)  # the commit point
+        except BaseException:
+            os.unlink(tmp, dir_fd=self.fd)
+            raise
+        os.fsync(self.fd)
+        self.step("switched")
+
+    def cleanup(self) -> None:
+        """After the switch: what is left is invisible, so failures here are only logged."""
+        try:
+            assert self.new is not None
+            gfd = os.open(self.new, _DIR_FLAGS, dir_fd=self.fd)
+            try:
+                live = set(os.listdir(gfd))
+            finally:
+                os.close(gfd)
+            for entry in os.listdir(self.fd):
+                if entry.startswith(".."):
+                    if entry not in (DATA, self.new) and entry.startswith((GEN_PREFIX, TMP_PREFIX)):
+                        _remove_tree(self.fd, entry)
+                        self.step(f"removed {entry}")
+                elif entry not in live and _is_our_link(self.fd, entry, _lstat(self.fd, entry)):
+                    os.unlink(entry, dir_fd=self.fd)
+                    self.step(f"unlinked {entry}")
+        except OSError as exc:
+            log.warning("cannot remove an old generation in %s: %s (the next run retries)", self.path, exc)
+
+    def abort(self) -> None:
+        if self.new is not None:
+            try:
+                _remove_tree(self.fd, self.new)
+            except OSError as exc:
+                log.warning("cannot remove an unfinished generation in %s: %s", self.path, exc)
+
+    def close(self) -> None:
+        if self.cfd >= 0:
+            os.close(self.cfd)
+            self.cfd = -1
+        os.close(self.fd)  # releases the flock
 
 
-def _discard(s: _Staged) -> None:
-    try:
-        os.unlink(s.tmp, dir_fd=s.dir_fd)
-    except OSError:
-        pass
-    os.close(s.dir_fd)
+def _no_step(_: str) -> None:
+    pass
 
 
-def apply(specs: list[FileSpec], *, root: str, dir_mode: int = 0o755) -> None:
-    """Write every spec or none of them (see the module docstring)."""
+def _open_root(root: str) -> int:
     try:
         os.makedirs(root, exist_ok=True)  # --root names a scratch dir that may not exist yet
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise WriteFailed("cannot open the root directory", root=root, error=exc.strerror) from exc
-    staged: list[_Staged] = []
+
+
+def apply(specs: list[FileSpec], *, root: str, dir_mode: int = 0o755, step: Step | None = None) -> None:
+    """Write every spec as one set, or nothing (see the module docstring).
+
+    `step` is a test hook called between the steps (the kill-loop tests pause there)."""
+    step = step or _no_step
+    groups: dict[str, dict[str, FileSpec]] = {}
+    for spec in specs:
+        d, _, name = spec.path.rpartition("/")
+        groups.setdefault(d, {})[name] = spec
+    root_fd = _open_root(root)
+    dirs: list[_SetDir] = []
+    what = specs[0].path if specs else root
     try:
-        for seq, spec in enumerate(specs):
+        try:
+            for d, named in groups.items():
+                what = d
+                fd = open_parent(root_fd, f"{d}/.", create=True, dir_mode=dir_mode)
+                dirs.append(_SetDir(d or "/", fd, named, step))
+                dirs[-1].check()
+            for sd in dirs:
+                what = sd.path
+                sd.sweep()
+                sd.open_current(dir_mode, create=False)
+                sd.build(dir_mode)
+            for sd in dirs:
+                what = sd.path
+                sd.open_current(dir_mode, create=True)
+                sd.prepare()
+        except BaseException as exc:
+            for sd in dirs:
+                sd.abort()
+            if isinstance(exc, OSError):
+                raise WriteFailed("cannot write a config file", path=what, error=exc.strerror) from exc
+            raise
+        for sd in dirs:
             try:
-                staged.append(_stage(root_fd, spec, dir_mode, seq))
-            except (OSError, WriteFailed) as exc:
-                for s in staged:
-                    _discard(s)
-                staged = []
-                if isinstance(exc, WriteFailed):
-                    raise
-                raise WriteFailed("cannot write a config file", path=spec.path, error=exc.strerror) from exc
-        dirs: dict[tuple[int, int], int] = {}
-        for s in staged:
-            os.rename(s.tmp, s.name, src_dir_fd=s.dir_fd, dst_dir_fd=s.dir_fd)
-            st = os.fstat(s.dir_fd)
-            dirs.setdefault((st.st_dev, st.st_ino), s.dir_fd)
-        for dfd in dirs.values():
-            os.fsync(dfd)  # make the renames durable
+                sd.switch()
+            except OSError as exc:
+                sd.abort()
+                raise WriteFailed("cannot switch to the new set of files", path=sd.path, error=exc.strerror) from exc
+            sd.cleanup()
     finally:
-        for s in staged:
-            os.close(s.dir_fd)
+        for sd in dirs:
+            sd.close()
         os.close(root_fd)
 
 
 def write_atomic(path: str, content: bytes, *, root: str = "/", mode: int = 0o600) -> None:
-    """One file, same guarantees: the only way the agent writes anything."""
-    apply([FileSpec(path, content, mode, source="agent")], root=root)
+    """One file of the agent's own state: temp file (random name), fsync, rename, fsync the directory.
+
+    Never through a symlink; a temp file left by a killed run is removed by the next write."""
+    root_fd = _open_root(root)
+    try:
+        dfd = open_parent(root_fd, path, create=True)
+    except OSError as exc:
+        os.close(root_fd)
+        raise WriteFailed("cannot write a state file", path=path, error=exc.strerror) from exc
+    os.close(root_fd)
+    name = path.rsplit("/", 1)[1]
+    prefix = f".{name}.guest-agent-"
+    tmp = f"{prefix}{_token()}.tmp"
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        st = _lstat(dfd, name)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise WriteFailed("refusing to replace a symlink planted at a target", path=path)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise WriteFailed("target exists and is not a regular file", path=path)
+        for entry in os.listdir(dfd):
+            if entry.startswith(prefix) and entry.endswith(".tmp"):
+                os.unlink(entry, dir_fd=dfd)
+        _write_new(dfd, tmp, content, mode, None, None)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+    except OSError as exc:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise WriteFailed("cannot write a state file", path=path, error=exc.strerror) from exc
+    finally:
+        os.close(dfd)

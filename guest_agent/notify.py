@@ -46,5 +46,9 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
 
+    def extend_timeout(self, seconds: float) -> bool:
+        """Keep systemd's start timeout from expiring for `seconds` more (send again before then)."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def ready(self, status: str) -> bool:
         return self.notify(f"READY=1\nSTATUS={status}")

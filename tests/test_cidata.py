@@ -8,9 +8,11 @@ The provider is driven through `boot.fetch_user_data` with a scratch root laid o
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -242,25 +244,30 @@ def test_no_disk_after_a_short_wait(tmp_path: Path) -> None:
     assert ei.value.supporting_data["waited_s"] == 0.2
 
 
-def test_no_wait_when_wait_s_is_zero_or_the_deadline_is_spent(tmp_path: Path) -> None:
-    # The uevent wait itself needs a real block device to appear (not possible safely here).
-    # What can be shown: no socket wait happens when there is no time for one.  wait_s is
-    # huge, but the fetch deadline is 0: if the provider waited for uevents the call would
-    # block for an hour, so it runs in a thread with a hang guard.
-    cfg = cidata_cfg(wait_s=3600.0, deadline_s=0.0)
+def in_thread(fn: Callable[[], bytes]) -> BaseException | bytes:
+    """Run fn with a hang guard: a regression that blocks must fail the test, not hang it."""
     result: list[BaseException | bytes] = []
 
     def run() -> None:
         try:
-            result.append(fetch(tmp_path, cfg)[0])
+            result.append(fn())
         except BaseException as exc:
             result.append(exc)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(30)
-    assert not t.is_alive(), "the cidata provider is waiting for uevents although no time was left"
-    assert isinstance(result[0], MetadataUnavailable)
+    assert not t.is_alive(), "the cidata provider blocked"
+    return result[0]
+
+
+def test_no_wait_when_wait_s_is_zero_or_the_deadline_is_spent(tmp_path: Path) -> None:
+    # The uevent wait itself needs a real block device to appear (not possible safely here).
+    # What can be shown: no socket wait happens when there is no time for one.  wait_s is
+    # huge, but the fetch deadline is 0: if the provider waited for uevents the call would
+    # block for an hour, so it runs in a thread with a hang guard.
+    cfg = cidata_cfg(wait_s=3600.0, deadline_s=0.0)
+    assert isinstance(in_thread(lambda: fetch(tmp_path, cfg)[0]), MetadataUnavailable)
     c = Config().cidata
     assert cidata.find_disk(str(tmp_path), c, 1024, wait_s=0) is None
 
@@ -309,3 +316,21 @@ def test_ibmcloud_without_a_cidata_disk_uses_the_metadata_service(tmp_path: Path
         cfg = dataclasses.replace(c, ibmcloud=dataclasses.replace(c.ibmcloud, metadata_url=server.url))
         assert fetch(root, cfg, provider="ibmcloud")[0] == USER_DATA
         assert [r.method for r in server.requests] == ["PUT", "GET"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_seed_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    seed = tmp_path / "media/cidata"
+    seed.mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(USER_DATA)
+    if kind == "fifo":
+        os.mkfifo(seed / "user-data")  # nobody ever writes: a blocking open() would never return
+    elif kind == "symlink":
+        (seed / "user-data").symlink_to(target)
+    else:
+        (seed / "user-data").mkdir()
+    got = in_thread(lambda: fetch(tmp_path, cidata_cfg())[0])
+    assert isinstance(got, UserDataInvalid), got
+    assert got.reason == "the cidata seed is not a regular file"
+    assert got.supporting_data["type"] == {"fifo": "p", "symlink": "l", "directory": "d"}[kind]

@@ -6,6 +6,14 @@
    with one of the labels, and `user-data` is read straight from the device.  If none
    is there yet, the wait is event-driven: kernel uevents (NETLINK_KOBJECT_UEVENT) wake
    a rescan when a block device appears or a CD's media changes, up to `wait_s`.
+
+byom delivery (`wait_for_delivery`): CAA's byom provider keeps pool VMs running and, when
+it allocates one to a pod, writes the user-data into the VM's tmpfs `/media/cidata` over
+SFTP (cloud-api-adaptor: src/cloud-providers/util/ssh.go SendFileViaSFTPWithContext:
+Create, Write, Close; sshd's internal-sftp chrooted to /media, podvm/mkosi.skeleton-sftp).
+The file exists, empty or partly written, before the client closes it, so a PathExists=
+trigger can read it half-written.  `wait_for_delivery` waits for IN_CLOSE_WRITE (or
+IN_MOVED_TO, for writers that rename into place) of `user-data` instead.
 """
 
 from __future__ import annotations
@@ -14,29 +22,122 @@ import logging
 import os
 import select
 import socket
+import stat
 import time
+from collections.abc import Callable
 
-from guest_agent import iso9660
+from guest_agent import inotify, iso9660
 from guest_agent.clouds import FetchContext
 from guest_agent.config import CidataConfig, under_root
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
+from guest_agent.log import fields
+from guest_agent.notify import Notifier
 
 log = logging.getLogger("guest_agent.cidata")
 NETLINK_KOBJECT_UEVENT = 15
+SEED = "user-data"
+# While waiting for a delivery: EXTEND_TIMEOUT_USEC every HEARTBEAT_S, each granting three
+# heartbeats, so one late wakeup does not let systemd's start timeout fire.
+HEARTBEAT_S = 10.0
 
 
 def read_seed(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
-    path = under_root(root, cfg.mount_dir) / "user-data"
+    """<mount_dir>/user-data: a regular file only, read without blocking and bounded.
+
+    The host controls what is there: a FIFO would block open() forever and a device node
+    may act on open, so the name is lstat'ed first and only a regular file is opened
+    (O_NOFOLLOW|O_NONBLOCK, then fstat: the same inode, still a regular file)."""
+    path = under_root(root, cfg.mount_dir) / SEED
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserDataInvalid(
+                "the cidata seed is not a regular file", path=str(path), type=stat.filemode(st.st_mode)[0]
+            )
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            raise UserDataInvalid("the cidata seed was replaced while it was opened", path=str(path))
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > limit:
         raise UserDataInvalid("user-data is larger than the size limit", limit_bytes=limit)
     return data
+
+
+def delivery_pending(root: str, cfg: CidataConfig) -> bool:
+    """byom: waiting is configured, mount_dir is a mount point (media-cidata.mount) and empty of user-data."""
+    d = under_root(root, cfg.mount_dir)
+    return cfg.wait_for_delivery and os.path.ismount(d) and not os.path.lexists(d / SEED)
+
+
+def wait_for_delivery(
+    root: str,
+    cfg: CidataConfig,
+    notifier: Notifier,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    heartbeat_s: float = HEARTBEAT_S,
+) -> None:
+    """Return once <mount_dir>/user-data was closed after writing (or renamed into place).
+
+    Subscribes before looking, so a delivery between the two is not missed.  No deadline
+    (delivery_deadline_s = 0) waits forever; the poll timeout is the heartbeat that keeps
+    systemd's start timeout alive, never a sleep."""
+    d = under_root(root, cfg.mount_dir)
+    seed = f"{cfg.mount_dir}/{SEED}"
+    mask = inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.GONE
+    try:
+        watch = inotify.DirWatch(str(d), mask)
+    except OSError as exc:
+        raise MetadataUnavailable(
+            "cannot watch the delivery directory", path=cfg.mount_dir, error=exc.strerror
+        ) from exc
+    with watch:
+        try:
+            if os.lstat(d / SEED).st_size > 0:
+                return  # delivered between the caller's look and the subscription
+        except FileNotFoundError:
+            pass
+        deadline = cfg.delivery_deadline_s
+        end = clock() + deadline if deadline > 0 else None
+        status = f"waiting for {seed} to be delivered" + (f" (up to {deadline:g} s)" if end else " (no deadline)")
+        log.info("%s", status, extra=fields(stage="delivery"))
+        notifier.status(status)
+        poller = select.poll()
+        poller.register(watch.fileno(), select.POLLIN)
+        next_beat = clock()
+        while True:
+            now = clock()
+            if now >= next_beat:
+                notifier.extend_timeout(3 * heartbeat_s)
+                next_beat = now + heartbeat_s
+            timeout = next_beat - now if end is None else min(next_beat, end) - now
+            if end is not None and timeout <= 0:
+                raise MetadataUnavailable("no user-data was delivered by the deadline", seed=seed, waited_s=deadline)
+            if not poller.poll(max(timeout, 0) * 1000):
+                continue
+            for ev, name in watch.read():
+                if ev & inotify.GONE:
+                    raise MetadataUnavailable("the delivery directory went away while waiting", path=cfg.mount_dir)
+                if ev & inotify.IN_Q_OVERFLOW and os.path.lexists(d / SEED):
+                    return  # events were lost: the best left is "it is there"
+                if name == SEED and ev & (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO):
+                    log.info("%s delivered", seed, extra=fields(stage="delivery"))
+                    return
 
 
 def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:

@@ -376,7 +376,7 @@ def check_boot(res: BootResult) -> Checks:
             c.check(
                 ent is not None and ent.get("mode") == mode, f"/run/peerpod/{name} mode {mode[2:]}", ent and ent["mode"]
             )
-        extra = sorted(set(pp) - set(exp.files) - {"."})
+        extra = sorted(set(pp) - set(exp.files) - {".", ".."})
         c.check(not extra, "no other files in /run/peerpod", extra)
         digest = base64.b64decode(pp.get("initdata.digest", {}).get("b64", "")).decode()
         c.check(digest == exp.initdata_digest, "initdata.digest", digest)
