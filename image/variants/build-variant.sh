@@ -115,14 +115,7 @@ caa_layout() {
     local wheels=("$IMAGE"/cache/wheels/*.whl "$IMAGE"/build/agent-wheel/*.whl)
     [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
     agent_venv "${wheels[@]}"
-    if grep -q '^install:' "$REPO/Makefile"; then
-        make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
-    else # until `make install` exists: the files image/build.sh installs
-        install -m 0644 -D "$REPO/units/guest-agent.service" "$ROOT/usr/lib/systemd/system/guest-agent.service"
-        install -m 0644 -D "$REPO/units/agent-protocol-forwarder.service.d/10-guest-agent.conf" \
-            "$ROOT/usr/lib/systemd/system/agent-protocol-forwarder.service.d/10-guest-agent.conf"
-        install -m 0644 -D "$REPO/units/80-guest-agent.preset" "$ROOT/usr/lib/systemd/system-preset/80-guest-agent.preset"
-    fi
+    make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
     # Presets: CAA's and ours, applied to the units they name (mkosi's `preset-all` would also apply
     # Debian's 90-systemd.preset, whose "enable everything else" default no CAA image has).
     local presets=("$ROOT"/usr/lib/systemd/system-preset/{30-coco,40-sftp-sys,*guest-agent*}.preset) units=()
