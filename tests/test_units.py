@@ -72,7 +72,7 @@ def image_root(tmp_path: Path) -> Path:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("needs systemd-analyze")
     install(tmp_path, "PREFIX=/usr")
-    for exe in ("usr/local/bin/guest-agent", "usr/bin/ip", "usr/local/bin/caa-standin"):
+    for exe in ("usr/local/bin/guest-agent", "usr/bin/ip", "usr/bin/nsenter", "usr/local/bin/caa-standin"):
         (tmp_path / exe).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / exe).write_text("#!/bin/sh\n")
         (tmp_path / exe).chmod(0o755)
@@ -121,3 +121,27 @@ def test_every_service_we_ship_has_a_budget() -> None:
 @pytest.mark.parametrize("unit", sorted(BUDGET))
 def test_security_exposure(image_root: Path, unit: str) -> None:
     assert exposure(image_root, unit) <= BUDGET[unit]
+
+
+def unit_lines(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_kill_switch_is_consistent() -> None:
+    """guest-agent=disabled skips our units and lets exactly the CAA units we replace run."""
+    units = REPO / "units"
+    for name in ("guest-agent.service", "guest-agent-imds-nat.service"):
+        assert "ConditionKernelCommandLine=!guest-agent=disabled" in unit_lines(units / name), name
+    replaced = sorted(
+        p.parent.name[: -len(".d")]
+        for p in units.glob("*.d/50-guest-agent.conf")
+        if "ConditionKernelCommandLine=guest-agent=disabled" in unit_lines(p)
+    )
+    assert replaced == [
+        "azure-ready.service",
+        "process-user-data.path",
+        "process-user-data.service",
+        "setup-nat-for-imds.service",
+    ]
+    # netns@ is shared with CAA's kata-agent and api-server-rest: never switched off.
+    assert not any("Condition" in ln for ln in unit_lines(units / "netns@.service"))

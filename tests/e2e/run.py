@@ -412,8 +412,8 @@ def check_boot(res: BootResult) -> Checks:
         if "netns_probe" in d:
             pr = d["netns_probe"]
             c.check(
-                pr["unit_sandbox"]["propagates"],
-                "netns made under the unit's sandbox is visible to the host",
+                pr["unit_sandbox"]["propagates"] and pr["unit_sandbox"]["lo_up"],
+                "netns made by netns@.service's commands under its sandbox is visible to the host, lo up",
                 pr["unit_sandbox"],
             )
             c.check(
@@ -425,7 +425,7 @@ def check_boot(res: BootResult) -> Checks:
             rp = d["restart_probe"]
             c.check(
                 rp["wanted"]["e2e-dep-w"].get("ActiveState") == "active",
-                "a dependent wanted by a unit that failed once and restarted gets started (APF drop-in design)",
+                "a dependent wanted by a unit that failed once and restarted gets started (guest-agent Wants= APF)",
                 rp,
             )
             c.check(
@@ -447,6 +447,8 @@ def check_boot(res: BootResult) -> Checks:
         c.check(ga.get("ExecMainStatus") == "78", "guest-agent exits 78 (invalid user-data)", ga)
         c.check(ga.get("NRestarts") == "0", "guest-agent not restarted after 78", ga.get("NRestarts"))
         c.check(apf.get("ActiveEnterTimestampMonotonic", "0") == "0", "APF never started", apf)
+        nat = units.get("guest-agent-imds-nat.service", {})
+        c.check(nat.get("ExecMainStartTimestampMonotonic", "0") == "0", "the IMDS NAT unit never started", nat)
         c.check(res.apf_banner is None, "nothing answers on 15150", res.apf_banner)
         if sc.azure:
             not_ready = [b for _, s, b in reports if s == "NotReady"]
