@@ -140,6 +140,24 @@ def test_a_file_already_there_is_not_waited_for(tmp_path: Path) -> None:
     assert sent == []
 
 
+def test_an_empty_file_is_being_written_so_its_close_is_awaited(tmp_path: Path) -> None:
+    d = tmp_path / "media/cidata"
+    d.mkdir(parents=True)
+    sent = Sent()
+    with open(d / "user-data", "wb") as f:  # SFTP's create: the file exists, empty, still open
+
+        def writer() -> None:
+            assert sent.waiting.wait(30)
+            f.write(USER_DATA)
+            f.close()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        cidata.wait_for_delivery(str(tmp_path), delivery_cfg(), Notifier(sent))
+        t.join()
+        assert f.closed
+
+
 def test_pending_only_on_a_mount_point_without_user_data(tmp_path: Path) -> None:
     (tmp_path / "media/cidata").mkdir(parents=True)
     assert not cidata.delivery_pending(str(tmp_path), delivery_cfg())  # a plain directory

@@ -108,8 +108,10 @@ def wait_for_delivery(
         ) from exc
     with watch:
         try:
+            # It appeared between the caller's look and the subscription.  Empty: SFTP's
+            # create came first, its writes and close are still to come, so wait for them.
             if os.lstat(d / SEED).st_size > 0:
-                return  # delivered between the caller's look and the subscription
+                return
         except FileNotFoundError:
             pass
         deadline = cfg.delivery_deadline_s
