@@ -82,10 +82,9 @@ fi
 # kata defaults), the system image's mkosi.skeleton (30-coco.preset, process-user-data's
 # 10-override.conf) and, for caa-sftp, mkosi.skeleton-sftp; every binary is a stand-in
 # (overlay-caa/usr/local/libexec/caa-standin).  guest-agent then goes in the way an image builder adds
-# a package: pip into a venv, `make install DESTDIR=... PREFIX=/usr`, presets applied to the whole
-# tree.  Last, mkosi.finalize.chroot's enable/disable of
-# process-user-data, which mkosi runs after the presets: the worst order for a preset that would
-# disable it.
+# a package: pip into a venv, `make install DESTDIR=... PREFIX=/usr`, CAA's and our presets.  Last,
+# mkosi.finalize.chroot's enable/disable of process-user-data, after the presets: the order in which
+# no preset could undo it (guest-agent's drop-ins have to neutralise the unit instead).
 CAA_WANTS=(agent-protocol-forwarder.path api-server-rest.path attestation-agent.path azure-ready.service
     confidential-data-hub.path kata-agent.path process-user-data.service 'run-kata\x2dcontainers.mount'
     scratch-storage.path setup-nat-for-imds.service)
