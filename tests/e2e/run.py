@@ -592,6 +592,11 @@ def check_byom_delivery(c: Checks, res: BootResult) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def byom(name: str, delivery_unit: str) -> Scenario:
+    ud, exp = userdata.valid(f"nginx-{name}")
+    return Scenario(name, ud, exp, azure=False, layout="byom", wants=(delivery_unit,), settle=CAA_SETTLE)
+
+
 def scenarios(names: list[str]) -> list[Scenario]:
     ud, exp = userdata.valid()
     all_ = {
@@ -599,24 +604,11 @@ def scenarios(names: list[str]) -> list[Scenario]:
         "invalid": Scenario("invalid", userdata.invalid(), None),
         "cidata": Scenario("cidata", *userdata.valid("nginx-cidata"), azure=False),
         "caa": Scenario("caa", *userdata.valid("nginx-caa"), layout="caa", probes="e2e.nat_probe=1", settle=CAA_SETTLE),
-        "byom": Scenario(
-            "byom",
-            *userdata.valid("nginx-byom"),
-            azure=False,
-            layout="byom",
-            wants=("e2e-sftp-delivery.service",),
-            settle=CAA_SETTLE,
-        ),
-        # Not in the default boots yet: guest-agent reads a user-data that exists when it first
-        # looks, even while the upload is still writing it.
-        "byom-early": Scenario(
-            "byom-early",
-            *userdata.valid("nginx-byom-early"),
-            azure=False,
-            layout="byom",
-            wants=("e2e-sftp-delivery-early.service",),
-            settle=CAA_SETTLE,
-        ),
+        # The byom pool VM: the upload (by a test unit in the guest) once the agent waits; and
+        # byom-early, not in the default boots yet: the upload under way when the agent first looks
+        # (guest-agent then reads the partial file).
+        "byom": byom("byom", "e2e-sftp-delivery.service"),
+        "byom-early": byom("byom-early", "e2e-sftp-delivery-early.service"),
     }
     return [all_[n] for n in names]
 
