@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guest_agent import clouds, files, initdata, transport, userdata
+from guest_agent import clouds, files, initdata, providers, transport, userdata
 from guest_agent.config import Config, under_root
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_FAILURE_REPORTED, MSG_READY_REPORTED, MSG_TIMELINE, fields
@@ -187,7 +187,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
                 with tl.stage("delivery"):
                     cidata.wait_for_delivery(root, cfg.cidata, deps.notifier, clock=deps.clock)
                 deps.notifier.extend_timeout(start_budget_s(cfg))  # the wait's heartbeats granted less
-        if provider == "azure" and cfg.azure.report_ready:
+        if providers.get(provider).reporter_module is not None and cfg.azure.report_ready:
             from guest_agent.azure.fabric import AzureFabric
 
             fabric = AzureFabric(
@@ -276,7 +276,8 @@ def fail_early(err: AgentError, cfg: Config, root: str, deps: Deps | None = None
     deps.notifier.extend_timeout(start_budget_s(cfg))  # the NotReady report may take its deadline
     fabric = None
     try:
-        if cfg.provider == "azure" or clouds.detect(clouds.read_facts(root, cfg)) == "azure":
+        provider = cfg.provider if cfg.provider != "auto" else clouds.detect(clouds.read_facts(root, cfg))
+        if providers.get(provider).reporter_module is not None:
             from guest_agent.azure.fabric import AzureFabric
 
             fabric = AzureFabric(cfg.azure, root=root, state_dir=cfg.state_dir, clock=deps.clock, rand=deps.rand)

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from guest_agent.errors import ConfigError
+from guest_agent.providers import NAMES
 
-PROVIDERS = ("auto", "azure", "aws", "gcp", "alibaba", "ibmcloud", "cidata")
+PROVIDERS = ("auto", *NAMES)  # the registry's clouds (guest_agent/providers.py)
 
 # CAA's write_files allow-list (cloud-api-adaptor pkg/userdata/provision.go), exact paths.
 DEFAULT_ALLOWED_PATHS = (

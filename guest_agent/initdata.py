@@ -2,7 +2,7 @@
 
 Pure functions only (no I/O). The wire format is CAA's `initdata.Encode`: gzip, then standard
 base64 on one line; user-data's YAML block scalar adds one trailing newline
-(research clouds.md §2.1-2.2). The document is the trustee initdata TOML:
+(docs/protocols.md §2). The document is the trustee initdata TOML:
 
     algorithm = "sha256" | "sha384" | "sha512"
     version = "0.1.0"

@@ -1,7 +1,7 @@
 """Extend (and read) a TPM 2.0 PCR with raw commands: no tpm2-tools spawn, no TSS library.
 
 CAA measures initdata with `tpm2_pcrextend 8:sha256=<first 64 hex chars of the digest>`
-(research clouds.md §2.3). The same TPM2_PCR_Extend command is 65 bytes, built here from
+(docs/protocols.md §3). The same TPM2_PCR_Extend command is 65 bytes, built here from
 TPM 2.0 Library Part 3 (commands) and Part 2 (structures); all integers are big-endian.
 
 Transport: the kernel's /dev/tpmrm0 (resource manager) takes one whole command per write()

@@ -1,4 +1,4 @@
-"""User-data shaped exactly like CAA's cloud-config template output (clouds.md §2.1).
+"""User-data shaped exactly like CAA's cloud-config template output (docs/protocols.md §2).
 
 Used by the tests, the demo, the benchmark and the end-to-end test.
 """

@@ -1,4 +1,4 @@
-"""Cloud detection from DMI strings (clouds.md §1.3) and reading them from a guest root."""
+"""Cloud detection from DMI strings (docs/protocols.md §1) and reading them from a guest root."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Cloud detection from local facts, and the registry of user-data sources.
+"""Cloud detection from local facts, and the fetch side of the registry (guest_agent/providers.py).
 
 Detection reads DMI strings under /sys/class/dmi/id (cloud-init ds-identify) and looks for a
-cidata seed; it never touches the network.  Each provider module exposes `fetch(ctx)`
+cidata seed; it never touches the network.  Each provider's fetch module exposes `fetch(ctx)`
 returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 """
 
@@ -29,7 +29,6 @@ DMI_FIELDS = (
     "chassis_vendor",
     "chassis_asset_tag",
 )
-AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"  # cloud-init ds-identify is_azure_chassis
 
 
 @dataclass(frozen=True)
@@ -55,32 +54,13 @@ def read_facts(root: str, cfg: Config) -> Facts:
 
 
 def detect(facts: Facts) -> str:
-    """Which user-data source to use; pure, ordered like CAA's heuristics but DMI-only."""
+    """Which user-data source to use: a cidata seed file wins, then the first registry entry
+    (guest_agent/providers.py) whose DMI rule matches; pure, DMI-only (no network probe)."""
+    from guest_agent import providers
+
     if facts.cidata_seed:
         return "cidata"
-    sys_vendor, product = facts.get("sys_vendor"), facts.get("product_name")
-    if facts.get("chassis_asset_tag") == AZURE_CHASSIS_ASSET_TAG or (
-        "Microsoft Corporation" in (sys_vendor, facts.get("board_vendor")) and product == "Virtual Machine"
-    ):
-        return "azure"
-    if (
-        "Amazon EC2" in (product, sys_vendor, facts.get("board_vendor"), facts.get("bios_vendor"))
-        or "amazon" in facts.get("bios_version")
-        or facts.get("product_uuid").lower().startswith("ec2")
-    ):
-        return "aws"
-    if (
-        product in ("Google Compute Engine", "Google")
-        or facts.get("board_vendor") == "Google"
-        or facts.get("product_serial").startswith("GoogleCloud-")
-    ):
-        return "gcp"
-    if sys_vendor == "Alibaba Cloud" or product == "Alibaba Cloud ECS":
-        return "alibaba"
-    if facts.get("chassis_vendor").startswith("IBM:Cloud Compute Server"):
-        return "ibmcloud"
-    # libvirt / byom / unknown KVM: a cidata config disk is the only remaining source.
-    return "cidata"
+    return next(p.name for p in providers.REGISTRY if p.matches(facts.get))
 
 
 @dataclass
@@ -96,22 +76,20 @@ def provider_module(name: str) -> ModuleType:
     """Import only the provider in use (each pulls in its own helpers)."""
     import importlib
 
-    if name not in ("azure", "aws", "gcp", "alibaba", "ibmcloud", "cidata"):
-        raise ValueError(f"unknown provider {name!r}")
-    if name == "azure":
-        return importlib.import_module("guest_agent.azure.imds")  # Azure's modules live together
-    return importlib.import_module(f"guest_agent.clouds.{name}")
+    from guest_agent import providers
+
+    return importlib.import_module(providers.get(name).fetch_module)
 
 
 def metadata_address(name: str, cfg: Config) -> str | None:
     """The address the network wait needs a route to (None: no network needed)."""
-    url = {
-        "azure": cfg.azure.imds_url,
-        "aws": cfg.aws.imds_url,
-        "gcp": cfg.gcp.metadata_url,
-        "alibaba": cfg.alibaba.metadata_url,
-        "ibmcloud": cfg.ibmcloud.metadata_url,
-    }.get(name)
+    from guest_agent import providers
+
+    key = providers.get(name).metadata_url_key
+    if key is None:
+        return None
+    section, _, field_name = key.partition(".")
+    url: str = getattr(getattr(cfg, section), field_name)
     if not url:
         return None
     from guest_agent.httpio import split_url

@@ -3,11 +3,11 @@ for all three variants (guest-agent, cloud-init 22.4 + waagent 2.7.3, no agent).
 
 The shared fakes (tests/fakecloud) serve what guest-agent uses.  The incumbents need more:
 - cloud-init's Azure datasource reads `/metadata/instance?api-version=2021-08-01&extended=true`
-  (JSON, azure.md §3.2), then goal state and XML health (§1.4-1.5);
-- waagent 2.7.3 calls `/?comp=versions` (§1.3), fetches every config URL of the goal state
-  (HostingEnvironmentConfig, SharedConfig, ExtensionsConfig, Certificates: §1.4), reads
-  `/metadata/instance/compute` (§3.2), uploads its status blob and asks the HostGAPlugin on port
-  32526 for `/vmSettings`, which must answer 404 ("not supported": qemu-boot.md) or the agent hits
+  (JSON, docs/protocols.md §5), then goal state and XML health (§5);
+- waagent 2.7.3 calls `/?comp=versions` (§5), fetches every config URL of the goal state
+  (HostingEnvironmentConfig, SharedConfig, ExtensionsConfig, Certificates: §5), reads
+  `/metadata/instance/compute` (§5), uploads its status blob and asks the HostGAPlugin on port
+  32526 for `/vmSettings`, which must answer 404 ("not supported": docs/protocols.md §5) or the agent hits
   an error path that breaks on Python 3.11.
 Every request is logged with its host arrival time (`Request.t`), which gives the milestones.
 
@@ -42,7 +42,7 @@ VERSIONS_XML = (
 
 def agent_of(req: Request) -> str:
     """Which agent sent a request: User-Agent tells cloud-init from waagent (both send
-    x-ms-agent-name: WALinuxAgent, azure.md §1.2)."""
+    x-ms-agent-name: WALinuxAgent, docs/protocols.md §5)."""
     ua = (req.header("user-agent") or "").lower()
     if "walinuxagent" in ua:
         return "waagent"

@@ -7,7 +7,7 @@ one run and interleaved (A B C A B C ...), and measures from the host's QEMU sta
     multi-user.target; the DHCP->Ready gap; CPU time and peak memory of the provisioning services;
     memory still in use after boot; image size over the floor.
 
-Sources of each figure (qemu-boot.md "Timing a boot"): the fake servers stamp every request on arrival
+Sources of each figure (docs/protocols.md §6): the fake servers stamp every request on arrival
 (host clock); the guest's report unit (image/variants/overlay-bench/usr/local/libexec/bench-report)
 sends systemd's monotonic timestamps, file mtimes, journal and the incumbents' logs, and prints
 `BENCH-SYNC <monotonic>` lines on the console, which the host stamps on arrival to map guest

@@ -37,7 +37,7 @@ def test_initdata_digest_and_pcr() -> None:
 
 
 def test_pcr_of_caa_fixture_digest() -> None:
-    # clouds.md 2.3: CAA's sha384 test vector and the PCR 8 value its verifier expects.
+    # docs/protocols.md §3: CAA's sha384 test vector and the PCR 8 value its verifier expects.
     digest = "52af3178dd7ad4bf551e629b84b45bfd1fbe1434b980120267181ae3575ea20ca9013b8eadf31d27eed7ff2552d500ef"
     assert userdata.pcr_after_extend(digest) == "b38927609998047b40609a152e8ccb3716450321203fe11c1e0533c648334ed5"
 

@@ -1,6 +1,6 @@
 """User-data for the end-to-end boots (CAA-shaped, from tests/caa.py) and what the guest must hold.
 
-CAA renders `#cloud-config` with a text template (clouds.md section 2.1): `write_files` entries
+CAA renders `#cloud-config` with a text template (docs/protocols.md §2): `write_files` entries
 with `path` and a literal block `content: |`, so every file arrives with exactly one trailing
 newline.  initdata is gzip+base64 TOML whose `[data]` holds aa.toml, cdh.toml and policy.rego;
 the guest writes those files and `initdata.digest`, and extends PCR 8.
