@@ -158,6 +158,44 @@ def test_an_empty_file_is_being_written_so_its_close_is_awaited(tmp_path: Path) 
         assert f.closed
 
 
+def test_a_partly_written_file_still_open_is_awaited(tmp_path: Path) -> None:
+    """The upload began before the agent looked (byom-early): non-empty, still open for writing."""
+    d = tmp_path / "media/cidata"
+    d.mkdir(parents=True)
+    sent = Sent()
+    closed_at: list[float] = []
+    with open(d / "user-data", "wb") as f:
+        f.write(USER_DATA[:10])
+        f.flush()
+        assert cidata.being_written(str(d / "user-data"))  # the kernel refuses a read lease
+
+        def writer() -> None:
+            assert sent.waiting.wait(30)
+            f.write(USER_DATA[10:])
+            closed_at.append(time.monotonic())
+            f.close()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        cidata.wait_for_delivery(str(tmp_path), delivery_cfg(), Notifier(sent))
+        returned_at = time.monotonic()
+        t.join()
+    assert closed_at and closed_at[0] <= returned_at
+    assert (d / "user-data").read_bytes() == USER_DATA
+
+
+def test_being_written_answers_from_the_lease(tmp_path: Path) -> None:
+    p = tmp_path / "user-data"
+    assert not cidata.being_written(str(p))  # absent
+    p.write_bytes(b"")
+    assert cidata.being_written(str(p))  # created, nothing written yet
+    with open(p, "ab") as f:
+        f.write(b"x")
+        f.flush()
+        assert cidata.being_written(str(p))  # open for writing
+    assert not cidata.being_written(str(p))  # written and closed
+
+
 def test_pending_only_on_a_mount_point_without_user_data(tmp_path: Path) -> None:
     (tmp_path / "media/cidata").mkdir(parents=True)
     assert not cidata.delivery_pending(str(tmp_path), delivery_cfg())  # a plain directory

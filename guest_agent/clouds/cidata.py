@@ -13,16 +13,25 @@ SFTP (cloud-api-adaptor: src/cloud-providers/util/ssh.go SendFileViaSFTPWithCont
 Create, Write, Close; sshd's internal-sftp chrooted to /media, podvm/mkosi.skeleton-sftp).
 The file exists, empty or partly written, before the client closes it, so a PathExists=
 trigger can read it half-written.  `wait_for_delivery` waits for IN_CLOSE_WRITE (or
-IN_MOVED_TO, for writers that rename into place) of `user-data` instead.
+IN_MOVED_TO, for writers that rename into place) of `user-data` instead.  A file already
+there when the agent first looks may still be open for writing (the upload began before the
+agent started): a read lease (fcntl F_SETLEASE, fcntl(2)) is refused with EAGAIN exactly
+while any process holds the file open for writing, so a refused lease means "wait for its
+close" (`being_written`).  The file belongs to the SFTP user, so taking a lease needs
+CAP_LEASE, which the unit grants.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import select
+import signal
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable
 
@@ -78,10 +87,52 @@ def read_seed(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
     return data
 
 
+def being_written(path: str) -> bool:
+    """True while some process holds `path` open for writing (or it is empty: created, not yet written).
+
+    Probed with a read lease, taken and dropped at once: the kernel refuses it (EAGAIN) exactly
+    while the file is open for writing anywhere.  Where no lease can be had (no CAP_LEASE and
+    not the owner, or a file system without leases) the answer falls back to "empty means
+    still being written", with a warning.  Absent: False.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise MetadataUnavailable("cannot open the delivered user-data", path=path, error=exc.strerror) from exc
+    # Holding a lease, a writer's open(2) would send us SIGIO, whose default action ends the
+    # process: ignore it for the microseconds the lease is held (main thread only).
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGIO, signal.SIG_IGN) if main else None
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                return True
+            log.warning(
+                "cannot tell whether %s is still being written (no read lease: %s); a non-empty file counts as done",
+                path,
+                os.strerror(exc.errno or 0),
+                extra=fields(stage="delivery"),
+            )
+            return os.fstat(fd).st_size == 0
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+        if old is not None:
+            signal.signal(signal.SIGIO, old)
+
+
 def delivery_pending(root: str, cfg: CidataConfig) -> bool:
-    """byom: waiting is configured, mount_dir is a mount point (media-cidata.mount) and empty of user-data."""
+    """byom: waiting is configured, mount_dir is a mount point (media-cidata.mount), and its
+    user-data is absent or still being written."""
     d = under_root(root, cfg.mount_dir)
-    return cfg.wait_for_delivery and os.path.ismount(d) and not os.path.lexists(d / SEED)
+    if not (cfg.wait_for_delivery and os.path.ismount(d)):
+        return False
+    return not os.path.lexists(d / SEED) or being_written(str(d / SEED))
 
 
 def wait_for_delivery(
@@ -107,13 +158,10 @@ def wait_for_delivery(
             "cannot watch the delivery directory", path=cfg.mount_dir, error=exc.strerror
         ) from exc
     with watch:
-        try:
-            # It appeared between the caller's look and the subscription.  Empty: SFTP's
-            # create came first, its writes and close are still to come, so wait for them.
-            if os.lstat(d / SEED).st_size > 0:
-                return
-        except FileNotFoundError:
-            pass
+        # Subscribed: a close from now on is seen.  Complete already (written and closed before
+        # the subscription): nothing to wait for.  Open for writing or empty: its close is to come.
+        if os.path.lexists(d / SEED) and not being_written(str(d / SEED)):
+            return
         deadline = cfg.delivery_deadline_s
         end = clock() + deadline if deadline > 0 else None
         status = f"waiting for {seed} to be delivered" + (f" (up to {deadline:g} s)" if end else " (no deadline)")
@@ -138,6 +186,8 @@ def wait_for_delivery(
                 if ev & inotify.IN_Q_OVERFLOW and os.path.lexists(d / SEED):
                     return  # events were lost: the best left is "it is there"
                 if name == SEED and ev & (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO):
+                    if ev & inotify.IN_CLOSE_WRITE and being_written(str(d / SEED)):
+                        continue  # another writer still has it open (or it was emptied): wait on
                     log.info("%s delivered", seed, extra=fields(stage="delivery"))
                     return
 

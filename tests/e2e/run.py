@@ -1,6 +1,6 @@
 """End-to-end: boot the pod VM image under QEMU against a fake Azure and check what it did.
 
-    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,caa,byom] [--keep]
+    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,caa,byom,byom-early] [--keep]
 
 `caa` and `byom` boot the CAA-layout images (image/variants/build-variant.sh caa|caa-sftp): CAA's
 pod VM unit graph with stand-in binaries that record when they ran and what they saw, and
@@ -605,8 +605,8 @@ def scenarios(names: list[str]) -> list[Scenario]:
         "cidata": Scenario("cidata", *userdata.valid("nginx-cidata"), azure=False),
         "caa": Scenario("caa", *userdata.valid("nginx-caa"), layout="caa", probes="e2e.nat_probe=1", settle=CAA_SETTLE),
         # The byom pool VM: the upload (by a test unit in the guest) once the agent waits; and
-        # byom-early, not in the default boots yet: the upload under way when the agent first looks
-        # (guest-agent then reads the partial file).
+        # byom-early: the upload under way when the agent first looks (a read lease tells the agent
+        # the file is still open for writing, so it waits for the close).
         "byom": byom("byom", "e2e-sftp-delivery.service"),
         "byom-early": byom("byom-early", "e2e-sftp-delivery-early.service"),
     }
@@ -642,7 +642,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--boots",
-        default="valid,invalid,cidata,caa,byom",
+        default="valid,invalid,cidata,caa,byom,byom-early",
         help="comma-separated: valid, invalid, cidata, caa, byom, byom-early",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
