@@ -433,6 +433,8 @@ def check_boot(res: BootResult) -> Checks:
                 "(control) without that Wants=, the dependent stays failed after the restart",
                 rp,
             )
+        applied = [ln.text for ln in res.console if "user-data applied; READY=1 sent" in ln.text]
+        c.check(bool(applied), "the serial console shows the outcome (user-data applied)", applied)
         mu = fig["multi-user.target"]
         ready1 = fig["READY=1"]
         c.check(ready1 is not None and mu is not None and ready1 <= mu, "READY=1 before multi-user.target", fig)
@@ -450,6 +452,14 @@ def check_boot(res: BootResult) -> Checks:
         nat = units.get("guest-agent-imds-nat.service", {})
         c.check(nat.get("ExecMainStartTimestampMonotonic", "0") == "0", "the IMDS NAT unit never started", nat)
         c.check(res.apf_banner is None, "nothing answers on 15150", res.apf_banner)
+        # A VM nobody can log in to: the reason must be on the serial console, and journalctl -x explains it.
+        failed = [ln.text for ln in res.console if "provisioning failed:" in ln.text]
+        c.check(any("runcmd" in t for t in failed), "the serial console shows the failure with its reason", failed)
+        c.check(
+            "Subject: Pod VM provisioning failed" in d.get("explained", ""),
+            "journalctl -x explains the failure (catalog installed and compiled)",
+            d.get("explained", "")[-400:],
+        )
         if sc.azure:
             not_ready = [b for _, s, b in reports if s == "NotReady"]
             c.check(bool(not_ready) and "Ready" not in states, "wireserver received NotReady, never Ready", states)
