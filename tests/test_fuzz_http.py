@@ -444,6 +444,8 @@ class RawServer:
                     pass  # the client gave up first (too large, malformed): its side of the test
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone would not)
+        self.thread.join(timeout=10)
         self.sock.close()
 
 
