@@ -49,9 +49,13 @@ image: venv
 	.ci/apt-deps image
 	image/build.sh
 
-# Boot the image under QEMU (TCG) against a fake Azure, inside a private network namespace.
+# Boot the images under QEMU (TCG) against a fake Azure, inside a private network namespace: our own
+# image (valid, invalid, cidata user-data) and the CAA-layout variants (caa, byom).  BOOTS=caa,byom
+# boots only those.
 e2e: image
-	$(PY) tests/e2e/run.py
+	image/variants/build-variant.sh caa
+	image/variants/build-variant.sh caa-sftp
+	$(PY) tests/e2e/run.py $(if $(BOOTS),--boots $(BOOTS))
 
 # guest-agent vs cloud-init + waagent vs no agent, booted interleaved; writes docs/benchmarks.md.
 bench-boot: image

@@ -115,14 +115,7 @@ cp -a "$BASE" "$ROOT"
 rm -f "$ROOT/.complete"
 
 log "rootfs: agent venv /opt/guest-agent"
-mkdir -p "$ROOT/tmp/wheels"
-cp "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl "$ROOT/tmp/wheels/"
-in_root python3 -m venv /opt/guest-agent
-in_root /opt/guest-agent/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels guest-agent
-# pip and setuptools are only needed to install; the image never installs anything at run time.
-in_root /opt/guest-agent/bin/pip uninstall --quiet --yes pip setuptools
-rm -rf "$ROOT/tmp/wheels"
-ln -sf /opt/guest-agent/bin/guest-agent "$ROOT/usr/local/bin/guest-agent"
+agent_venv "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl
 venv_kb=$(du -sk "$ROOT/opt/guest-agent" | cut -f1)
 
 log "rootfs: units, overlay, presets"

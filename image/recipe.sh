@@ -56,3 +56,16 @@ in_root() {
         exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"
     ' sh "$ROOT" "$@"
 }
+
+# agent_venv WHEEL...: pip-install guest-agent from these wheels (its pinned dependencies built on
+# the host) into a venv at /opt/guest-agent in $ROOT; /usr/local/bin/guest-agent runs it.
+agent_venv() {
+    mkdir -p "$ROOT/tmp/wheels"
+    cp "$@" "$ROOT/tmp/wheels/"
+    in_root python3 -m venv /opt/guest-agent
+    in_root /opt/guest-agent/bin/pip install --quiet --no-cache-dir --no-index --find-links /tmp/wheels guest-agent
+    # pip and setuptools are only needed to install; the image never installs anything at run time.
+    in_root /opt/guest-agent/bin/pip uninstall --quiet --yes pip setuptools
+    rm -rf "$ROOT/tmp/wheels"
+    ln -sf /opt/guest-agent/bin/guest-agent "$ROOT/usr/local/bin/guest-agent"
+}

@@ -5,6 +5,10 @@
 #   image/variants/build-variant.sh cloudinit   the same base + Debian 12's cloud-init and waagent,
 #                                               configured as Debian's Azure images are
 #   image/variants/build-variant.sh guest-agent image/build.sh's disk + the benchmark's report unit
+#   image/variants/build-variant.sh caa         the e2e's CAA-layout pod VM: the base + CAA's unit graph
+#                                               with stand-in binaries, then guest-agent installed as an
+#                                               image builder would (pip + make install + presets)
+#   image/variants/build-variant.sh caa-sftp    the same, as CAA's byom (SFTP) profile builds it
 #
 # Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,manifest.json}.
 # Every variant gets the same benchmark overlay (image/variants/overlay-bench: accounting defaults,
@@ -22,7 +26,7 @@ REPO=$(cd "$IMAGE/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 SUITE=bookworm
-VARIANT=${1:?usage: build-variant.sh floor|cloudinit|guest-agent}
+VARIANT=${1:?usage: build-variant.sh floor|cloudinit|guest-agent|caa|caa-sftp}
 CACHE=$HERE/cache
 OUT=$HERE/build/$VARIANT
 # The incumbents: Debian 12's cloud-init 22.4.2 and waagent 2.7.3 (its python3 agent).
@@ -72,9 +76,66 @@ PYEOF
     exit 0
 fi
 
+# ---------------------------------------------------------------- CAA layout (caa, caa-sftp)
+# CAA's pod VM as its mkosi build lays it out (cloud-api-adaptor fbdde756, src/cloud-api-adaptor/podvm/):
+# files/ (units in /etc/systemd/system and the multi-user.target.wants symlinks it ships, tmpfiles,
+# kata defaults), the system image's mkosi.skeleton (30-coco.preset, process-user-data's
+# 10-override.conf) and, for caa-sftp, mkosi.skeleton-sftp; every binary is a stand-in
+# (overlay-caa/usr/local/libexec/caa-standin).  guest-agent then goes in the way an image builder adds
+# a package: pip into a venv, `make install DESTDIR=... PREFIX=/usr`, CAA's and our presets.  Last,
+# mkosi.finalize.chroot's enable/disable of process-user-data, after the presets: the order in which
+# no preset could undo it (guest-agent's drop-ins have to neutralise the unit instead).
+CAA_WANTS=(agent-protocol-forwarder.path api-server-rest.path attestation-agent.path azure-ready.service
+    confidential-data-hub.path kata-agent.path process-user-data.service 'run-kata\x2dcontainers.mount'
+    scratch-storage.path setup-nat-for-imds.service)
+CAA_STANDINS=(kata-agent kata-agent-clean api-server-rest attestation-agent confidential-data-hub
+    process-user-data azure-ready setup-nat-for-imds.sh setup-scratch-storage)
+caa_layout() {
+    log "CAA layout: units, presets, tmpfiles, stand-ins"
+    cp -a --no-preserve=ownership "$HERE/overlay-caa/." "$ROOT/"
+    if [ "$VARIANT" = caa-sftp ]; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
+    chmod 0755 "$ROOT/usr/local/libexec/caa-standin"
+    # (run-kata\x2dcontainers.mount dangles in CAA's tree too: files/ has no such unit.)
+    mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
+    for u in "${CAA_WANTS[@]}"; do ln -sfn "../$u" "$ROOT/etc/systemd/system/multi-user.target.wants/$u"; done
+    for b in "${CAA_STANDINS[@]}"; do ln -sfn ../libexec/caa-standin "$ROOT/usr/local/bin/$b"; done
+    ln -sfn /run/peerpod/policy.rego "$ROOT/etc/kata-opa/default-policy.rego"
+    mkdir -p "$ROOT/media/cidata"
+    cp "$IMAGE/build/cmdline" "$OUT/cmdline" # booted by tests/e2e/run.py, like build.sh's image
+    # The project's stand-in forwarder, e2e-dump and the CAA e2e's test-only units (none enabled: the
+    # harness pulls them in with systemd.wants= on the kernel command line).
+    install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
+    install -m 0755 -D "$IMAGE/overlay/usr/local/libexec/e2e-dump" "$ROOT/usr/local/libexec/e2e-dump"
+    install -m 0644 -D "$IMAGE/overlay/usr/lib/systemd/system/e2e-dump.service" "$ROOT/usr/lib/systemd/system/e2e-dump.service"
+    cp -a --no-preserve=ownership "$HERE/overlay-caa-test/." "$ROOT/"
+    chmod 0755 "$ROOT"/usr/local/libexec/e2e-*
+
+    log "guest-agent: pip install, make install, presets"
+    local wheels=("$IMAGE"/cache/wheels/*.whl "$IMAGE"/build/agent-wheel/*.whl)
+    [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
+    agent_venv "${wheels[@]}"
+    make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
+    # Presets: CAA's and ours, applied to the units they name (mkosi's `preset-all` would also apply
+    # Debian's 90-systemd.preset, whose "enable everything else" default no CAA image has).
+    local presets=("$ROOT"/usr/lib/systemd/system-preset/{30-coco,40-sftp-sys,*guest-agent*}.preset) units=()
+    mapfile -t units < <(cat "${presets[@]}" 2>/dev/null | awk '$1 == "enable" || $1 == "disable" { print $2 }' |
+        while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] || [ -e "$ROOT/usr/lib/systemd/system/$u" ] && echo "$u"; done)
+    systemctl --root="$ROOT" preset "${units[@]}"
+    # mkosi.finalize.chroot: the SFTP profile enables the .path (provision when user-data is
+    # uploaded) and adds the SFTP user; the others enable the service.
+    if [ "$VARIANT" = caa-sftp ]; then
+        in_root useradd -r -s /sbin/nologin -d /home/peerpod peerpod
+        systemctl --root="$ROOT" enable process-user-data.path
+        systemctl --root="$ROOT" disable process-user-data.service
+    else
+        systemctl --root="$ROOT" disable process-user-data.path
+        systemctl --root="$ROOT" enable process-user-data.service
+    fi
+}
+
 # ---------------------------------------------------------------- base rootfs
 case "$VARIANT" in
-floor)
+floor | caa | caa-sftp)
     # build.sh's own cached base layer (same packages, same excludes, same image/base files).
     BASE=$(ls -d "$IMAGE"/cache/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
@@ -132,6 +193,10 @@ if [ "$VARIANT" = cloudinit ]; then
         cloud-init-local.service cloud-init.service cloud-config.service cloud-final.service >/dev/null 2>&1
 fi
 
+if [ "$VARIANT" = caa ] || [ "$VARIANT" = caa-sftp ]; then
+    caa_layout
+fi
+
 # Kernel and initrd for direct boot (as build.sh does).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
@@ -140,7 +205,7 @@ rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/
 
 # Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
 root_kb=$(du -sk "$ROOT" | cut -f1)
-cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/"
+case "$VARIANT" in caa*) ;; *) cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/" ;; esac
 
 size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
 log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB"

@@ -1,6 +1,12 @@
 """End-to-end: boot the pod VM image under QEMU against a fake Azure and check what it did.
 
-    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata] [--keep]
+    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,caa,byom] [--keep]
+
+`caa` and `byom` boot the CAA-layout images (image/variants/build-variant.sh caa|caa-sftp): CAA's
+pod VM unit graph with stand-in binaries that record when they ran and what they saw, and
+guest-agent installed into it as an image builder would.  `byom` delivers user-data the way CAA's
+byom provider does, by an upload into the /media/cidata tmpfs some seconds after boot (a test unit
+in the guest plays the SFTP client; the bytes come from a second disk).
 
 Everything runs inside a private network namespace holding only `lo` (the script re-executes
 itself under `unshare --net`): the fake IMDS and wireserver on 127.0.0.1, swtpm, QEMU with
@@ -43,6 +49,7 @@ if str(REPO) not in sys.path:
 from tests.e2e import guest, userdata  # noqa: E402
 
 IMAGE_DIR = REPO / "image" / "build"
+VARIANTS_DIR = REPO / "image" / "variants" / "build"
 APF_PORT = 15150
 HOSTFWD_PORT = 15150  # on 127.0.0.1 inside the private netns: nothing else can be there
 AZURE_SMBIOS = [
@@ -102,7 +109,14 @@ class Scenario:
     name: str
     user_data: bytes
     expected: userdata.Expected | None  # None: provisioning must fail
-    azure: bool = True  # fake IMDS + wireserver + Azure DMI; else cidata ISO and QEMU's DMI
+    azure: bool = True  # fake IMDS + wireserver + Azure DMI; else QEMU's DMI and a cidata ISO (or delivery disk)
+    layout: str = "own"  # "own": image/build; "caa" / "byom": the CAA-layout variants
+    wants: tuple[str, ...] = ()  # test-only guest units pulled in by systemd.wants=
+    probes: str = ""  # e2e-dump probes asked for on the kernel command line
+    settle: tuple[str, ...] = ()  # e2e-dump waits for these units to be active (or failed) first
+
+    def image(self, default: Path) -> Path:
+        return {"caa": VARIANTS_DIR / "caa", "byom": VARIANTS_DIR / "caa-sftp"}.get(self.layout, default)
 
 
 @dataclass
@@ -130,6 +144,14 @@ def make_cidata(workdir: Path, user_data: bytes) -> Path:
         ["genisoimage", "-quiet", "-o", str(iso), "-V", "cidata", "-J", "-r", str(src)], check=True, timeout=30
     )
     return iso
+
+
+def make_delivery_disk(workdir: Path, user_data: bytes) -> Path:
+    """A raw disk holding `E2E-USERDATA <length>\n` and the bytes, for e2e-sftp-delivery.service."""
+    blob = b"E2E-USERDATA %d\n" % len(user_data) + user_data
+    disk = workdir / "delivery.img"
+    disk.write_bytes(blob + b"\0" * (-len(blob) % 4096))
+    return disk
 
 
 def read_console(p: subprocess.Popen[bytes], t0: float, out: list[guest.ConsoleLine], raw: Path) -> None:
@@ -162,7 +184,7 @@ def probe_apf(port: int, timeout_s: float = 10.0) -> tuple[str | None, str | Non
 
 def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) -> BootResult:
     res = BootResult(sc, workdir)
-    image = Path(args.image).resolve()
+    image = sc.image(Path(args.image).resolve())
     wall0 = time.monotonic()
     workdir.mkdir(parents=True)
     netdev = "user,id=n0,restrict=on,ipv6=off,net=168.0.0.0/7,host=168.0.0.1,dhcpstart=168.0.0.4,dns=168.0.0.2"
@@ -195,6 +217,9 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
         for s in AZURE_SMBIOS:
             qemu_extra += ["-smbios", s]
         qemu_extra += ["-uuid", str(uuid.uuid4())]
+    elif sc.layout == "byom":
+        disk = make_delivery_disk(workdir, sc.user_data)
+        qemu_extra += ["-drive", f"file={disk},if=virtio,format=raw,readonly=on"]
     else:
         iso = make_cidata(workdir, sc.user_data)
         qemu_extra += ["-drive", f"file={iso},if=virtio,format=raw,readonly=on"]
@@ -218,8 +243,11 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
     )
     cmdline = (image / "cmdline").read_text().strip()
     cmdline += " systemd.wants=e2e-dump.service e2e.hold=120"
-    if sc.name == "valid" and not args.no_probes:
-        cmdline += " e2e.netns_probe=1 e2e.restart_probe=1 e2e.nat_probe=1"
+    cmdline += "".join(f" systemd.wants={u}" for u in sc.wants)
+    if sc.settle:
+        cmdline += f" e2e.settle={','.join(sc.settle)}"
+    if sc.probes and not args.no_probes:
+        cmdline += f" {sc.probes}"
     ttys1 = workdir / "ttyS1.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
@@ -316,6 +344,7 @@ def figures(res: BootResult) -> dict[str, float | None]:
         "user_data_served(host)": host(imds[0] if imds else None),
         "READY=1": g(guest.usec(units.get("guest-agent.service", {}), "ActiveEnterTimestampMonotonic")),
         "Ready_received(host)": host(ready[0] if ready else None),
+        "kata-agent_active": g(guest.usec(units.get("kata-agent.service", {}), "ActiveEnterTimestampMonotonic")),
         "APF_listening": g(
             guest.usec(units.get("agent-protocol-forwarder.service", {}), "ActiveEnterTimestampMonotonic")
         ),
@@ -432,18 +461,154 @@ def check_boot(res: BootResult) -> Checks:
         # with restrict=on in a netns holding only lo there is nowhere else to go.
         other = [e for e in res.server_log if e.get("server") not in ("imds", "wireserver")]
         c.check(not other, "guest traffic only to the fake IMDS and wireserver", other)
+    if sc.layout in ("caa", "byom") and sc.expected is not None:
+        check_caa_graph(c, res, sc.expected)
+    if sc.layout == "byom" and sc.expected is not None:
+        check_byom_delivery(c, res)
     return c
+
+
+# CAA's chain of path units (AA -> CDH -> kata-agent, api-server-rest) may still be starting
+# services when boot is finished: e2e-dump waits for its last units.
+CAA_SETTLE = ("kata-agent.service", "api-server-rest.service")
+
+# What guest-agent replaces in CAA's graph: (unit, its stand-in's name).  None of them may run.
+REPLACED = (
+    ("process-user-data.service", "process-user-data"),
+    ("azure-ready.service", "azure-ready"),
+    ("setup-nat-for-imds.service", "setup-nat-for-imds.sh"),
+)
+
+
+def check_caa_graph(c: Checks, res: BootResult, exp: userdata.Expected) -> None:
+    """CAA's pod VM units around guest-agent, from the stand-ins' records (CAA-layout images)."""
+    d = res.dump or {}
+    units, rec = d["units"], d.get("standins", {})
+    podns = d["netns"].get("podns_inode")
+    ready1 = guest.usec(units["guest-agent.service"], "ActiveEnterTimestampMonotonic")
+
+    def one(name: str) -> dict[str, Any]:
+        r = rec.get(name, [])
+        return r[0] if len(r) == 1 else {}
+
+    ka = one("kata-agent")
+    c.check(
+        units["kata-agent.service"].get("ActiveState") == "active" and bool(ka),
+        "kata-agent active (path-started, once)",
+        (units["kata-agent.service"], rec.get("kata-agent")),
+    )
+    c.check(
+        podns is not None and ka.get("podns") == podns,
+        "kata-agent started with podns in place",
+        (ka.get("podns"), podns),
+    )
+    c.check(
+        ka.get("policy", {}).get("sha256") == hashlib.sha256(exp.files["policy.rego"]).hexdigest(),
+        "kata-agent's default policy is initdata's policy.rego",
+        ka.get("policy"),
+    )
+    asr = one("api-server-rest")
+    c.check(
+        units["api-server-rest.service"].get("ActiveState") == "active"
+        and podns is not None
+        and asr.get("netns") == podns,
+        "api-server-rest active inside podns",
+        (units["api-server-rest.service"], rec.get("api-server-rest"), podns),
+    )
+    aa = one("attestation-agent")
+    c.check(bool(aa), "attestation-agent started once", rec.get("attestation-agent"))
+    c.check(
+        guest.pcr_value(aa.get("pcr8", {}).get("out", "")) == exp.pcr8,
+        "attestation-agent saw PCR 8 extended exactly once with initdata",
+        aa.get("pcr8"),
+    )
+    c.check(
+        aa.get("initdata_digest", {}).get("sha256") == hashlib.sha256(exp.initdata_digest.encode()).hexdigest(),
+        "attestation-agent saw initdata.digest",
+        aa.get("initdata_digest"),
+    )
+    cdh = one("confidential-data-hub")
+    c.check(
+        cdh.get("config", {}).get("sha256") == hashlib.sha256(exp.files["cdh.toml"]).hexdigest()
+        and cdh.get("auth", {}).get("sha256") == hashlib.sha256(exp.files["auth.json"]).hexdigest(),
+        "confidential-data-hub started with cdh.toml and the user-data's auth.json",
+        cdh,
+    )
+    for name, r in (("attestation-agent", aa), ("confidential-data-hub", cdh)):
+        c.check(
+            ready1 is not None and r.get("mono", 0) >= ready1,
+            f"{name} started after guest-agent's READY=1",
+            (r.get("mono"), ready1),
+        )
+    for unit, standin in REPLACED:
+        u = units[unit]
+        c.check(
+            standin not in rec and guest.usec(u, "ExecMainStartTimestampMonotonic") is None,
+            f"{unit} never ran",
+            (rec.get(standin), u),
+        )
+    # Enabled the way CAA enables them, each got a start job; a Condition must have stopped it.
+    for unit in ("process-user-data.service", "azure-ready.service", "setup-nat-for-imds.service"):
+        if res.scenario.layout == "byom" and unit == "process-user-data.service":
+            unit = "process-user-data.path"  # what the SFTP profile enables instead of the service
+        c.check(units[unit].get("ConditionResult") == "no", f"{unit} skipped by its condition", units[unit])
+    failed = d.get("failed", "").strip()
+    c.check(not failed, "no failed units", failed)
+    if res.scenario.azure:
+        ready = [s for _, s, _ in guest.health_reports(res.server_log)]
+        c.check(ready == ["Ready"], "exactly one health report (Ready)", ready)
+
+
+def check_byom_delivery(c: Checks, res: BootResult) -> None:
+    """The agent waited for CAA's SFTP upload to be closed (no restarts) and provisioned the
+    complete file: uploaded once the agent waits (byom), or under way before it starts (byom-early)."""
+    d = res.dump or {}
+    units = d["units"]
+    dl = (d.get("standins", {}).get("e2e-sftp-delivery") or [{}])[0]
+    ga = units["guest-agent.service"]
+    c.check(d.get("cidata_mount") == "tmpfs", "/media/cidata is a tmpfs (media-cidata.mount)", d.get("cidata_mount"))
+    start = guest.usec(ga, "ExecMainStartTimestampMonotonic")
+    ready1 = guest.usec(ga, "ActiveEnterTimestampMonotonic")
+    writes = dl.get("write_mono") or [float("inf")]
+    if dl.get("mode") == "early":
+        c.check(
+            dl.get("agent_looked") is True and start is not None and writes[0] < start < dl.get("close_mono", 0),
+            "guest-agent started (and looked) while the upload was under way",
+            (writes, start, dl.get("close_mono")),
+        )
+    else:
+        c.check(
+            dl.get("agent_waiting") is True and start is not None and start < dl.get("open_mono", 0),
+            "user-data uploaded in pieces once guest-agent said it waits",
+            (start, dl),
+        )
+    c.check(
+        len(writes) > 1 and ready1 is not None and ready1 >= dl.get("close_mono", float("inf")),
+        "guest-agent provisioned only after the upload was closed",
+        (ready1, dl.get("close_mono")),
+    )
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def byom(name: str, delivery_unit: str) -> Scenario:
+    ud, exp = userdata.valid(f"nginx-{name}")
+    return Scenario(name, ud, exp, azure=False, layout="byom", wants=(delivery_unit,), settle=CAA_SETTLE)
+
+
 def scenarios(names: list[str]) -> list[Scenario]:
     ud, exp = userdata.valid()
     all_ = {
-        "valid": Scenario("valid", ud, exp),
+        "valid": Scenario("valid", ud, exp, probes="e2e.netns_probe=1 e2e.restart_probe=1 e2e.nat_probe=1"),
         "invalid": Scenario("invalid", userdata.invalid(), None),
         "cidata": Scenario("cidata", *userdata.valid("nginx-cidata"), azure=False),
+        "caa": Scenario("caa", *userdata.valid("nginx-caa"), layout="caa", probes="e2e.nat_probe=1", settle=CAA_SETTLE),
+        # The byom pool VM: the upload (by a test unit in the guest) once the agent waits; and
+        # byom-early, not in the default boots yet: the upload under way when the agent first looks
+        # (guest-agent then reads the partial file).
+        "byom": byom("byom", "e2e-sftp-delivery.service"),
+        "byom-early": byom("byom-early", "e2e-sftp-delivery-early.service"),
     }
     return [all_[n] for n in names]
 
@@ -475,7 +640,11 @@ def preflight(image: Path) -> str | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--boots", default="valid,invalid,cidata", help="comma-separated: valid, invalid, cidata")
+    ap.add_argument(
+        "--boots",
+        default="valid,invalid,cidata,caa,byom",
+        help="comma-separated: valid, invalid, cidata, caa, byom, byom-early",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
     ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S, help="per boot, seconds")
     ap.add_argument("--workdir", help="default: a new directory under /tmp")
@@ -483,7 +652,7 @@ def main() -> int:
     ap.add_argument("--no-probes", action="store_true", help="skip the netns/restart probes (timing runs)")
     args = ap.parse_args()
     image = Path(args.image).resolve()
-    why = preflight(image)
+    why = next(filter(None, (preflight(sc.image(image)) for sc in scenarios(args.boots.split(",")))), None)
     if why:
         print(f"e2e: {why}", file=sys.stderr)
         return 2
