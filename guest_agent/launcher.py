@@ -5,9 +5,9 @@
 Run it with the interpreter that has the package installed (a venv's `bin/python3`, or the
 system `python3` after `pip install`), at image build time.  It
 
-1. compiles the bytecode of every module the launcher can import (the package and its
-   dependencies in the site directories below) at the optimisation level the launcher runs
-   with, so the `__pycache__` files the boot reads are the ones written here;
+1. compiles the bytecode of the package and of every module of its dependencies (as their
+   installers recorded them) at the optimisation level the launcher runs with, so the
+   `__pycache__` files the boot reads are the ones written here;
 2. writes a script whose `#!` line starts that interpreter with `-ISB`:
    - `-I` (isolated): no PYTHON* variables, no user site, no script directory on sys.path;
    - `-S`: no `site` at start-up (no venv discovery, no `.pth` scan, no editable-install
@@ -57,14 +57,45 @@ def script(python: str, dirs: Sequence[str]) -> str:
     )
 
 
-def compile_dirs(dirs: Sequence[str]) -> bool:
-    """Bytecode for every module under `dirs`, at the launcher's optimisation level (none:
-    `-ISB` does not change it).  Up-to-date files are left alone."""
-    import compileall
+def dependency_files(dist_name: str = "guest-agent") -> list[str]:
+    """The `.py` files of this distribution and of everything it requires (extras left out), as
+    their installers recorded them; a requirement that is not installed is skipped."""
+    import re
+    from importlib import metadata
 
-    ok = True
-    for d in dirs:
-        ok = bool(compileall.compile_dir(d, quiet=1, optimize=0)) and ok
+    seen: set[str] = set()
+    todo, out = [dist_name], list[str]()
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        out.extend(str(f.locate()) for f in dist.files or () if f.suffix == ".py")
+        for req in dist.requires or ():
+            m = re.match(r"[A-Za-z0-9._-]+", req)
+            if m and "extra ==" not in req:
+                todo.append(m.group(0))
+    return out
+
+
+def compile_all() -> bool:
+    """Bytecode for this package and every module of its dependencies, at the launcher's
+    optimisation level (none: `-ISB` does not change it); up-to-date files are left alone.  Only
+    those files: a distribution's shared directory (/usr/lib/python3/dist-packages) is its
+    package manager's to compile."""
+    import compileall
+    import contextlib
+
+    package = os.path.dirname(os.path.abspath(__file__))  # also for an editable install
+    with contextlib.redirect_stdout(sys.stderr):
+        ok = bool(compileall.compile_dir(package, quiet=1, optimize=0))
+        for path in dependency_files():
+            ok = bool(compileall.compile_file(path, quiet=1, optimize=0)) and ok
     return ok
 
 
@@ -74,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m guest_agent.launcher [PATH]", file=sys.stderr)
         return 64
     dirs = site_dirs()
-    if not compile_dirs(dirs):
-        print("guest_agent.launcher: some modules did not compile", file=sys.stderr)
+    if not compile_all():
+        print("guest_agent.launcher: a module of the agent or its dependencies did not compile", file=sys.stderr)
         return 1
     text = script(sys.executable, dirs)
     if not args:

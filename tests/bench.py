@@ -181,7 +181,7 @@ def write_launchers(tmp: str) -> tuple[str, str]:
     the second imports guest_agent from a copy without __pycache__, and -B keeps it so."""
     from guest_agent import launcher
 
-    launcher.compile_dirs(launcher.site_dirs())
+    launcher.compile_all()
     paths = {}
     for name, dirs in (
         ("launcher", launcher.site_dirs()),
