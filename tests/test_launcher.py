@@ -53,3 +53,10 @@ def test_script_refuses_an_interpreter_path_a_shebang_cannot_carry() -> None:
 
 def test_usage_error() -> None:
     assert launcher.main(["--help"]) == 64
+
+
+def test_bytecode_is_compiled_for_the_dependencies_only() -> None:
+    """PyYAML (a requirement) is in the list; pytest (a dev extra) is not."""
+    names = {Path(f).parts[-2] for f in launcher.dependency_files()}
+    assert "yaml" in names
+    assert "_pytest" not in names and "pytest" not in names
