@@ -37,7 +37,7 @@ pytest-deps:
 # The decoder fuzz targets with many examples and a random seed (make test runs 100 each, fixed).
 FUZZ_EXAMPLES ?= 5000
 fuzz: venv pytest-deps
-	GUEST_AGENT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_decoders.py
+	GUEST_AGENT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_decoders.py tests/test_fuzz_http.py
 
 bench: venv
 	$(PY) -m tests.bench $(if $(N),--runs $(N))

@@ -6,9 +6,13 @@ For N runs each (medians, with min-max):
   flavours (JSON /provisioning/health, and the goal-state + XML fallback): wall time,
   CPU time and peak RSS of the agent process; agent start -> the fake wireserver
   receiving Ready; HTTP round trips on the critical path;
-- the JSON run again with the unit's interpreter flags (`-I`, then `-I -S` with an explicit
-  sys.path, as units/guest-agent.service would run it), and, with `--baseline DIR`, the JSON
-  run of another checkout of the agent (e.g. the main branch) for a before/after in one run;
+- the JSON run again step by step towards what the image runs: `-I`; then the launcher
+  (guest_agent/launcher.py: `#!python -ISB`, the site directories spelled out, bytecode
+  compiled beforehand), written for this venv and started through its `#!` line as systemd
+  does; and the same launcher over a copy of the package without bytecode (what every boot
+  would pay if the image shipped none);
+- with `--baseline DIR`, the JSON run of another checkout of the agent (e.g. the main
+  branch) for a before/after in one run;
 - as root, in a private network namespace: route to IMDS appears -> Ready received;
 - `python -X importtime` of one agent run: the modules on the critical path.
 """
@@ -84,10 +88,10 @@ class Setup:
             )
         self.env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
 
-    def argv(self, *pre: str) -> list[str]:
+    def argv(self, *pre: str, launcher: str | None = None) -> list[str]:
         tail = ["run", "--root", self.root, "--config", self.conf]
-        if "-S" in pre:
-            return [PY, *pre, "-c", LAUNCHER, *tail]
+        if launcher:
+            return [launcher, *tail]
         return [PY, *pre, "-m", "guest_agent", *tail]
 
     @staticmethod
@@ -95,11 +99,15 @@ class Setup:
         """`python -m` puts the working directory first on sys.path: run a baseline from its own tree."""
         return env.get("PYTHONPATH") or REPO
 
-    def runner(self, *pre: str, baseline: str | None = None) -> Callable[[], dict[str, float]]:
+    def runner(
+        self, *pre: str, baseline: str | None = None, launcher: str | None = None
+    ) -> Callable[[], dict[str, float]]:
         env = {**self.env, "PYTHONPATH": baseline} if baseline else self.env
-        return lambda: self.run_once(pre, env)
+        return lambda: self.run_once(pre, env, launcher)
 
-    def run_once(self, pre: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict[str, float]:
+    def run_once(
+        self, pre: tuple[str, ...] = (), env: dict[str, str] | None = None, launcher: str | None = None
+    ) -> dict[str, float]:
         self.imds.requests.clear()
         self.ws.server.requests.clear()
         self.ws.reports.clear()
@@ -133,7 +141,7 @@ class Setup:
 
             waiter = threading.Thread(target=bring_up)
             waiter.start()
-        t0, wall, cpu, rss, rc = spawn(self.argv(*pre), env, cwd=self.cwd(env))
+        t0, wall, cpu, rss, rc = spawn(self.argv(*pre, launcher=launcher), env, cwd=self.cwd(env))
         if waiter is not None:
             waiter.join()
             nsock.close()
@@ -158,12 +166,37 @@ class Setup:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-KEY_MODULES = ("requests", "urllib3", "http.client", "yaml", "systemd.daemon", "tomllib", "pyroute2", "socket")
+KEY_MODULES = (
+    *("requests", "urllib3", "http.client", "yaml", "systemd.daemon", "tomllib", "pyroute2", "socket"),
+    # the standard library's largest on the boot path (docs/benchmarks.md says who imports each)
+    *("argparse", "logging", "dataclasses", "typing", "pathlib", "hashlib", "shutil", "json", "re", "enum"),
+)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# `-S` skips site (no .pth scan, no venv discovery): the launcher names the paths itself, as the
-# unit's ExecStart does with the image's venv.
-SITE = next(p for p in sys.path if p.endswith("site-packages"))
-LAUNCHER = f"import sys; sys.path[:0] = [{REPO!r}, {SITE!r}]; from guest_agent.cli import main; sys.exit(main())"
+
+
+def write_launchers(tmp: str) -> tuple[str, str]:
+    """(launcher, launcher over a bytecode-free copy of the package), both for this venv.
+
+    The first is what `python -m guest_agent.launcher` writes (its bytecode compile included);
+    the second imports guest_agent from a copy without __pycache__, and -B keeps it so."""
+    from guest_agent import launcher
+
+    launcher.compile_all()
+    paths = {}
+    for name, dirs in (
+        ("launcher", launcher.site_dirs()),
+        ("launcher-nopyc", [tmp, *[d for d in launcher.site_dirs() if d != REPO]]),
+    ):
+        paths[name] = os.path.join(tmp, name)
+        with open(paths[name], "w") as f:
+            f.write(launcher.script(PY, dirs))
+        os.chmod(paths[name], 0o755)
+    shutil.copytree(
+        os.path.join(REPO, "guest_agent"),
+        os.path.join(tmp, "guest_agent"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return paths["launcher"], paths["launcher-nopyc"]
 
 
 def importtime(argv: list[str], env: dict[str, str]) -> tuple[int, list[tuple[int, str]]]:
@@ -216,16 +249,20 @@ def main() -> int:
         return f
 
     flavours = {"json": Setup(json_endpoint=True), "xml": Setup(json_endpoint=False)}
+    launcher_dir = tempfile.mkdtemp(prefix="guest-agent-bench-launcher-")
+    launcher, launcher_nopyc = write_launchers(launcher_dir)
     series_fns: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("python -c pass", base("pass")),
         ("python -I -S -c pass", base("pass", "-I", "-S")),
         ("base python3 -c pass", base("pass", exe=BASE_PY)),
         ("base python3 -I -c pass", base("pass", "-I", exe=BASE_PY)),
         ("base python3 -I -S -c pass", base("pass", "-I", "-S", exe=BASE_PY)),
+        ("base python3 -ISB -c pass", base("pass", "-ISB", exe=BASE_PY)),
         ("guest-agent run (JSON health)", flavours["json"].runner()),
         ("guest-agent run (XML fallback)", flavours["xml"].runner()),
         ("guest-agent run (JSON, -I)", flavours["json"].runner("-I")),
-        ("guest-agent run (JSON, -I -S)", flavours["json"].runner("-I", "-S")),
+        ("guest-agent run (JSON, launcher)", flavours["json"].runner(launcher=launcher)),
+        ("  same, guest_agent without bytecode", flavours["json"].runner(launcher=launcher_nopyc)),
     ]
     if args.baseline:
         # A root of its own: another version may leave /run/peerpod in a shape this one refuses.
@@ -245,10 +282,14 @@ def main() -> int:
             for name, fn in series_fns:
                 for k, v in series(1, fn).items():
                     results.setdefault(name, {}).setdefault(k, []).extend(v)
-        imports = importtime(flavours["json"].argv("-X", "importtime"), flavours["json"].env)
+        # As the image starts it: the launcher's flags, its sys.path.
+        imports = importtime(
+            [PY, "-X", "importtime", "-ISB", *flavours["json"].argv(launcher=launcher)], flavours["json"].env
+        )
     finally:
         for s in flavours.values():
             s.stop()
+        shutil.rmtree(launcher_dir, ignore_errors=True)
 
     floor = statistics.median(results["python -c pass"]["wall"])
     cpu_floor = statistics.median(results["python -c pass"]["cpu"])

@@ -58,6 +58,7 @@ class Swtpm:
         if shutil.which("tpm2_pcrread") is None:
             with self.connect() as s:
                 return tpm.read_pcr(s.fileno(), pcr)
+        self.connect().close()  # swtpm may still be starting (a loaded machine): wait for its socket
         out = self.dir / "pcr.bin"
         subprocess.run(
             ["tpm2_pcrread", "-T", f"swtpm:path={self.sock}", f"sha256:{pcr}", "-o", str(out)],

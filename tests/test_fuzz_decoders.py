@@ -5,8 +5,7 @@ fields, initdata, ISO9660 images) is driven with random and mutated inputs; each
 or raise an `AgentError` subclass (exit 78 or 69), never anything else (which would end as exit 70,
 "internal error", and a systemd restart into the same input).
 
-Budget: `make test` runs each target with `GUEST_AGENT_FUZZ_EXAMPLES` examples (default 100,
-derandomized, so CI is reproducible); `make fuzz` runs 5000 per target with a random seed.
+Budget and profile: tests/fuzzing.py (shared with test_fuzz_http.py).
 """
 
 from __future__ import annotations
@@ -16,52 +15,23 @@ import dataclasses
 import gzip
 import io
 import json
-import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from guest_agent import codec, initdata, iso9660, safeyaml, userdata
 from guest_agent.config import Config
 from guest_agent.errors import AgentError
 from tests import caa
+from tests.fuzzing import EDITS, FUZZ, mutate, only_agent_errors
 
-EXAMPLES = int(os.environ.get("GUEST_AGENT_FUZZ_EXAMPLES", "100"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,  # the machine is shared: wall time is not a property
-    derandomize=EXAMPLES <= 200,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
 CFG = Config()
 STRICT = dataclasses.replace(CFG, files=dataclasses.replace(CFG.files, strict=True))
-
-
-def only_agent_errors(fn: Callable[[], Any]) -> None:
-    try:
-        fn()
-    except AgentError:
-        pass
-
-
-def mutate(seed: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
-    """Apply (position, delete count, insertion) edits: near-valid inputs reach deep code."""
-    data = bytearray(seed)
-    for pos, delete, insert in edits:
-        p = pos % (len(data) + 1)
-        data[p : p + delete] = insert
-    return bytes(data)
-
-
-EDITS = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 8), st.binary(max_size=8)), max_size=8)
 YAML_ALPHABET = st.sampled_from([*"[]{}:,-?&*!|>'\"#%@`~ \n\t\\/.0123456789abexyz<=+_", "!!", "<<", "---", "..."])
 YAML_TEXT = st.lists(YAML_ALPHABET, max_size=200).map("".join)
 CAA_DOC = caa.cloud_config(initdata=caa.initdata_toml())

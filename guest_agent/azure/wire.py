@@ -42,6 +42,7 @@ DESCRIPTION_MAX_CHARS = 512
 GOAL_STATE_MAX_BYTES = 256 * 1024
 GOAL_STATE_MAX_DEPTH = 32
 GOAL_STATE_MAX_ELEMENTS = 10_000
+GOAL_STATE_MAX_ID_CHARS = 4096  # an id is short; a longer one is cut there, never buffered whole
 
 # Characters XML 1.0 cannot carry at all, even escaped (compiled when a description is built).
 _XML_INVALID = "[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]"
@@ -113,8 +114,10 @@ def parse_goal_state(xml: bytes) -> GoalState:
         key = tuple(path)
         if key in found and (key != _INSTANCE_ID or roles[0] == 1):
             parts = found[key]
-            if sum(map(len, parts)) < 4096:  # an id is short; a long one is cut, not buffered
-                parts.append(data)
+            # Cut the piece itself: expat may hand over a whole 200 KiB text in one call.
+            left = GOAL_STATE_MAX_ID_CHARS - sum(map(len, parts))
+            if left > 0:
+                parts.append(data[:left])
 
     def refuse_dtd(*_args: object) -> None:
         raise _Refused("the wireserver goal state carries a DTD, which it never should")

@@ -73,10 +73,16 @@ def parse_json(body: bytes, what: str) -> object:
     RecursionError on a few thousand brackets.  Anything unusable is a `Retry`."""
     import json
 
+    # UTF-8 only (RFC 8259 §8.1), decoded here: json.loads would detect UTF-16/32 in bytes, whose
+    # code units can hold a 0x22 byte that json_depth takes for a quote, hiding real brackets.
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise Retry(f"{what} is not UTF-8 JSON") from None
     if json_depth(body) > JSON_MAX_DEPTH:
         raise Retry(f"{what} is nested deeper than {JSON_MAX_DEPTH} levels")
     try:
-        return json.loads(body)
+        return json.loads(text)
     except (ValueError, RecursionError):
         raise Retry(f"{what} is not JSON") from None
 
