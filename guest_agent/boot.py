@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from guest_agent import clouds, files, initdata, providers, transport, userdata
-from guest_agent.config import Config, under_root
+from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_FAILURE_REPORTED, MSG_READY_REPORTED, MSG_TIMELINE, fields
 from guest_agent.notify import Notifier
@@ -72,10 +73,12 @@ def check_measurement(idata: initdata.Initdata, cfg: Config, root: str) -> bool:
 
     Raises if it holds another one: the files must not change under a measurement that no
     longer describes them."""
-    marker = under_root(root, _pcr_marker(cfg))
-    if not cfg.tpm.enabled or not marker.is_file():
+    marker = root_path(root, _pcr_marker(cfg))
+    if not cfg.tpm.enabled or not os.path.isfile(marker):
         return False
-    if marker.read_text().strip() == idata.digest_hex:
+    with open(marker) as f:
+        text = f.read()
+    if text.strip() == idata.digest_hex:
         return True
     from guest_agent.errors import UserDataInvalid  # 78: no retry in this boot can fix it
 
@@ -86,7 +89,7 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
     """Extend the TPM PCR with the first 32 bytes of the initdata digest, once per boot."""
     from guest_agent import tpm
 
-    device = str(under_root(root, cfg.tpm.device))
+    device = root_path(root, cfg.tpm.device)
     if not cfg.tpm.enabled:
         return "disabled"
     if not tpm.tpm_present(device):
