@@ -9,7 +9,6 @@ reason, and nothing after it runs: Ready is never reported after a failed provis
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guest_agent import clouds, files, initdata, providers, transport, userdata
+from guest_agent import clouds, files, initdata, providers, sha2, transport, userdata
 from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_FAILURE_REPORTED, MSG_READY_REPORTED, MSG_TIMELINE, fields
@@ -105,7 +104,7 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
 
 def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan:
     """Validate everything, write everything, measure: the part shared with `provision`."""
-    digest = hashlib.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
+    digest = sha2.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
     log.info("user-data: %d bytes, sha256 %s", len(raw), digest, extra=fields(size=len(raw), sha256=digest))
     with tl.stage("validate", "validating user-data"):
         plan = userdata.plan(raw, cfg)
@@ -123,7 +122,7 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
                 stage="write",
                 path=spec.path,
                 size=len(spec.content),
-                sha256=hashlib.sha256(spec.content).hexdigest(),
+                sha256=sha2.sha256(spec.content).hexdigest(),
                 source=spec.source,
             ),
         )
