@@ -20,25 +20,31 @@ class Hash(Protocol):
 
 # Per algorithm, the modules that may hold its constructor, by Python version.
 _BUILTIN = {"sha256": ("_sha256", "_sha2"), "sha384": ("_sha512", "_sha2"), "sha512": ("_sha512", "_sha2")}
-_found: dict[str, Callable[[bytes], Hash]] = {}
+
+
+def _builtin(name: str) -> Callable[[bytes], Hash] | None:
+    for module in _BUILTIN[name]:
+        try:
+            ctor: Callable[[bytes], Hash] = getattr(import_module(module), name)
+            return ctor
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+# Looked up at import, which the agent does before waiting for the network: a shared-library
+# build of these modules (some interpreters ship them so) then loads before the route, not after.
+_FOUND = {name: ctor for name in _BUILTIN if (ctor := _builtin(name)) is not None}
 
 
 def new(name: str, data: bytes = b"") -> Hash:
     """hashlib.new(name, data), for the SHA-2 names from the built-in modules."""
-    ctor = _found.get(name)
-    if ctor is None:
-        for module in _BUILTIN.get(name, ()):
-            try:
-                ctor = getattr(import_module(module), name)
-                break
-            except (ImportError, AttributeError):
-                continue
-        else:
-            import hashlib
+    ctor = _FOUND.get(name)
+    if ctor is not None:
+        return ctor(data)
+    import hashlib
 
-            ctor = lambda data: hashlib.new(name, data)  # noqa: E731
-        _found[name] = ctor
-    return ctor(data)
+    return hashlib.new(name, data)
 
 
 def sha256(data: bytes = b"") -> Hash:
