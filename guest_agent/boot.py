@@ -9,15 +9,15 @@ reason, and nothing after it runs: Ready is never reported after a failed provis
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guest_agent import clouds, files, initdata, providers, transport, userdata
-from guest_agent.config import Config, under_root
+from guest_agent import clouds, files, initdata, providers, sha2, transport, userdata
+from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_FAILURE_REPORTED, MSG_READY_REPORTED, MSG_TIMELINE, fields
 from guest_agent.notify import Notifier
@@ -72,10 +72,12 @@ def check_measurement(idata: initdata.Initdata, cfg: Config, root: str) -> bool:
 
     Raises if it holds another one: the files must not change under a measurement that no
     longer describes them."""
-    marker = under_root(root, _pcr_marker(cfg))
-    if not cfg.tpm.enabled or not marker.is_file():
+    marker = root_path(root, _pcr_marker(cfg))
+    if not cfg.tpm.enabled or not os.path.isfile(marker):
         return False
-    if marker.read_text().strip() == idata.digest_hex:
+    with open(marker) as f:
+        text = f.read()
+    if text.strip() == idata.digest_hex:
         return True
     from guest_agent.errors import UserDataInvalid  # 78: no retry in this boot can fix it
 
@@ -86,7 +88,7 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
     """Extend the TPM PCR with the first 32 bytes of the initdata digest, once per boot."""
     from guest_agent import tpm
 
-    device = str(under_root(root, cfg.tpm.device))
+    device = root_path(root, cfg.tpm.device)
     if not cfg.tpm.enabled:
         return "disabled"
     if not tpm.tpm_present(device):
@@ -102,7 +104,7 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
 
 def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan:
     """Validate everything, write everything, measure: the part shared with `provision`."""
-    digest = hashlib.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
+    digest = sha2.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
     log.info("user-data: %d bytes, sha256 %s", len(raw), digest, extra=fields(size=len(raw), sha256=digest))
     with tl.stage("validate", "validating user-data"):
         plan = userdata.plan(raw, cfg)
@@ -120,7 +122,7 @@ def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan
                 stage="write",
                 path=spec.path,
                 size=len(spec.content),
-                sha256=hashlib.sha256(spec.content).hexdigest(),
+                sha256=sha2.sha256(spec.content).hexdigest(),
                 source=spec.source,
             ),
         )

@@ -28,11 +28,11 @@ values; a ValueError from a 5000-digit integer and a RecursionError are turned i
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from dataclasses import dataclass
 
+from guest_agent import sha2
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid
 from guest_agent.safeyaml import show
@@ -229,7 +229,7 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
         else:
             skipped.append(name)
 
-    digest = hashlib.new(algorithm, toml_bytes).digest()
+    digest = sha2.new(algorithm, toml_bytes).digest()
     return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files), skipped=tuple(skipped))
 
 
@@ -237,4 +237,4 @@ def expected_pcr(initial: bytes, extend: bytes) -> bytes:
     """TPM2_PCR_Extend on a sha256 bank: new = SHA256(old || value). PCR 8 starts at 32 zero bytes."""
     if len(initial) != PCR_EXTEND_LEN or len(extend) != PCR_EXTEND_LEN:
         raise ValueError("sha256 PCR values and extend values are 32 bytes")
-    return hashlib.sha256(initial + extend).digest()
+    return sha2.sha256(initial + extend).digest()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from guest_agent.config import Config, under_root
+from guest_agent.config import Config, root_path
 
 if TYPE_CHECKING:
     from guest_agent.transport import Backoff, Deadline
@@ -41,15 +41,15 @@ class Facts:
 
 
 def read_facts(root: str, cfg: Config) -> Facts:
-    base = under_root(root, "/sys/class/dmi/id")
+    base = root_path(root, "/sys/class/dmi/id")
     dmi: dict[str, str] = {}
     for name in DMI_FIELDS:
         try:
-            with open(base / name, "rb") as f:
+            with open(os.path.join(base, name), "rb") as f:
                 dmi[name] = f.read(256).decode("utf-8", "replace").strip()
         except OSError:
             continue  # absent (s390x, containers) or root-only (product_serial): not fatal
-    seed = os.path.isfile(under_root(root, cfg.cidata.mount_dir) / "user-data")
+    seed = os.path.isfile(os.path.join(root_path(root, cfg.cidata.mount_dir), "user-data"))
     return Facts(dmi, seed)
 
 
