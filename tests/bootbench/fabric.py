@@ -1,5 +1,5 @@
 """The fake Azure fabric for the boot benchmark: enough of IMDS, the wireserver and the HostGAPlugin
-for all three variants (guest-agent, cloud-init 22.4 + waagent 2.7.3, no agent).
+for every variant (guest-agent, cloud-init 22.4 + waagent 2.7.3, CAA's chain, no agent).
 
 The shared fakes (tests/fakecloud) serve what guest-agent uses.  The incumbents need more:
 - cloud-init's Azure datasource reads `/metadata/instance?api-version=2021-08-01&extended=true`
@@ -50,6 +50,8 @@ def agent_of(req: Request) -> str:
         return "cloud-init"
     if "guest-agent" in ua or "guest-agent" in (req.header("x-ms-guest-agent-name") or "").lower():
         return "guest-agent"
+    if (req.header("x-ms-agent-name") or "").lower() == "azure-ready":
+        return "azure-ready"  # CAA's azure-ready (Go's default User-Agent)
     return ua.split("/")[0] or "unknown"
 
 
