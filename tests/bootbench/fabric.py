@@ -33,10 +33,10 @@ XML = {"Content-Type": "text/xml; charset=utf-8"}
 JSON = {"Content-Type": "application/json; charset=utf-8"}
 WIRE = "http://168.63.129.16:80"
 
+SUPPORTED_VERSIONS = ("2015-04-05", "2012-11-30", "2012-09-15", "2012-05-15", "2011-12-31")
 VERSIONS_XML = (
     '<?xml version="1.0" encoding="utf-8"?>\n<Versions><Preferred><Version>2015-04-05</Version></Preferred>'
-    "<Supported><Version>2015-04-05</Version><Version>2012-11-30</Version><Version>2012-09-15</Version>"
-    "<Version>2012-05-15</Version><Version>2011-12-31</Version></Supported></Versions>\n"
+    "<Supported>" + "".join(f"<Version>{v}</Version>" for v in SUPPORTED_VERSIONS) + "</Supported></Versions>\n"
 )
 
 
@@ -181,7 +181,9 @@ class BenchWireserver(FakeWireserver):
     def __init__(
         self, settled: Callable[[list[HealthReport]], bool], settle_deadline: float, log: IO[str] | None = None
     ) -> None:
-        super().__init__(log=log, goal_state_xml=goal_state_with_certificates)
+        # Every version /?comp=versions lists as Supported is accepted, as the real wireserver does:
+        # waagent and cloud-init send 2012-11-30, CAA's azure-ready negotiates 2015-04-05.
+        super().__init__(log=log, goal_state_xml=goal_state_with_certificates, versions=SUPPORTED_VERSIONS)
         self.settled = settled
         self.settle_deadline = settle_deadline  # time.time() after which /bench/settled answers anyway
         self.settled_at: float | None = None
