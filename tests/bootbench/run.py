@@ -574,7 +574,8 @@ How each figure is taken (tests/bootbench/run.py):
   (cloud-init sends one before waagent; "Ready sent by waagent" is waagent's own, later one).
 - *APF listening*: the stand-in forwarder's `ActiveEnterTimestampMonotonic` (Type=notify, READY=1
   after listen()); in the cloud-init variant it is ordered after cloud-init.service (write_files), in
-  CAA's chain it starts from CAA's `.path` chain (and setup-nat-for-imds's `Wants=`).
+  CAA's chain it starts from CAA's `.path` chain (and setup-nat-for-imds's `Wants=`), after
+  multi-user.target, so the report unit also waits (bounded) for APF before it measures.
 - *multi-user.target*: its `ActiveEnterTimestampMonotonic`.
 - Guest monotonic times are put on the host clock by `BENCH-SYNC` console lines stamped on arrival.
 - *CPU time*: sum of systemd's `CPUUsageNSec` of the provisioning services (guest-agent.service;
