@@ -57,10 +57,11 @@ e2e: image
 	image/variants/build-variant.sh caa-sftp
 	$(PY) tests/e2e/run.py $(if $(BOOTS),--boots $(BOOTS))
 
-# guest-agent vs cloud-init + waagent vs no agent, booted interleaved; writes docs/benchmarks.md.
+# guest-agent vs cloud-init + waagent vs CAA's chain (stand-ins) vs no agent, booted interleaved;
+# writes docs/benchmarks.md.
 bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
-	for v in guest-agent floor cloudinit; do image/variants/build-variant.sh $$v || exit 1; done
+	for v in guest-agent floor cloudinit caa-chain; do image/variants/build-variant.sh $$v || exit 1; done
 	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
 
 # The systemd side, the journal catalog and the man page, laid out for an image builder (mkosi,

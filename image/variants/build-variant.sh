@@ -9,6 +9,10 @@
 #                                               with stand-in binaries, then guest-agent installed as an
 #                                               image builder would (pip + make install + presets)
 #   image/variants/build-variant.sh caa-sftp    the same, as CAA's byom (SFTP) profile builds it
+#   image/variants/build-variant.sh caa-chain   the benchmark's incumbent CAA chain: the base + CAA's unit
+#                                               graph as CAA enables it, no guest-agent; process-user-data
+#                                               and azure-ready are request-for-request stand-ins
+#                                               (overlay-caa-chain), the rest caa-standin
 #
 # Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,manifest.json}.
 # Every variant gets the same benchmark overlay (image/variants/overlay-bench: accounting defaults,
@@ -26,7 +30,7 @@ REPO=$(cd "$IMAGE/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 SUITE=bookworm
-VARIANT=${1:?usage: build-variant.sh floor|cloudinit|guest-agent|caa|caa-sftp}
+VARIANT=${1:?usage: build-variant.sh floor|cloudinit|guest-agent|caa|caa-sftp|caa-chain}
 CACHE=$HERE/cache
 OUT=$HERE/build/$VARIANT
 # The incumbents: Debian 12's cloud-init 22.4.2 and waagent 2.7.3 (its python3 agent).
@@ -90,10 +94,9 @@ CAA_WANTS=(agent-protocol-forwarder.path api-server-rest.path attestation-agent.
     scratch-storage.path setup-nat-for-imds.service)
 CAA_STANDINS=(kata-agent kata-agent-clean api-server-rest attestation-agent confidential-data-hub
     process-user-data azure-ready setup-nat-for-imds.sh setup-scratch-storage)
-caa_layout() {
-    log "CAA layout: units, presets, tmpfiles, stand-ins"
+# CAA's files/ and skeleton units, the wants symlinks, the stand-in binaries (common to all CAA layouts).
+caa_units() {
     cp -a --no-preserve=ownership "$HERE/overlay-caa/." "$ROOT/"
-    if [ "$VARIANT" = caa-sftp ]; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
     chmod 0755 "$ROOT/usr/local/libexec/caa-standin"
     # (run-kata\x2dcontainers.mount dangles in CAA's tree too: files/ has no such unit.)
     mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
@@ -101,6 +104,11 @@ caa_layout() {
     for b in "${CAA_STANDINS[@]}"; do ln -sfn ../libexec/caa-standin "$ROOT/usr/local/bin/$b"; done
     ln -sfn /run/peerpod/policy.rego "$ROOT/etc/kata-opa/default-policy.rego"
     mkdir -p "$ROOT/media/cidata"
+}
+caa_layout() {
+    log "CAA layout: units, presets, tmpfiles, stand-ins"
+    caa_units
+    if [ "$VARIANT" = caa-sftp ]; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
     cp "$IMAGE/build/cmdline" "$OUT/cmdline" # booted by tests/e2e/run.py, like build.sh's image
     # The project's stand-in forwarder, e2e-dump and the CAA e2e's test-only units (none enabled: the
     # harness pulls them in with systemd.wants= on the kernel command line).
@@ -133,9 +141,33 @@ caa_layout() {
     fi
 }
 
+# The boot benchmark's CAA chain (caa-chain): CAA's units as CAA enables them and nothing of ours.
+# process-user-data and azure-ready are replaced by stand-ins that send CAA's requests
+# (overlay-caa-chain/usr/local/libexec/caa-chain, see their docstrings); kata-agent, AA, CDH,
+# api-server-rest create the sockets the next .path waits for (caa-standin); APF is the project's
+# stand-in forwarder, as in every other variant.
+caa_chain_layout() {
+    log "CAA chain: CAA's units and presets, stand-in programs, no guest-agent"
+    caa_units
+    local b
+    for b in process-user-data azure-ready; do
+        rm -f "$ROOT/usr/local/bin/$b"
+        install -m 0755 "$HERE/overlay-caa-chain/usr/local/libexec/caa-chain/$b" "$ROOT/usr/local/bin/$b"
+    done
+    install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
+    # CAA's preset (mkosi's preset step), then mkosi.finalize.chroot for a non-SFTP image: the
+    # service enabled (already a wants symlink above), the .path not.
+    local units=()
+    mapfile -t units < <(awk '$1 == "enable" || $1 == "disable" { print $2 }' "$ROOT/usr/lib/systemd/system-preset/30-coco.preset" |
+        while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] && echo "$u"; done)
+    systemctl --root="$ROOT" preset "${units[@]}"
+    systemctl --root="$ROOT" disable process-user-data.path
+    systemctl --root="$ROOT" enable process-user-data.service
+}
+
 # ---------------------------------------------------------------- base rootfs
 case "$VARIANT" in
-floor | caa | caa-sftp)
+floor | caa | caa-sftp | caa-chain)
     # build.sh's own cached base layer (same packages, same excludes, same image/base files).
     BASE=$(ls -d "$IMAGE"/cache/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
@@ -196,6 +228,9 @@ fi
 if [ "$VARIANT" = caa ] || [ "$VARIANT" = caa-sftp ]; then
     caa_layout
 fi
+if [ "$VARIANT" = caa-chain ]; then
+    caa_chain_layout
+fi
 
 # Kernel and initrd for direct boot (as build.sh does).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
@@ -205,7 +240,7 @@ rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/
 
 # Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
 root_kb=$(du -sk "$ROOT" | cut -f1)
-case "$VARIANT" in caa*) ;; *) cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/" ;; esac
+case "$VARIANT" in caa | caa-sftp) ;; *) cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/" ;; esac
 
 size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
 log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB"

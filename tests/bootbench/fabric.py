@@ -1,5 +1,5 @@
 """The fake Azure fabric for the boot benchmark: enough of IMDS, the wireserver and the HostGAPlugin
-for all three variants (guest-agent, cloud-init 22.4 + waagent 2.7.3, no agent).
+for every variant (guest-agent, cloud-init 22.4 + waagent 2.7.3, CAA's chain, no agent).
 
 The shared fakes (tests/fakecloud) serve what guest-agent uses.  The incumbents need more:
 - cloud-init's Azure datasource reads `/metadata/instance?api-version=2021-08-01&extended=true`
@@ -33,10 +33,10 @@ XML = {"Content-Type": "text/xml; charset=utf-8"}
 JSON = {"Content-Type": "application/json; charset=utf-8"}
 WIRE = "http://168.63.129.16:80"
 
+SUPPORTED_VERSIONS = ("2015-04-05", "2012-11-30", "2012-09-15", "2012-05-15", "2011-12-31")
 VERSIONS_XML = (
     '<?xml version="1.0" encoding="utf-8"?>\n<Versions><Preferred><Version>2015-04-05</Version></Preferred>'
-    "<Supported><Version>2015-04-05</Version><Version>2012-11-30</Version><Version>2012-09-15</Version>"
-    "<Version>2012-05-15</Version><Version>2011-12-31</Version></Supported></Versions>\n"
+    "<Supported>" + "".join(f"<Version>{v}</Version>" for v in SUPPORTED_VERSIONS) + "</Supported></Versions>\n"
 )
 
 
@@ -50,6 +50,8 @@ def agent_of(req: Request) -> str:
         return "cloud-init"
     if "guest-agent" in ua or "guest-agent" in (req.header("x-ms-guest-agent-name") or "").lower():
         return "guest-agent"
+    if (req.header("x-ms-agent-name") or "").lower() == "azure-ready":
+        return "azure-ready"  # CAA's azure-ready (Go's default User-Agent)
     return ua.split("/")[0] or "unknown"
 
 
@@ -179,7 +181,9 @@ class BenchWireserver(FakeWireserver):
     def __init__(
         self, settled: Callable[[list[HealthReport]], bool], settle_deadline: float, log: IO[str] | None = None
     ) -> None:
-        super().__init__(log=log, goal_state_xml=goal_state_with_certificates)
+        # Every version /?comp=versions lists as Supported is accepted, as the real wireserver does:
+        # waagent and cloud-init send 2012-11-30, CAA's azure-ready negotiates 2015-04-05.
+        super().__init__(log=log, goal_state_xml=goal_state_with_certificates, versions=SUPPORTED_VERSIONS)
         self.settled = settled
         self.settle_deadline = settle_deadline  # time.time() after which /bench/settled answers anyway
         self.settled_at: float | None = None

@@ -1,4 +1,4 @@
-"""Boot benchmark: guest-agent against cloud-init + waagent and against no agent at all (`make bench-boot`).
+"""Boot benchmark: guest-agent against cloud-init + waagent, CAA's own chain and no agent (`make bench-boot`).
 
 Boots each variant's image under QEMU (TCG, `-m 1024 -smp 2`) against the same fake Azure fabric, in
 one run and interleaved (A B C A B C ...), and measures from the host's QEMU start stamp:
@@ -18,7 +18,10 @@ re-executes itself under `unshare --net`); the guest reaches only the fakes thro
 user networking and `guestfwd` relays to 127.0.0.1.  Every boot holds `flock /tmp/guest-agent-qemu.lock`
 so it never overlaps another QEMU boot on the machine (the e2e suite takes the same lock).
 
-    python -m tests.bootbench.run [--runs 3] [--variants guest-agent,cloudinit,floor] [--no-docs]
+The caa-chain variant is CAA's pod VM unit graph with stand-in programs that send the requests CAA's
+process-user-data and azure-ready send (image/variants/overlay-caa-chain); see docs/benchmarks.md.
+
+    python -m tests.bootbench.run [--runs 3] [--variants guest-agent,cloudinit,caa-chain,floor] [--no-docs]
 """
 
 from __future__ import annotations
@@ -56,7 +59,12 @@ DOCS = REPO / "docs"
 LOCK = "/tmp/guest-agent-qemu.lock"
 MAC = "52:54:00:12:34:56"
 APF_PORT = 15150
-NAMES = {"guest-agent": "guest-agent", "cloudinit": "cloud-init + waagent", "floor": "no agent (floor)"}
+NAMES = {
+    "guest-agent": "guest-agent",
+    "cloudinit": "cloud-init + waagent",
+    "caa-chain": "CAA's chain (stand-ins)",
+    "floor": "no agent (floor)",
+}
 # Provisioning services per variant: their CPU time and memory are "the agent's cost".
 PROVISIONING = {
     "guest-agent": ["guest-agent.service"],
@@ -67,6 +75,8 @@ PROVISIONING = {
         "cloud-final.service",
         "walinuxagent.service",
     ],
+    # CAA's two provisioning programs (stand-ins: image/variants/overlay-caa-chain).
+    "caa-chain": ["process-user-data.service", "azure-ready.service"],
     "floor": [],
 }
 # Files the user-data's write_files creates (the same three for every variant that provisions).
@@ -119,7 +129,7 @@ def settled_when(variant: str) -> Any:
             r.state == "Ready" and "walinuxagent" in (r.request.header("user-agent") or "").lower() for r in reports
         )
 
-    return {"guest-agent": ga, "cloudinit": ci, "floor": lambda _r: True}[variant]
+    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga, "floor": lambda _r: True}[variant]
 
 
 def other_qemus(own: int | None = None) -> list[int]:
@@ -445,31 +455,29 @@ def ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> str:
     return f"{a['median'] / b['median']:.2f}x"
 
 
+# The variants guest-agent is compared with, in the table's ratio columns (those in the run).
+REFERENCES = (("cloudinit", "cloud-init+waagent"), ("caa-chain", "CAA's chain"), ("floor", "floor"))
+
+
 def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str]) -> str:
+    refs = [(v, name) for v, name in REFERENCES if v in variants] if "guest-agent" in variants else []
     head = ["figure (seconds from QEMU start unless noted)"] + [NAMES[v] for v in variants]
-    if "guest-agent" in variants:
-        head += ["guest-agent / cloud-init+waagent", "guest-agent / floor"]
+    head += [f"guest-agent / {name}" for _, name in refs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in ROWS:
         cells = [fmt_cell(summary[v].get(key)) for v in variants]
         if all(c == "-" for c in cells):
             continue
         row = [label, *cells]
-        if "guest-agent" in variants:
-            ga = summary["guest-agent"].get(key)
-            row += [
-                ratio(ga, summary.get("cloudinit", {}).get(key)),
-                ratio(ga, summary.get("floor", {}).get(key)),
-            ]
+        row += [ratio(summary["guest-agent"].get(key), summary[v].get(key)) for v, _ in refs]
         lines.append("| " + " | ".join(row) + " |")
     floor = sizes.get("floor")
     if floor is not None:
         row = ["image (rootfs MiB) added over the floor"]
         row += [f"+{sizes[v] - floor:.1f} ({sizes[v]:.1f})" if v != "floor" else f"0 ({floor:.1f})" for v in variants]
-        if "guest-agent" in variants:
-            ci = sizes.get("cloudinit")
-            ga_add, ci_add = sizes["guest-agent"] - floor, (ci - floor) if ci else None
-            row += [f"{ga_add / ci_add:.2f}x" if ci_add else "-", "-"]
+        for v, _ in refs:
+            ref_add = sizes[v] - floor
+            row.append(f"{(sizes['guest-agent'] - floor) / ref_add:.2f}x" if v != "floor" and ref_add else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -537,7 +545,7 @@ def machine() -> dict[str, str]:
 def write_docs(result: dict[str, Any], tbl: str, png: Path, path: Path) -> None:
     m = result["machine"]
     body = f"""<!-- bench-boot:begin (written by `make bench-boot`, tests/bootbench/run.py; do not edit by hand) -->
-## Boot benchmark: guest-agent vs cloud-init + waagent vs no agent
+## Boot benchmark: guest-agent vs cloud-init + waagent vs CAA's chain vs no agent
 
 Run on {result["date"]}: {result["runs"]} boots of each variant, interleaved
 ({" ".join(result["order"][: len(result["variants"]) * 2])} ...), {result["total_s"] / 60:.1f} minutes in all.
@@ -559,17 +567,20 @@ How each figure is taken (tests/bootbench/run.py):
 - *DHCP lease*: the first lease in the guest: systemd-networkd's journal line, or for cloud-init
   the ephemeral DHCP it runs itself in cloud-init-local (cloud-init.log), whichever is first.
 - *user-data fetched*: host arrival of the first IMDS request answered with the user-data
-  (guest-agent: `compute/userData`; cloud-init: `/metadata/instance?...&extended=true`, which it
-  reads after the CustomData of the provisioning ISO).
+  (guest-agent and CAA's process-user-data: `compute/userData`; cloud-init:
+  `/metadata/instance?...&extended=true`, which it reads after the CustomData of the provisioning ISO).
 - *config files written*: the last mtime of `/run/peerpod/{{apf.json,auth.json,initdata}}`.
 - *Ready at the wireserver*: host arrival of the first accepted health report with state Ready
   (cloud-init sends one before waagent; "Ready sent by waagent" is waagent's own, later one).
 - *APF listening*: the stand-in forwarder's `ActiveEnterTimestampMonotonic` (Type=notify, READY=1
-  after listen()); in the cloud-init variant it is ordered after cloud-init.service (write_files).
+  after listen()); in the cloud-init variant it is ordered after cloud-init.service (write_files), in
+  CAA's chain it starts from CAA's `.path` chain (and setup-nat-for-imds's `Wants=`), after
+  multi-user.target, so the report unit also waits (bounded) for APF before it measures.
 - *multi-user.target*: its `ActiveEnterTimestampMonotonic`.
 - Guest monotonic times are put on the host clock by `BENCH-SYNC` console lines stamped on arrival.
 - *CPU time*: sum of systemd's `CPUUsageNSec` of the provisioning services (guest-agent.service;
-  cloud-init-local, cloud-init, cloud-config, cloud-final and walinuxagent), read once provisioning
+  cloud-init-local, cloud-init, cloud-config, cloud-final and walinuxagent; CAA's process-user-data
+  and azure-ready, whose stand-ins are Python, not CAA's Go), read once provisioning
   is over (after the variant's last Ready; waagent keeps running as a daemon, so its figure grows).
 - *Peak memory*: Debian 12's systemd 252 has no `MemoryPeak` property, so each provisioning service
   runs in a slice of its own under `bench.slice` (a benchmark-only drop-in) and the kernel's
@@ -667,7 +678,7 @@ def inner(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bootbench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="boots of each variant (default 3)")
-    ap.add_argument("--variants", default="guest-agent,cloudinit,floor")
+    ap.add_argument("--variants", default="guest-agent,cloudinit,caa-chain,floor")
     ap.add_argument("--timeout", type=float, default=240.0, help="per boot, seconds")
     ap.add_argument("--retries", type=int, default=2, help="re-measure a boot when another QEMU ran meanwhile")
     ap.add_argument("--out", default=str(DOCS), help="where bootbench.json (and the docs) go")

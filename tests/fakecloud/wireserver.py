@@ -119,10 +119,13 @@ class FakeWireserver:
         blackhole: bool = False,
         on_health: Callable[[Request], None] | None = None,
         latency_s: float = 0.0,
+        versions: tuple[str, ...] = (MS_VERSION,),
     ) -> None:
         """`goal_state_xml(incarnation, container_id, instance_id)` renders the goal state;
         `blackhole` accepts every request and never answers; `on_health` runs inside the
-        handler when a health POST arrives, before it is answered."""
+        handler when a health POST arrives, before it is answered; `versions`: the x-ms-version
+        values goal state and XML health accept (others get 400)."""
+        self.versions = versions
         self.json_endpoint = json_endpoint
         self.script = script or Script()
         self.render = goal_state_xml or _default_render
@@ -206,7 +209,7 @@ class FakeWireserver:
             if not self.json_endpoint:
                 return Reply(404, "Not Found")
             return self._json_health(req)
-        if route in ("goalstate", "xml-health") and req.header("x-ms-version") != MS_VERSION:
+        if route in ("goalstate", "xml-health") and req.header("x-ms-version") not in self.versions:
             return Reply(400, "<Error><Code>MissingOrInvalidVersionHeader</Code></Error>")
         if route == "goalstate":
             scripted = self.script.take("goalstate")
