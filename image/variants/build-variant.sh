@@ -19,9 +19,9 @@
 # the provisioning slice, the report unit); the guest-agent image is left as build.sh made it apart
 # from those files, which are written into a copy of its disk with debugfs (no mount needed).
 #
-# The package list, dpkg excludes and base layer come from image/build.sh without editing it: the
-# PACKAGES=( ) and DPKG_EXCLUDES=( ) arrays are read out of that file, and the floor copies build.sh's
-# cached base rootfs (image/cache/base-*).  A shared image/recipe.sh sourced by both would be cleaner.
+# The package list, dpkg excludes and base recipe are image/recipe.sh's, sourced by build.sh too;
+# floor and the CAA layouts copy build.sh's cached base rootfs (image/cache/base-*), cloudinit makes
+# its own with the incumbents added.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -105,6 +105,27 @@ caa_units() {
     ln -sfn /run/peerpod/policy.rego "$ROOT/etc/kata-opa/default-policy.rego"
     mkdir -p "$ROOT/media/cidata"
 }
+# `systemctl preset` of the units the given preset files name and the image has (mkosi's preset
+# step; its `preset-all` would also apply Debian's 90-systemd.preset, whose "enable everything
+# else" default no CAA image has).  Preset files that do not exist are skipped.
+caa_presets() {
+    local units=()
+    mapfile -t units < <(cat "$@" 2>/dev/null | awk '$1 == "enable" || $1 == "disable" { print $2 }' |
+        while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] || [ -e "$ROOT/usr/lib/systemd/system/$u" ] && echo "$u"; done)
+    systemctl --root="$ROOT" preset "${units[@]}"
+}
+# mkosi.finalize.chroot, after the presets: the SFTP profile enables the .path (provision when
+# user-data is uploaded) and adds the SFTP user; the others enable the service.
+caa_finalize() {
+    if [ "$VARIANT" = caa-sftp ]; then
+        in_root useradd -r -s /sbin/nologin -d /home/peerpod peerpod
+        systemctl --root="$ROOT" enable process-user-data.path
+        systemctl --root="$ROOT" disable process-user-data.service
+    else
+        systemctl --root="$ROOT" disable process-user-data.path
+        systemctl --root="$ROOT" enable process-user-data.service
+    fi
+}
 caa_layout() {
     log "CAA layout: units, presets, tmpfiles, stand-ins"
     caa_units
@@ -123,22 +144,8 @@ caa_layout() {
     [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
     agent_venv "${wheels[@]}"
     make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
-    # Presets: CAA's and ours, applied to the units they name (mkosi's `preset-all` would also apply
-    # Debian's 90-systemd.preset, whose "enable everything else" default no CAA image has).
-    local presets=("$ROOT"/usr/lib/systemd/system-preset/{30-coco,40-sftp-sys,*guest-agent*}.preset) units=()
-    mapfile -t units < <(cat "${presets[@]}" 2>/dev/null | awk '$1 == "enable" || $1 == "disable" { print $2 }' |
-        while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] || [ -e "$ROOT/usr/lib/systemd/system/$u" ] && echo "$u"; done)
-    systemctl --root="$ROOT" preset "${units[@]}"
-    # mkosi.finalize.chroot: the SFTP profile enables the .path (provision when user-data is
-    # uploaded) and adds the SFTP user; the others enable the service.
-    if [ "$VARIANT" = caa-sftp ]; then
-        in_root useradd -r -s /sbin/nologin -d /home/peerpod peerpod
-        systemctl --root="$ROOT" enable process-user-data.path
-        systemctl --root="$ROOT" disable process-user-data.service
-    else
-        systemctl --root="$ROOT" disable process-user-data.path
-        systemctl --root="$ROOT" enable process-user-data.service
-    fi
+    caa_presets "$ROOT"/usr/lib/systemd/system-preset/{30-coco,40-sftp-sys,*guest-agent*}.preset
+    caa_finalize
 }
 
 # The boot benchmark's CAA chain (caa-chain): CAA's units as CAA enables them and nothing of ours.
@@ -157,12 +164,8 @@ caa_chain_layout() {
     install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
     # CAA's preset (mkosi's preset step), then mkosi.finalize.chroot for a non-SFTP image: the
     # service enabled (already a wants symlink above), the .path not.
-    local units=()
-    mapfile -t units < <(awk '$1 == "enable" || $1 == "disable" { print $2 }' "$ROOT/usr/lib/systemd/system-preset/30-coco.preset" |
-        while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] && echo "$u"; done)
-    systemctl --root="$ROOT" preset "${units[@]}"
-    systemctl --root="$ROOT" disable process-user-data.path
-    systemctl --root="$ROOT" enable process-user-data.service
+    caa_presets "$ROOT/usr/lib/systemd/system-preset/30-coco.preset"
+    caa_finalize
 }
 
 # ---------------------------------------------------------------- base rootfs
