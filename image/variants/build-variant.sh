@@ -94,7 +94,8 @@ CAA_WANTS=(agent-protocol-forwarder.path api-server-rest.path attestation-agent.
     scratch-storage.path setup-nat-for-imds.service)
 CAA_STANDINS=(kata-agent kata-agent-clean api-server-rest attestation-agent confidential-data-hub
     process-user-data azure-ready setup-nat-for-imds.sh setup-scratch-storage)
-# CAA's files/ and skeleton units, the wants symlinks, the stand-in binaries (common to all CAA layouts).
+# CAA's files/ and skeleton units, the wants symlinks, the stand-in binaries and APF (common to all
+# CAA layouts).
 caa_units() {
     cp -a --no-preserve=ownership "$HERE/overlay-caa/." "$ROOT/"
     chmod 0755 "$ROOT/usr/local/libexec/caa-standin"
@@ -102,6 +103,8 @@ caa_units() {
     mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
     for u in "${CAA_WANTS[@]}"; do ln -sfn "../$u" "$ROOT/etc/systemd/system/multi-user.target.wants/$u"; done
     for b in "${CAA_STANDINS[@]}"; do ln -sfn ../libexec/caa-standin "$ROOT/usr/local/bin/$b"; done
+    # APF: the project's stand-in forwarder, as in every other variant.
+    install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
     ln -sfn /run/peerpod/policy.rego "$ROOT/etc/kata-opa/default-policy.rego"
     mkdir -p "$ROOT/media/cidata"
 }
@@ -131,9 +134,8 @@ caa_layout() {
     caa_units
     if [ "$VARIANT" = caa-sftp ]; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
     cp "$IMAGE/build/cmdline" "$OUT/cmdline" # booted by tests/e2e/run.py, like build.sh's image
-    # The project's stand-in forwarder, e2e-dump and the CAA e2e's test-only units (none enabled: the
-    # harness pulls them in with systemd.wants= on the kernel command line).
-    install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
+    # e2e-dump and the CAA e2e's test-only units (none enabled: the harness pulls them in with
+    # systemd.wants= on the kernel command line).
     install -m 0755 -D "$IMAGE/overlay/usr/local/libexec/e2e-dump" "$ROOT/usr/local/libexec/e2e-dump"
     install -m 0644 -D "$IMAGE/overlay/usr/lib/systemd/system/e2e-dump.service" "$ROOT/usr/lib/systemd/system/e2e-dump.service"
     cp -a --no-preserve=ownership "$HERE/overlay-caa-test/." "$ROOT/"
@@ -161,7 +163,6 @@ caa_chain_layout() {
         rm -f "$ROOT/usr/local/bin/$b"
         install -m 0755 "$HERE/overlay-caa-chain/usr/local/libexec/caa-chain/$b" "$ROOT/usr/local/bin/$b"
     done
-    install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
     # CAA's preset (mkosi's preset step), then mkosi.finalize.chroot for a non-SFTP image: the
     # service enabled (already a wants symlink above), the .path not.
     caa_presets "$ROOT/usr/lib/systemd/system-preset/30-coco.preset"
