@@ -11,9 +11,10 @@ import gzip
 import socket
 import socketserver
 import struct
-import threading
 import time
 from collections.abc import Callable
+
+from tests.fakecloud.server import Served
 
 DRIP_S = 0.1  # one byte (or one interim answer) this often: slower than no deadline would notice
 MAX_FAULT_S = 30.0  # a safety net for the test process, far past any deadline a test sets
@@ -183,7 +184,7 @@ FAULTS: dict[str, Callable[[Send], None]] = {
 TOO_LARGE: dict[str, Callable[[Send], None]] = {"huge-body": huge_body, "huge-chunked": huge_chunked}
 
 
-class FaultServer:
+class FaultServer(Served):
     def __init__(self) -> None:
         self.hits: list[str] = []
         outer = self
@@ -216,18 +217,4 @@ class FaultServer:
                 except OSError:
                     pass  # the client gave up: the point of the exercise
 
-        self._srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self._srv.daemon_threads = True
-        self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._srv.server_address[1]}"
-
-    def __enter__(self) -> FaultServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._srv.shutdown()
-        self._srv.server_close()
+        super().__init__(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler), "faults")

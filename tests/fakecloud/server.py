@@ -7,13 +7,14 @@ the cloud's normal behaviour takes over ("404, then 200").
 from __future__ import annotations
 
 import json
+import socketserver
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, Any
+from typing import IO, Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -68,7 +69,41 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # listen() backlog: a fleet of agents connects at once (tests/bench_fleet.py)
 
 
-class FakeServer:
+class Served:
+    """A threading socketserver on 127.0.0.1, served from a daemon thread: the lifecycle
+    (url, start/stop, `with`) of every fake here (FakeServer, faults.FaultServer)."""
+
+    def __init__(self, srv: socketserver.ThreadingTCPServer, name: str) -> None:
+        srv.daemon_threads = True
+        self._httpd = srv
+        self._thread = threading.Thread(
+            target=lambda: srv.serve_forever(poll_interval=0.05), name=f"fake-{name}", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class FakeServer(Served):
     def __init__(
         self, name: str, handler: Handler, *, host: str = "127.0.0.1", port: int = 0, log: IO[str] | None = None
     ) -> None:
@@ -123,11 +158,7 @@ class FakeServer:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _serve
 
-        self._httpd = _Server((host, port), _H)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=lambda: self._httpd.serve_forever(poll_interval=0.05), name=f"fake-{name}", daemon=True
-        )
+        super().__init__(_Server((host, port), _H), name)
 
     def _record(self, req: Request, reply: Reply) -> None:
         with self._event:
@@ -145,28 +176,6 @@ class FakeServer:
                     entry["body"] = req.body.decode("utf-8", "replace")
                 self._log.write(json.dumps(entry) + "\n")
                 self._log.flush()
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> FakeServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> FakeServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def wait_for(self, predicate: Callable[[list[Request]], bool], timeout_s: float = 10.0) -> bool:
         """Block until `predicate(requests)` holds (event-driven, for tests and the e2e)."""

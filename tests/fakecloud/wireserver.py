@@ -139,11 +139,7 @@ class FakeWireserver:
         self._stale_after_reads = 0
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self.server = FakeServer("wireserver", self._handle, host=host, port=port, log=log)
-        # http.server writes a reply's headers and body in two send()s; with Nagle on, the body
-        # waits for the client's delayed ACK (~40 ms on Linux) on a kept-alive connection, which
-        # would swamp the timings in tests/bench_fabric.py.  (Belongs in FakeServer's handler.)
-        self.server._httpd.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
+        self.server = FakeServer("wireserver", self._handle, host=host, port=port, log=log)  # Nagle off there
 
     # -- test helpers
 
