@@ -235,8 +235,8 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             # Exit status reflects provisioning only: the files are written and READY=1 is sent,
             # so a non-zero exit would only make systemd (Restart=on-failure) provision again.
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
+        write_timeline(tl, cfg, root)  # again, with the report's stage (without one nothing changed)
     summary(tl)
-    write_timeline(tl, cfg, root)
     deps.notifier.status("done" if code == EXIT_OK else "done, with errors (see the journal)")
     return code
 

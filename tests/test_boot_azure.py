@@ -165,3 +165,22 @@ def test_a_second_run_after_not_ready_never_reports_ready(tmp_path: Path) -> Non
     assert (root / "run/peerpod/apf.json").exists()
     pool = (root / "var/lib/hyperv/.kvp_pool_1").read_bytes()
     assert [kvp.parse_provisioning_report(v)["result"] for _, v in kvp.decode_records(pool)] == ["error"]
+
+
+def _stage_names(root: Path) -> list[str]:
+    import json
+
+    doc = json.loads((root / "run/guest-agent/timeline.json").read_bytes())
+    return [s["name"] for s in doc["stages"]]
+
+
+def test_timeline_holds_the_fabric_report(tmp_path: Path) -> None:
+    """The timeline is rewritten after the report, so it shows the report's stage too."""
+    with FakeWireserver() as ws, FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv:
+        root, conf = _azure_root(tmp_path / "ok", srv.url, ws.url)
+        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == 0
+    assert _stage_names(root)[-1] == "report-ready"
+    with FakeWireserver() as ws:
+        root, conf = _azure_root(tmp_path / "bad", closed_port(), ws.url, "[fetch]\ndeadline_s = 1.0\n")
+        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_UNAVAILABLE
+    assert _stage_names(root)[-1] == "report-failure"

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 from guest_agent import inotify, iso9660
 from guest_agent.clouds import FetchContext
-from guest_agent.config import CidataConfig, under_root
+from guest_agent.config import CidataConfig, root_path
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 from guest_agent.log import fields
 from guest_agent.notify import Notifier
@@ -56,29 +56,27 @@ def read_seed(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
     The host controls what is there: a FIFO would block open() forever and a device node
     may act on open, so the name is lstat'ed first and only a regular file is opened
     (O_NOFOLLOW|O_NONBLOCK, then fstat: the same inode, still a regular file)."""
-    path = under_root(root, cfg.mount_dir) / SEED
+    path = root_path(root, f"{cfg.mount_dir}/{SEED}")
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise UserDataInvalid(
-                "the cidata seed is not a regular file", path=str(path), type=stat.filemode(st.st_mode)[0]
-            )
+            raise UserDataInvalid("the cidata seed is not a regular file", path=path, type=stat.filemode(st.st_mode)[0])
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+        raise MetadataUnavailable("cannot read the cidata seed file", path=path, error=exc.strerror) from exc
     try:
         fst = os.fstat(fd)
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
-            raise UserDataInvalid("the cidata seed was replaced while it was opened", path=str(path))
+            raise UserDataInvalid("the cidata seed was replaced while it was opened", path=path)
         chunks: list[bytes] = []
         left = limit + 1
         while left > 0 and (chunk := os.read(fd, min(left, 65536))):
             chunks.append(chunk)
             left -= len(chunk)
     except OSError as exc:
-        raise MetadataUnavailable("cannot read the cidata seed file", path=str(path), error=exc.strerror) from exc
+        raise MetadataUnavailable("cannot read the cidata seed file", path=path, error=exc.strerror) from exc
     finally:
         os.close(fd)
     data = b"".join(chunks)
@@ -129,10 +127,11 @@ def being_written(path: str) -> bool:
 def delivery_pending(root: str, cfg: CidataConfig) -> bool:
     """byom: waiting is configured, mount_dir is a mount point (media-cidata.mount), and its
     user-data is absent or still being written."""
-    d = under_root(root, cfg.mount_dir)
+    d = root_path(root, cfg.mount_dir)
     if not (cfg.wait_for_delivery and os.path.ismount(d)):
         return False
-    return not os.path.lexists(d / SEED) or being_written(str(d / SEED))
+    path = f"{d}/{SEED}"
+    return not os.path.lexists(path) or being_written(path)
 
 
 def wait_for_delivery(
@@ -148,11 +147,12 @@ def wait_for_delivery(
     Subscribes before looking, so a delivery between the two is not missed.  No deadline
     (delivery_deadline_s = 0) waits forever; the poll timeout is the heartbeat that keeps
     systemd's start timeout alive, never a sleep."""
-    d = under_root(root, cfg.mount_dir)
+    d = root_path(root, cfg.mount_dir)
+    path = f"{d}/{SEED}"
     seed = f"{cfg.mount_dir}/{SEED}"
     mask = inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.GONE
     try:
-        watch = inotify.DirWatch(str(d), mask)
+        watch = inotify.DirWatch(d, mask)
     except OSError as exc:
         raise MetadataUnavailable(
             "cannot watch the delivery directory", path=cfg.mount_dir, error=exc.strerror
@@ -160,7 +160,7 @@ def wait_for_delivery(
     with watch:
         # Subscribed: a close from now on is seen.  Complete already (written and closed before
         # the subscription): nothing to wait for.  Open for writing or empty: its close is to come.
-        if os.path.lexists(d / SEED) and not being_written(str(d / SEED)):
+        if os.path.lexists(path) and not being_written(path):
             return
         deadline = cfg.delivery_deadline_s
         end = clock() + deadline if deadline > 0 else None
@@ -183,10 +183,10 @@ def wait_for_delivery(
             for ev, name in watch.read():
                 if ev & inotify.GONE:
                     raise MetadataUnavailable("the delivery directory went away while waiting", path=cfg.mount_dir)
-                if ev & inotify.IN_Q_OVERFLOW and os.path.lexists(d / SEED):
+                if ev & inotify.IN_Q_OVERFLOW and os.path.lexists(path):
                     return  # events were lost: the best left is "it is there"
                 if name == SEED and ev & (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO):
-                    if ev & inotify.IN_CLOSE_WRITE and being_written(str(d / SEED)):
+                    if ev & inotify.IN_CLOSE_WRITE and being_written(path):
                         continue  # another writer still has it open (or it was emptied): wait on
                     log.info("%s delivered", seed, extra=fields(stage="delivery"))
                     return
@@ -194,13 +194,13 @@ def wait_for_delivery(
 
 def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
     """user-data from the first block device carrying an ISO9660 volume labelled cidata."""
-    sysblock = under_root(root, "/sys/class/block")
+    sysblock = root_path(root, "/sys/class/block")
     try:
         names = sorted(os.listdir(sysblock))
     except OSError:
         return None
     for name in names:
-        dev = under_root(root, cfg.dev_dir) / name
+        dev = root_path(root, f"{cfg.dev_dir}/{name}")
         try:
             with open(dev, "rb") as f:
                 try:
