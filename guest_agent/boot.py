@@ -226,7 +226,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             log.exception("unexpected error")
         return fail(err, tl, cfg, root, deps, fabric)
 
-    code = EXIT_OK
+    status = "done"
     if fabric is not None:
         try:
             with tl.stage("report-ready", "reporting Ready to the wireserver"):
@@ -235,10 +235,11 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             # Exit status reflects provisioning only: the files are written and READY=1 is sent,
             # so a non-zero exit would only make systemd (Restart=on-failure) provision again.
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
+            status = f"done; Ready not acknowledged: {err.reason}"
         write_timeline(tl, cfg, root)  # again, with the report's stage (without one nothing changed)
     summary(tl)
-    deps.notifier.status("done" if code == EXIT_OK else "done, with errors (see the journal)")
-    return code
+    deps.notifier.status(status)
+    return EXIT_OK
 
 
 def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabric: AzureFabric | None) -> int:

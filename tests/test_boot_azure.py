@@ -184,3 +184,21 @@ def test_timeline_holds_the_fabric_report(tmp_path: Path) -> None:
         root, conf = _azure_root(tmp_path / "bad", closed_port(), ws.url, "[fetch]\ndeadline_s = 1.0\n")
         assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_UNAVAILABLE
     assert _stage_names(root)[-1] == "report-failure"
+
+
+def test_an_unacknowledged_ready_exits_0_and_says_so(tmp_path: Path) -> None:
+    """After READY=1 the exit status reflects provisioning only; STATUS= names the failed report."""
+    from guest_agent import config
+    from guest_agent.notify import Notifier
+
+    sent: list[str] = []
+    with FakeWireserver() as ws, FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv:
+        root, conf = _azure_root(tmp_path, srv.url, ws.url)
+        (root / "run/guest-agent").mkdir(parents=True)
+        (root / "run/guest-agent/azure-not-ready").write_text("earlier run\n")  # NotReady already sent
+        cfg = config.load(str(root), str(conf))
+        code = boot.run(cfg, str(root), boot.Deps(notifier=Notifier(lambda m: sent.append(m) is None)))
+        assert ws.accepted() == []
+    assert code == 0
+    assert (root / "run/peerpod/apf.json").exists()
+    assert sent[-1].startswith("STATUS=done; Ready not acknowledged:"), sent[-1]
