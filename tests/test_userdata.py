@@ -86,6 +86,16 @@ def test_write_files_encodings(cfg: Config, encoding: str, encode: object) -> No
     assert spec.mode == 0o640
 
 
+def test_binary_tag_content_is_decoded(cfg: Config) -> None:
+    """YAML's `!!binary` (base64 with line breaks) gives the file's bytes, as PyYAML's safe_load does."""
+    doc = (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n"
+        b"    content: !!binary |\n      eyJhdXRo\n      cyI6IHt9fQ==\n"
+    )
+    spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
+    assert spec.content == b'{"auths": {}}'
+
+
 def test_yaml_octal_permissions(cfg: Config) -> None:
     doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    permissions: 0644\n"
     spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
