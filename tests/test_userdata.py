@@ -285,6 +285,16 @@ def test_size_limits_come_from_config(cfg: Config) -> None:
     small = dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_user_data_bytes=100))
     with pytest.raises(UserDataInvalid, match="size limit"):
         userdata.plan(caa.cloud_config(), small)
+    # The decoded limit binds a body with no encoding layer too (a config may set it below the raw one).
+    doc = caa.cloud_config()
+
+    def decoded_limit(n: int) -> Config:
+        return dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_decoded_bytes=n))
+
+    with pytest.raises(UserDataInvalid, match="size limit") as ei:
+        userdata.decode(doc, decoded_limit(len(doc) - 1))
+    assert ei.value.supporting_data["limit_bytes"] == len(doc) - 1
+    assert userdata.decode(doc, decoded_limit(len(doc))) == doc.decode()
 
 
 def test_allow_list_comes_from_config(cfg: Config) -> None:
