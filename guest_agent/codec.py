@@ -25,6 +25,12 @@ def b64_decoded_size(stripped_len: int) -> int:
     return (stripped_len + 3) // 4 * 3
 
 
+def _refuse_oversized_b64(stripped: bytes, *, limit: int, what: str) -> None:
+    """Refuse base64 text (whitespace removed) that would decode to more than `limit` bytes."""
+    if b64_decoded_size(len(stripped)) - stripped[-2:].count(b"=") > limit:
+        raise UserDataInvalid(f"{what} is larger than the size limit", limit_bytes=limit)
+
+
 def b64decode_strict(data: bytes, *, what: str, limit: int | None = None) -> bytes:
     """Standard-alphabet base64 with any whitespace removed first, then validated.
 
@@ -34,8 +40,8 @@ def b64decode_strict(data: bytes, *, what: str, limit: int | None = None) -> byt
     decode to more than `limit` bytes is refused as too large before it is decoded.
     """
     stripped = _WS.sub(b"", data)
-    if limit is not None and b64_decoded_size(len(stripped)) - stripped[-2:].count(b"=") > limit:
-        raise UserDataInvalid(f"{what} is larger than the size limit", limit_bytes=limit)
+    if limit is not None:
+        _refuse_oversized_b64(stripped, limit=limit, what=what)
     try:
         return base64.b64decode(stripped, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -93,8 +99,7 @@ def unwrap_layers(data: bytes, *, limit: int, what: str, max_layers: int = 4) ->
             layer = "gzip"
         elif looks_like_base64(data):
             stripped = _WS.sub(b"", data)
-            if b64_decoded_size(len(stripped)) - stripped[-2:].count(b"=") > limit:
-                raise UserDataInvalid(f"{what} is larger than the size limit", limit_bytes=limit)
+            _refuse_oversized_b64(stripped, limit=limit, what=what)
             try:
                 decoded = base64.b64decode(stripped, validate=True)
             except (binascii.Error, ValueError):

@@ -25,12 +25,11 @@ Every failure is a `UserDataInvalid` whose supporting data names the field (`whe
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from guest_agent import codec
 from guest_agent.errors import UserDataInvalid
 
 MAX_DEPTH = 16  # CAA's document needs 3 (mapping, sequence, mapping)
@@ -210,10 +209,13 @@ def text(node: Node, where: str) -> str | None:
 def content(node: Node, where: str) -> bytes | str | None:
     """A content field: a string, or bytes for `!!binary` (strict base64)."""
     if isinstance(node, Scalar) and node.tag == BINARY:
+        # The same strict decoder as `encoding: b64` (whitespace dropped, then every byte checked).
+        what = f"{field_of(where)} (!!binary)"
         try:
-            return base64.b64decode(re.sub(r"\s+", "", node.value), validate=True)
-        except (binascii.Error, ValueError):
-            raise UserDataInvalid(f"{field_of(where)} is !!binary but not valid base64", where=where) from None
+            return codec.b64decode_strict(node.value.encode("utf-8", "surrogatepass"), what=what)
+        except UserDataInvalid as exc:
+            exc.supporting_data.setdefault("where", where)
+            raise
     return text(node, where)
 
 

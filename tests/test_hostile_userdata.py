@@ -336,6 +336,10 @@ def test_oversized_is_too_large_not_bad_base64() -> None:
     with pytest.raises(UserDataInvalid, match="not valid base64"):
         codec.b64decode_strict(bad, what="x", limit=4000)
     assert codec.b64decode_strict(base64.b64encode(b"x" * 1000), what="x", limit=1000) == b"x" * 1000
+    # The same bound when a base64 layer is peeled by content: exact at the limit, refused one under.
+    assert codec.unwrap_layers(base64.b64encode(b"x" * 1000), limit=1000, what="x") == b"x" * 1000
+    with pytest.raises(UserDataInvalid, match="larger than the size limit"):
+        codec.unwrap_layers(base64.b64encode(b"x" * 1000), limit=999, what="x")
 
 
 def test_multi_member_gzip_is_decoded_whole_and_bounded() -> None:

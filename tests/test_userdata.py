@@ -86,6 +86,16 @@ def test_write_files_encodings(cfg: Config, encoding: str, encode: object) -> No
     assert spec.mode == 0o640
 
 
+def test_binary_tag_content_is_decoded(cfg: Config) -> None:
+    """YAML's `!!binary` (base64 with line breaks) gives the file's bytes, as PyYAML's safe_load does."""
+    doc = (
+        b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n"
+        b"    content: !!binary |\n      eyJhdXRo\n      cyI6IHt9fQ==\n"
+    )
+    spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
+    assert spec.content == b'{"auths": {}}'
+
+
 def test_yaml_octal_permissions(cfg: Config) -> None:
     doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/auth.json\n    content: x\n    permissions: 0644\n"
     spec = next(f for f in userdata.plan(doc, cfg).files if f.path == "/run/peerpod/auth.json")
@@ -275,6 +285,16 @@ def test_size_limits_come_from_config(cfg: Config) -> None:
     small = dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_user_data_bytes=100))
     with pytest.raises(UserDataInvalid, match="size limit"):
         userdata.plan(caa.cloud_config(), small)
+    # The decoded limit binds a body with no encoding layer too (a config may set it below the raw one).
+    doc = caa.cloud_config()
+
+    def decoded_limit(n: int) -> Config:
+        return dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_decoded_bytes=n))
+
+    with pytest.raises(UserDataInvalid, match="size limit") as ei:
+        userdata.decode(doc, decoded_limit(len(doc) - 1))
+    assert ei.value.supporting_data["limit_bytes"] == len(doc) - 1
+    assert userdata.decode(doc, decoded_limit(len(doc))) == doc.decode()
 
 
 def test_allow_list_comes_from_config(cfg: Config) -> None:
