@@ -27,8 +27,8 @@ class NotIso(MetadataUnavailable):
     """Not an ISO9660 image (the caller moves on to the next device)."""
 
 
-class TooLarge(UserDataInvalid, ValueError):
-    """The wanted file is larger than the caller's limit (a ValueError for older callers)."""
+class TooLarge(UserDataInvalid):
+    """The wanted file is larger than the caller's limit."""
 
 
 def _descriptors(dev: BinaryIO) -> list[bytes]:

@@ -139,7 +139,7 @@ def test_reader_multi_sector_file_among_many(flavour: str, tmp_path: Path) -> No
     iso = make_iso(tmp_path / "big.iso", files, tool, args)
     with open(iso, "rb") as f:
         assert iso9660.read_root_file(f, "user-data", limit=1 << 20) == big
-        with pytest.raises(ValueError):
+        with pytest.raises(iso9660.TooLarge):
             iso9660.read_root_file(f, "user-data", limit=len(big) - 1)
 
 
@@ -280,6 +280,7 @@ def test_user_data_over_the_limit_on_the_disk(tmp_path: Path) -> None:
         fetch(root, cidata_cfg(limit=4096))
     assert ei.value.exit_code == EXIT_CONFIG
     assert ei.value.supporting_data["device"] == "sr0"
+    assert ei.value.supporting_data["limit_bytes"] == 4096
 
 
 def test_seed_file_over_the_limit(tmp_path: Path) -> None:

@@ -401,7 +401,7 @@ def test_hostile_iso_images(image: bytes, expect: str | None) -> None:
         got = iso9660.read_root_file(f, "user-data", limit=4096)
     except iso9660.TooLarge as exc:
         assert expect == "too large" and exc.exit_code == EXIT_CONFIG
-        assert isinstance(exc, ValueError)  # what clouds/cidata.py maps to "too large" today
+        assert exc.supporting_data["limit_bytes"] == 4096
         return
     except iso9660.NotIso as exc:
         assert expect == "not iso" and isinstance(exc, AgentError)

@@ -209,8 +209,9 @@ def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
                     data = iso9660.read_root_file(f, "user-data", limit=limit)
                 except iso9660.NotIso:
                     continue
-                except ValueError as exc:
-                    raise UserDataInvalid("user-data on the cidata disk is too large", device=name) from exc
+                except iso9660.TooLarge as exc:
+                    exc.supporting_data["device"] = name  # already UserDataInvalid (78): name the disk
+                    raise
         except OSError:
             continue  # no medium in the drive, or a device we may not read
         if data is None:
