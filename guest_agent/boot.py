@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("guest_agent.boot")
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Deps:
     """The edges of the world, injectable for tests."""
 

@@ -8,6 +8,10 @@ Load order (later wins, key by key):
 The two ``/etc`` locations are read under ``--root``.  Unknown sections or keys
 and wrongly typed values are errors (exit 78): a typo must not silently fall
 back to a default on a machine nobody can log in to.
+
+The classes are frozen but generate no __eq__/__repr__ (nothing compares or prints a whole
+section; `as_dict` does for tests): each generated method is source that `dataclasses` compiles
+with exec() at import, on every boot (`make bench`: ~0.9 ms of CPU per class saved).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ DEFAULT_ALLOWED_PATHS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class FetchConfig:
     """How user-data is fetched from any metadata service."""
 
@@ -53,7 +57,7 @@ class FetchConfig:
     retry_after_max_s: float = 30.0  # a server's Retry-After is honoured up to this (and the deadline)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class LimitsConfig:
     """Size caps on untrusted input (the host is untrusted)."""
 
@@ -62,7 +66,7 @@ class LimitsConfig:
     max_file_bytes: int = 512 * 1024  # one write_files entry, decoded
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class FilesConfig:
     """Which files user-data may write, and where the pod VM keeps them."""
 
@@ -75,7 +79,7 @@ class FilesConfig:
     strict: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class TpmConfig:
     """Measurement of initdata into a TPM PCR (CAA PR #1999 / #2186)."""
 
@@ -84,7 +88,7 @@ class TpmConfig:
     pcr: int = 8  # unused by systemd-boot/UKI images; what CAA's verifier replays
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class NetworkConfig:
     """Waiting for a route to the metadata address by netlink events."""
 
@@ -92,7 +96,7 @@ class NetworkConfig:
     deadline_s: float = 120.0  # no route by then: exit 69 (and NotReady on Azure)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class NetnsConfig:
     """The pod network namespace and the pod's path to IMDS."""
 
@@ -105,7 +109,7 @@ class NetnsConfig:
     nft_table: str = "guest_agent"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class AzureConfig:
     imds_url: str = "http://169.254.169.254"
     # compute/userData exists from api-version 2021-01-01; format=text returns the base64 string.
@@ -122,32 +126,32 @@ class AzureConfig:
     wireserver_read_timeout_s: float = 10.0  # WALinuxAgent uses 10 s per request
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class AwsConfig:
     imds_url: str = "http://169.254.169.254"
     token_ttl_s: int = 21600  # IMDSv2 token lifetime (1..21600)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GcpConfig:
     # By IP, not metadata.google.internal: no DNS this early (afterburn does the same).
     metadata_url: str = "http://169.254.169.254"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class AlibabaConfig:
     metadata_url: str = "http://100.100.100.200"
     token_ttl_s: int = 21600
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class IbmCloudConfig:
     metadata_url: str = "http://169.254.169.254"
     api_version: str = "2022-03-01"
     token_expires_s: int = 300
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class CidataConfig:
     mount_dir: str = "/media/cidata"  # an existing <mount_dir>/user-data wins (byom, docker)
     labels: tuple[str, ...] = ("cidata", "CIDATA")
@@ -163,7 +167,7 @@ class CidataConfig:
             raise ConfigError("cidata.delivery_deadline_s must be >= 0 (0 = no deadline)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Config:
     provider: str = "auto"  # auto|azure|aws|gcp|alibaba|ibmcloud|cidata
     state_dir: str = "/run/guest-agent"  # timeline.json lives here

@@ -69,7 +69,7 @@ _WRITTEN_MAX = 64 * 1024
 Step = Callable[[str], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class FileSpec:
     path: str  # absolute, normalised guest path
     content: bytes
@@ -185,7 +185,7 @@ def _read_written(gen_fd: int) -> set[str] | None:
     return set(data.decode("utf-8", "replace").split("\n")) - {""}
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _SetDir:
     """One directory's share of the set, through the steps of the module docstring."""
 

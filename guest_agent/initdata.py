@@ -53,7 +53,7 @@ NAME_MAX = 255
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Initdata:
     algorithm: str
     version: str

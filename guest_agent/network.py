@@ -77,7 +77,7 @@ NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES
 RECV_BUF = 65536
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RouteInfo:
     """The kernel's answer to "ip route get <dst>"."""
 

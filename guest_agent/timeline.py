@@ -22,7 +22,7 @@ from guest_agent.log import fields
 log = logging.getLogger("guest_agent.timeline")
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class Stage:
     name: str
     start: float

@@ -31,7 +31,7 @@ DMI_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Facts:
     dmi: dict[str, str] = field(default_factory=dict)
     cidata_seed: bool = False  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
@@ -63,7 +63,7 @@ def detect(facts: Facts) -> str:
     return next(p.name for p in providers.REGISTRY if p.matches(facts.get))
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class FetchContext:
     cfg: Config
     root: str
