@@ -249,7 +249,8 @@ def _dispatch(args: argparse.Namespace | types.SimpleNamespace, cfg: Config, log
         from guest_agent.timeline import Timeline
 
         tl = Timeline()
-        boot.provision(_read(args.user_data, cfg.limits.max_user_data_bytes), cfg, root, tl)
+        plan = boot.provision(_read(args.user_data, cfg.limits.max_user_data_bytes), cfg, root, tl)
+        boot.log_written(plan)
         boot.write_timeline(tl, cfg, root)
         return EXIT_OK
     if args.command == "check":
