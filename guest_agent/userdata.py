@@ -160,8 +160,21 @@ class Parsed:
 
 
 def parse_document(text: str, cfg: Config) -> Parsed:
-    """The write_files entries of a decoded #cloud-config document, fully validated."""
-    doc = safeyaml.compose(text)
+    """The write_files entries of a decoded #cloud-config document, fully validated.
+
+    A document in the shape of CAA's template is read without libyaml (`safeyaml.compose_block`);
+    any other, and any document refused, is read by `safeyaml.compose`, so every refusal, its
+    reason and its line are libyaml's reading."""
+    fast = safeyaml.compose_block(text)
+    if fast is not None:
+        try:
+            return _entries(fast, cfg)
+        except UserDataInvalid:
+            pass
+    return _entries(safeyaml.compose(text), cfg)
+
+
+def _entries(doc: safeyaml.Node | None, cfg: Config) -> Parsed:
     if doc is None or safeyaml.is_null(doc):
         return Parsed([], [])
     if not isinstance(doc, dict):
