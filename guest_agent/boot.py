@@ -9,7 +9,6 @@ reason, and nothing after it runs: Ready is never reported after a failed provis
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +18,15 @@ from typing import TYPE_CHECKING
 from guest_agent import clouds, files, initdata, providers, sha2, transport, userdata
 from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
-from guest_agent.log import MSG_APPLIED, MSG_FAILED, MSG_FAILURE_REPORTED, MSG_READY_REPORTED, MSG_TIMELINE, fields
+from guest_agent.log import (
+    MSG_APPLIED,
+    MSG_FAILED,
+    MSG_FAILURE_REPORTED,
+    MSG_READY_REPORTED,
+    MSG_TIMELINE,
+    fields,
+    logger,
+)
 from guest_agent.notify import Notifier
 from guest_agent.timeline import Timeline
 
@@ -27,7 +34,7 @@ if TYPE_CHECKING:
     from guest_agent.azure.fabric import AzureFabric
     from guest_agent.azure.health import ReportResult
 
-log = logging.getLogger("guest_agent.boot")
+log = logger("guest_agent.boot")
 
 
 @dataclass(eq=False, repr=False)

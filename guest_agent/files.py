@@ -49,15 +49,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guest_agent.errors import WriteFailed
+from guest_agent.log import logger
 
-log = logging.getLogger("guest_agent.files")
+log = logger("guest_agent.files")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DATA = "..data"

@@ -10,12 +10,13 @@ unsupported address (vsock:) or a send error never stops provisioning: log once,
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Callable
 
-log = logging.getLogger("guest_agent.notify")
+from guest_agent.log import logger
+
+log = logger("guest_agent.notify")
 
 Sender = Callable[[str], bool]
 

@@ -8,7 +8,6 @@ figures line up with `journalctl -o short-monotonic` and `systemd-analyze`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from guest_agent.errors import AgentError
-from guest_agent.log import fields
+from guest_agent.log import fields, logger
 
-log = logging.getLogger("guest_agent.timeline")
+log = logger("guest_agent.timeline")
 
 
 @dataclass(eq=False, repr=False)

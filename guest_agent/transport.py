@@ -6,7 +6,6 @@ The exchange itself (socket, bounds, faults) is in httpio.py.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -14,8 +13,9 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol, TypeVar
 
 from guest_agent.errors import AgentError, MetadataUnavailable
+from guest_agent.log import logger
 
-log = logging.getLogger("guest_agent.transport")
+log = logger("guest_agent.transport")
 T = TypeVar("T")
 
 # Early-boot "not yet" answers worth retrying (cloud-init imds.py, ignition: 404/410/429 and 5xx).

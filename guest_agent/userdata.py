@@ -25,7 +25,6 @@ file belongs to the agent's user (root), mode 0600.
 
 from __future__ import annotations
 
-import logging
 import posixpath
 from dataclasses import dataclass, field
 
@@ -33,10 +32,10 @@ from guest_agent import codec, initdata, safeyaml
 from guest_agent.config import Config
 from guest_agent.errors import UserDataInvalid
 from guest_agent.files import FileSpec
-from guest_agent.log import fields
+from guest_agent.log import fields, logger
 from guest_agent.safeyaml import field_of
 
-log = logging.getLogger("guest_agent.userdata")
+log = logger("guest_agent.userdata")
 
 ENTRY_KEYS = frozenset({"path", "content", "encoding", "permissions", "owner"})
 INITDATA_PATH = "initdata"  # under files.peerpod_dir

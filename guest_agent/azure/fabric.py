@@ -19,7 +19,6 @@ Every path is under `root` (the agent's --root: "/" in production, a temp dir in
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -30,12 +29,13 @@ from guest_agent.azure import kvp
 from guest_agent.azure.health import DEFAULT_BACKOFF, ReportResult, WireserverClient
 from guest_agent.azure.wire import DEFAULT_WIRESERVER, NOT_READY, READY, wireserver_address
 from guest_agent.errors import AgentError, FabricError
+from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, urandom_unit
 
 if TYPE_CHECKING:
     from guest_agent.config import AzureConfig
 
-log = logging.getLogger("guest_agent.azure.fabric")
+log = logger("guest_agent.azure.fabric")
 
 NOT_READY_MARKER = "azure-not-ready"  # under the state directory
 
