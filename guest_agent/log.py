@@ -15,8 +15,8 @@ none of its handlers, locks, filters or formatters, and its import (with `traceb
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import struct
 import sys
 from collections.abc import Iterator
@@ -101,7 +101,7 @@ class JournalWriter:
     def __init__(self, fields: dict[str, str], socket_path: str = JOURNAL_SOCKET) -> None:
         self.fields = fields  # added to every record (e.g. GUEST_AGENT_PROVIDER once known)
         self.socket_path = socket_path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
 
     def entry(self, record: Record) -> dict[str, str]:
         return {
