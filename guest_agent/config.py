@@ -20,7 +20,6 @@ import dataclasses
 import os
 import posixpath
 import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +110,8 @@ class NetnsConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class AzureConfig:
+    """Azure: user-data from IMDS, the KVP record and the Ready/NotReady report to the wireserver."""
+
     imds_url: str = "http://169.254.169.254"
     # compute/userData exists from api-version 2021-01-01; format=text returns the base64 string.
     user_data_path: str = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
@@ -128,24 +129,32 @@ class AzureConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class AwsConfig:
+    """AWS: user-data from IMDSv2 (token first)."""
+
     imds_url: str = "http://169.254.169.254"
     token_ttl_s: int = 21600  # IMDSv2 token lifetime (1..21600)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class GcpConfig:
+    """GCP: user-data from the metadata server."""
+
     # By IP, not metadata.google.internal: no DNS this early (afterburn does the same).
     metadata_url: str = "http://169.254.169.254"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class AlibabaConfig:
+    """Alibaba Cloud: user-data from the metadata service (token first)."""
+
     metadata_url: str = "http://100.100.100.200"
     token_ttl_s: int = 21600
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class IbmCloudConfig:
+    """IBM Cloud VPC: user-data from the instance metadata service (token first)."""
+
     metadata_url: str = "http://169.254.169.254"
     api_version: str = "2022-03-01"
     token_expires_s: int = 300
@@ -153,6 +162,8 @@ class IbmCloudConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class CidataConfig:
+    """cidata: user-data from a NoCloud/cidata volume or an existing seed file (byom, docker)."""
+
     mount_dir: str = "/media/cidata"  # an existing <mount_dir>/user-data wins (byom, docker)
     labels: tuple[str, ...] = ("cidata", "CIDATA")
     dev_dir: str = "/dev"  # block devices scanned for an ISO9660 volume with one of the labels
@@ -169,6 +180,8 @@ class CidataConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Config:
+    """The whole configuration, one section per TOML table."""
+
     provider: str = "auto"  # auto|azure|aws|gcp|alibaba|ibmcloud|cidata
     state_dir: str = "/run/guest-agent"  # timeline.json lives here
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -241,10 +254,16 @@ def load_with_origins(root: str = "/", extra: str | None = None) -> tuple[Config
     return cfg, origins
 
 
+# The annotations a configuration value may have, as written (`from __future__ import annotations`
+# keeps them as strings): looked up here instead of typing.get_type_hints, which compiles and
+# evaluates every annotation of the class on each load.  tests/test_config.py checks every field.
+VALUE_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
+
+
 def merge(obj: Any, data: dict[str, Any], *, where: str) -> Any:
     """Return a copy of dataclass `obj` with `data` applied, checking names and types."""
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(obj)}
+    names = set(annotations)
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
@@ -255,21 +274,18 @@ def merge(obj: Any, data: dict[str, Any], *, where: str) -> Any:
                 raise ConfigError("configuration key must be a table", key=key, file=where)
             changes[key] = merge(current, value, where=where)
         else:
-            changes[key] = _coerce(key, hints[key], value, where)
+            changes[key] = _coerce(key, VALUE_TYPES[annotations[key]], value, where)
     cfg = dataclasses.replace(obj, **changes)
     if isinstance(cfg, Config) and cfg.provider not in PROVIDERS:
         raise ConfigError("unknown provider in agent configuration", provider=cfg.provider, file=where)
     return cfg
 
 
-def _coerce(key: str, hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
+def _coerce(key: str, hint: type, value: Any, where: str) -> Any:
+    if hint is tuple:  # tuple[str, ...]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError("configuration key must be a list of strings", key=key, file=where)
         return tuple(value)
-    if isinstance(hint, types.UnionType):
-        hint = next(h for h in typing.get_args(hint) if h is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (hint is bool) != isinstance(value, bool):
