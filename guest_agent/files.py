@@ -53,6 +53,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from guest_agent.errors import WriteFailed
 from guest_agent.log import logger
@@ -69,8 +70,7 @@ _WRITTEN_MAX = 64 * 1024
 Step = Callable[[str], None]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class FileSpec:
+class FileSpec(NamedTuple):
     path: str  # absolute, normalised guest path
     content: bytes
     mode: int = 0o600

@@ -35,7 +35,7 @@ import select
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent.errors import NetworkUnavailable
 
@@ -77,8 +77,7 @@ NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES
 RECV_BUF = 65536
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class RouteInfo:
+class RouteInfo(NamedTuple):
     """The kernel's answer to "ip route get <dst>"."""
 
     dst: str

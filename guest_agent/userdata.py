@@ -26,7 +26,7 @@ file belongs to the agent's user (root), mode 0600.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from guest_agent import codec, initdata, safeyaml
 from guest_agent.config import Config
@@ -59,16 +59,15 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 _OTHER_PARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job", "#cloud-config-")
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class Plan:
+class Plan(NamedTuple):
     """Everything a run will write, decided before anything is written."""
 
     files: tuple[FileSpec, ...]
     initdata: initdata.Initdata
     initdata_is_default: bool
     # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
-    skipped_paths: tuple[str, ...] = field(default=())
-    skipped_initdata_keys: tuple[str, ...] = field(default=())
+    skipped_paths: tuple[str, ...] = ()
+    skipped_initdata_keys: tuple[str, ...] = ()
 
     @property
     def skipped(self) -> int:
@@ -152,8 +151,7 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
     return data
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class Parsed:
+class Parsed(NamedTuple):
     files: list[FileSpec]
     skipped: list[str]  # well-formed paths not on the allow-list (files.strict = false)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guest_agent.config import Config, root_path
 
@@ -31,9 +31,8 @@ DMI_FIELDS = (
 )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class Facts:
-    dmi: dict[str, str] = field(default_factory=dict)
+class Facts(NamedTuple):
+    dmi: dict[str, str]
     cidata_seed: bool = False  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
 
     def get(self, name: str) -> str:
