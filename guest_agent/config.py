@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -358,15 +357,21 @@ def _optional(check: Callable[[str], str | None]) -> Callable[[str], str | None]
     return lambda v: None if v == "" else check(v)
 
 
+# Character sets instead of regular expressions: each pattern would be compiled on every load.
+_IDENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_NAME_CHARS = _IDENT_CHARS | {".", "-"}
+
+
 def _name(v: str) -> str | None:
     # A file name under /run/netns (`ip netns add` refuses "/" and the dot names too).
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v in (".", ".."):
+    if not (1 <= len(v) <= 64 and _NAME_CHARS.issuperset(v)) or v in (".", ".."):
         return "must be 1-64 characters of A-Z a-z 0-9 _ . - (not . or ..)"
     return None
 
 
 def _nft_name(v: str) -> str | None:
-    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v) else "must be an nftables identifier"
+    ok = 1 <= len(v) <= 64 and _IDENT_CHARS.issuperset(v) and not v[0].isdigit()
+    return None if ok else "must be an nftables identifier"
 
 
 def _ipv4(v: str) -> str | None:
@@ -382,7 +387,9 @@ def _labels(v: tuple[str, ...]) -> str | None:
 
 
 def _date(v: str) -> str | None:
-    return None if re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) else "must be a date YYYY-MM-DD"
+    digits = v[:4] + v[5:7] + v[8:]
+    ok = len(v) == 10 and v[4] == v[7] == "-" and digits.isascii() and digits.isdigit()
+    return None if ok else "must be a date YYYY-MM-DD"
 
 
 def _query_path(v: str) -> str | None:
