@@ -93,11 +93,11 @@ def check_measurement(idata: initdata.Initdata, cfg: Config, root: str) -> bool:
 
 def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) -> str:
     """Extend the TPM PCR with the first 32 bytes of the initdata digest, once per boot."""
-    from guest_agent import tpm
-
-    device = root_path(root, cfg.tpm.device)
     if not cfg.tpm.enabled:
         return "disabled"
+    from guest_agent import tpm  # imported by warm() already in `run`
+
+    device = root_path(root, cfg.tpm.device)
     if not tpm.tpm_present(device):
         log.info("no TPM at %s: initdata not measured into a PCR", cfg.tpm.device, extra=fields(stage="measure"))
         return "absent"
@@ -175,14 +175,16 @@ def start_budget_s(cfg: Config) -> float:
     return network + cfg.fetch.deadline_s + cfg.cidata.wait_s + report + START_SLACK_S
 
 
-def warm(provider: str) -> None:
+def warm(provider: str, cfg: Config) -> None:
     """Import now, before the network wait, what the stages after it need (the provider's
-    module).  On a real boot the agent starts ~2 s before the DHCP lease, so these imports cost
-    nothing there; after the route appears they would sit between the lease and Ready (`make
-    bench`: "route present -> Ready").  PyYAML is not among them: a document in the shape of
-    CAA's template is read without it (`safeyaml.compose_block`), and only any other document
-    pays its import."""
+    module, the TPM's).  On a real boot the agent starts ~2 s before the DHCP lease, so these
+    imports cost nothing there; after the route appears they would sit between the lease and
+    Ready (`make bench`: "route present -> Ready").  PyYAML is not among them: a document in the
+    shape of CAA's template is read without it (`safeyaml.compose_block`), and only any other
+    document pays its import."""
     clouds.provider_module(provider)
+    if cfg.tpm.enabled:
+        from guest_agent import tpm  # noqa: F401
 
 
 def run(cfg: Config, root: str, deps: Deps) -> int:
@@ -215,7 +217,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
                 on_retry=lambda text: deps.notifier.status(f"report: {text}"),
             )
         addr = clouds.metadata_address(provider, cfg)
-        warm(provider)
+        warm(provider, cfg)
         if addr is not None and cfg.network.wait:
             from guest_agent import network
 
