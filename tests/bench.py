@@ -15,7 +15,9 @@ For N runs each (medians, with min-max):
   branch) for a before/after in one run, as `python -m guest_agent` and through the launcher;
   its package is copied and its bytecode compiled first, as this tree's is;
 - as root, in a private network namespace: route to IMDS appears -> Ready received;
-- `python -X importtime` of one agent run: the modules on the critical path.
+- `python -X importtime` of one agent run: the modules on the critical path;
+- with `--callgrind`, the instructions one launcher run and `python -c pass` execute (valgrind):
+  the same every time, however loaded the shared machine is.
 """
 
 from __future__ import annotations
@@ -262,6 +264,20 @@ def importtime(argv: list[str], env: dict[str, str]) -> tuple[int, list[tuple[in
     return total, rows
 
 
+def instructions(argv: list[str], env: dict[str, str]) -> int:
+    """Instructions executed by one run of argv (valgrind's callgrind, the process itself only)."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stderr
+    m = re.search(r"Collected : (\d+)", out)
+    if m is None:
+        raise SystemExit(f"valgrind gave no instruction count: {out[-500:]}")
+    return int(m.group(1))
+
+
 def series(n: int, fn: Callable[[], dict[str, float]]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for _ in range(n):
@@ -274,6 +290,11 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--baseline", metavar="DIR", help="also run the guest_agent package found in DIR (before/after)")
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="also count the instructions of one run of each launcher and of `python -c pass` (valgrind)",
+    )
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     n = args.runs
@@ -281,6 +302,7 @@ def main() -> int:
         # A private network namespace with only lo: the late-network series adds an
         # address there, and nothing can leave the machine.
         extra = ["--baseline", os.path.abspath(args.baseline)] if args.baseline else []
+        extra += ["--callgrind"] if args.callgrind else []
         argv = [PY, "-m", "tests.bench", "--runs", str(n), "--in-netns", *extra]
         return subprocess.call(["unshare", "--net", "--", *argv])
     if args.in_netns:
@@ -330,6 +352,18 @@ def main() -> int:
             for name, fn in series_fns:
                 for k, v in series(1, fn).items():
                     results.setdefault(name, {}).setdefault(k, []).extend(v)
+        counted = []
+        if args.callgrind:
+            counted.append(("python -c pass", instructions([PY, "-c", "pass"], flavours["json"].env)))
+            counted.append(
+                (
+                    "guest-agent run (JSON, launcher)",
+                    instructions(flavours["json"].argv(launcher=launcher), flavours["json"].env),
+                )
+            )
+            if baseline:
+                b = flavours["json-baseline"]
+                counted.append(("baseline run (JSON, launcher)", instructions(b.argv(launcher=base_launcher), b.env)))
         # As the image starts it: the launcher's flags, its sys.path.
         imports = importtime(
             [PY, "-X", "importtime", "-ISB", *flavours["json"].argv(launcher=launcher)], flavours["json"].env
@@ -360,6 +394,10 @@ def main() -> int:
         print("\nnetwork up (route to IMDS appears) -> fake wireserver received Ready:")
         for name in late_runs:
             print(f"  {name:36} {fmt(results[name]['net_to_ready'], 'ms', 1000)}")
+    if counted:
+        print("\ninstructions of one process (valgrind --tool=callgrind; load does not change them):")
+        for name, n in counted:
+            print(f"  {name:36} {n / 1e6:8.1f} M   {n / counted[0][1]:4.2f}x python -c pass")
     total_us, rows = imports
     print(f"\nimports of one agent run (python -X importtime): {total_us / 1000:.1f} ms in all; cumulative per module:")
     for us, name in rows:
