@@ -9,8 +9,8 @@ sizes and sha256 digests.
 
 Not the standard library's `logging`: one process, one destination and a few dozen entries need
 none of its handlers, locks, filters or formatters, and its import (with `traceback`, `string`,
-`threading`, `weakref`) is ~20 M instructions on every boot (valgrind's callgrind: `python -ISB -c
-"import logging"` against `-c pass`), ~5 % of a whole agent run.
+`threading`, `weakref`) and records cost ~20 M instructions on every boot, ~7 % of a whole agent
+run (valgrind's callgrind, one `run` against the local fake Azure: 287 M -> 267 M).
 """
 
 from __future__ import annotations
