@@ -59,7 +59,12 @@ class Record:
         return _LEVEL_NAMES.get(self.levelno, "info").upper()
 
     def message(self) -> str:
-        return self.msg % self.args if self.args else self.msg
+        if not self.args:
+            return self.msg
+        try:
+            return self.msg % self.args
+        except (TypeError, ValueError):  # a wrong format is a bug, but logging must not end the run
+            return f"{self.msg} {self.args!r}"
 
     def text(self) -> str:
         """The message, and below it the traceback when there is one."""

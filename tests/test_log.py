@@ -127,3 +127,12 @@ def test_tracebacks_reach_the_journal_and_stderr(
     err = capsys.readouterr().err
     assert "guest-agent: error: unexpected error\nTraceback (most recent call last):" in err
     assert "KeyError: 'boom'" in err
+
+
+def test_a_bad_format_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+    agent_log.setup(agent_log.INFO, journal=False)
+    try:
+        agent_log.logger("guest_agent.test").info("%d files", "x")
+    finally:
+        agent_log.setup(agent_log.WARNING, journal=False)
+    assert "%d files ('x',)" in capsys.readouterr().err
