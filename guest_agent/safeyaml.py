@@ -186,7 +186,8 @@ def compose(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES
 # ever emits block mappings and sequences, one-line plain scalars and `|` literal blocks, so a
 # document of exactly that shape is read here, line by line, without libyaml.  Anything else
 # (a tab, a quote, a flow collection, a comment after a value, a tag, an anchor, `---`, `|-`, an
-# empty value, a duplicate key, non-ASCII text, ...) makes `compose_block` return None and
+# empty value, a duplicate key, a tab or non-ASCII text outside `|` content and comments, ...)
+# makes `compose_block` return None and
 # `compose` decides.  The subset is chosen so that libyaml reads every document it accepts to
 # the same tree, lines included (tests/test_fuzz_decoders.py checks that on generated documents).
 
@@ -218,10 +219,14 @@ def _key(text: str) -> tuple[str, str] | None:
 def compose_block(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Node | None:
     """The tree of a document in the template's shape (a mapping at the top), as `compose` would
     build it; None when the document is anything else.  Never recurses; one pass over the lines."""
-    if not text.endswith("\n") or not text.isascii():
+    if not text.endswith("\n"):
         return None
     lines = text.split("\n")[:-1]
-    if not all(line.isprintable() for line in lines):  # no tab, CR or other control character
+    # Tabs and non-ASCII text get through only where YAML takes them as they are (`|` content,
+    # comments): keys and plain scalars below are ASCII without tab.  Python's printable
+    # characters are a subset of YAML's (no C0/C1 control, CR, NEL, U+2028/2029, BOM, surrogate,
+    # U+FFFE/FFFF), so libyaml's reader refuses none of what passes here.
+    if not all(line.replace("\t", "").isprintable() for line in lines):
         return None
     root: dict[str, Node] = {}
     # Open collections, innermost last: (indent, container); a sequence may share its parent
@@ -329,8 +334,8 @@ def _literal(lines: list[str], i: int, parent: int) -> tuple[str | None, int]:
         return None, i  # empty, or leading blank lines: libyaml's indentation rules decide
     first = lines[i]
     indent = len(first) - len(first.lstrip(" "))
-    if indent <= parent:
-        return None, i
+    if indent <= parent or first[indent] == "\t":
+        return None, i  # a tab while libyaml still detects the indentation is an error there
     out: list[str] = []
     while i < len(lines):
         line = lines[i]
