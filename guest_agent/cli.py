@@ -7,7 +7,6 @@ failure prints a one-line reason.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import types
@@ -26,11 +25,12 @@ from guest_agent.errors import (
     NoPermission,
     UnhandledError,
 )
+from guest_agent.log import logger
 
 if typing.TYPE_CHECKING:
     import argparse
 
-log = logging.getLogger("guest_agent.cli")
+log = logger("guest_agent.cli")
 
 EPILOG = (
     "configuration: /etc/guest-agent/config.toml, then /etc/guest-agent/config.d/*.toml by name, "
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _run_args(argv) or _parser().parse_args(argv)
     from guest_agent import log as agent_log
 
-    log_fields = agent_log.setup(logging.DEBUG if args.verbose else logging.INFO)
+    log_fields = agent_log.setup(agent_log.DEBUG if args.verbose else agent_log.INFO)
     try:
         from guest_agent import config
 
@@ -249,7 +249,8 @@ def _dispatch(args: argparse.Namespace | types.SimpleNamespace, cfg: Config, log
         from guest_agent.timeline import Timeline
 
         tl = Timeline()
-        boot.provision(_read(args.user_data, cfg.limits.max_user_data_bytes), cfg, root, tl)
+        plan = boot.provision(_read(args.user_data, cfg.limits.max_user_data_bytes), cfg, root, tl)
+        boot.log_written(plan)
         boot.write_timeline(tl, cfg, root)
         return EXIT_OK
     if args.command == "check":

@@ -49,15 +49,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from guest_agent.errors import WriteFailed
+from guest_agent.log import logger
 
-log = logging.getLogger("guest_agent.files")
+log = logger("guest_agent.files")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DATA = "..data"
@@ -69,8 +69,7 @@ _WRITTEN_MAX = 64 * 1024
 Step = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class FileSpec:
+class FileSpec(NamedTuple):
     path: str  # absolute, normalised guest path
     content: bytes
     mode: int = 0o600
@@ -185,18 +184,21 @@ def _read_written(gen_fd: int) -> set[str] | None:
     return set(data.decode("utf-8", "replace").split("\n")) - {""}
 
 
-@dataclass
 class _SetDir:
-    """One directory's share of the set, through the steps of the module docstring."""
+    """One directory's share of the set, through the steps of the module docstring.  A plain
+    class: a dataclass exec()-compiles its methods at every import (boot.py's `Deps` says more)."""
 
-    path: str  # guest path of the directory, for errors
-    fd: int
-    specs: dict[str, FileSpec]  # name -> spec
-    step: Step
-    current: str | None = None  # the generation `..data` points at
-    new: str | None = None
-    cfd: int = -1  # the current generation, open from build() to close()
-    tok: str = field(default_factory=_token)
+    __slots__ = ("cfd", "current", "fd", "new", "path", "specs", "step", "tok")
+
+    def __init__(self, path: str, fd: int, specs: dict[str, FileSpec], step: Step) -> None:
+        self.path = path  # guest path of the directory, for errors
+        self.fd = fd
+        self.specs = specs  # name -> spec
+        self.step = step
+        self.current: str | None = None  # the generation `..data` points at
+        self.new: str | None = None
+        self.cfd = -1  # the current generation, open from build() to close()
+        self.tok = _token()
 
     def check(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # one writer: the sweep below must not eat a live generation

@@ -26,11 +26,10 @@ shared by every client are in transport.py.
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import time
 import zlib
-from typing import NamedTuple
 
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import Retry
@@ -56,19 +55,34 @@ class ResponseTooLarge(MetadataUnavailable):
     """The answer's body is larger than the caller's bound (refused, never truncated)."""
 
 
-class Response(NamedTuple):
-    status: int
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
-    body: bytes  # after any Content-Encoding
+# The values below are plain classes with __slots__: a NamedTuple costs ~1.2 M instructions at
+# import (typing compiles each string annotation), on every boot (valgrind's callgrind).
+
+
+class Response:
+    """An answer: status, headers (lower-case names; a repeated header keeps its last value),
+    body (after any Content-Encoding)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
 
 
-class Target(NamedTuple):
-    host: str
-    port: int
-    path: str  # with the query string
+class Target:
+    """Where a request goes: host, port, path (with the query string)."""
+
+    __slots__ = ("host", "path", "port")
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.host = host
+        self.port = port
+        self.path = path
 
 
 def split_url(url: str) -> Target:
@@ -105,11 +119,16 @@ def _port(text: str, url: str) -> int:
 # --------------------------------------------------------------------------- pure parsing
 
 
-class Head(NamedTuple):
-    status: int
-    headers: dict[str, str]
-    content_length: int | None
-    chunked: bool
+class Head:
+    """Status line and headers of an answer, and how its body is framed."""
+
+    __slots__ = ("chunked", "content_length", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], content_length: int | None, chunked: bool) -> None:
+        self.status = status
+        self.headers = headers
+        self.content_length = content_length
+        self.chunked = chunked
 
 
 def parse_head(raw: bytes) -> Head:
@@ -169,10 +188,29 @@ def _fault(exc: OSError) -> Retry:
     return Retry(f"connection failed ({os.strerror(exc.errno) if exc.errno else type(exc).__name__})")
 
 
+def _connect(host: bytes, port: int, timeout: float) -> _socket.socket:
+    """`socket.create_connection` on the C module: each address getaddrinfo gives, in order,
+    until one connects.  The `socket` module's import (its enum classes, `selectors`) is ~12 M
+    instructions on every boot (valgrind's callgrind, against importing `_socket`), and its
+    wrapper class adds nothing an exchange here uses.  Sockets are created close-on-exec."""
+    err: OSError = OSError("getaddrinfo returned no address")
+    for family, kind, proto, _, addr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            err = exc
+            continue
+        return sock
+    raise err
+
+
 class _Reader:
     """Buffered reads from a socket, each recv bounded by what is left of the deadline."""
 
-    def __init__(self, sock: socket.socket, end: float) -> None:
+    def __init__(self, sock: _socket.socket, end: float) -> None:
         self.sock = sock
         self.end = end
         self.buf = bytearray()
@@ -314,12 +352,12 @@ def exchange(
         # The host as bytes (split_url allows ASCII only): getaddrinfo encodes a str with the
         # "idna" codec, which imports stringprep and unicodedata (~2 ms) for an IP literal.
         host = t.host.encode("ascii")
-        sock = socket.create_connection((host, t.port), timeout=max(min(connect_timeout_s, budget_s), 0.001))  # type: ignore[arg-type]
+        sock = _connect(host, t.port, max(min(connect_timeout_s, budget_s), 0.001))
     except OSError as exc:
         raise _fault(exc) from None
     try:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             left = end - time.monotonic()
             if left <= 0:
                 raise Retry("timed out (the exchange's deadline passed)")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent import sha2
 from guest_agent.codec import b64decode_strict, gunzip_bounded
@@ -53,8 +53,7 @@ NAME_MAX = 255
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
-@dataclass(frozen=True)
-class Initdata:
+class Initdata(NamedTuple):
     algorithm: str
     version: str
     digest: bytes

@@ -28,14 +28,14 @@ the kernel again, which also covers changes that produce no route message
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import select
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent.errors import NetworkUnavailable
 
@@ -77,8 +77,7 @@ NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES
 RECV_BUF = 65536
 
 
-@dataclass(frozen=True)
-class RouteInfo:
+class RouteInfo(NamedTuple):
     """The kernel's answer to "ip route get <dst>"."""
 
     dst: str
@@ -100,9 +99,9 @@ class RouteInfo:
 
 def family_of(address: str) -> int:
     """AF_INET or AF_INET6 for a literal address; ValueError otherwise (no DNS here)."""
-    for family in (socket.AF_INET, socket.AF_INET6):
+    for family in (_socket.AF_INET, _socket.AF_INET6):
         try:
-            socket.inet_pton(family, address)
+            _socket.inet_pton(family, address)
         except OSError:
             continue
         return family
@@ -121,14 +120,14 @@ def nlmsg(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
 def build_route_get(dst: str, seq: int) -> bytes:
     """RTM_GETROUTE for one host address, as `ip route get <dst>` sends it (no NLM_F_DUMP)."""
     family = family_of(dst)
-    raw = socket.inet_pton(family, dst)
+    raw = _socket.inet_pton(family, dst)
     rtm = RTMSG.pack(family, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0)
     return nlmsg(RTM_GETROUTE, NLM_F_REQUEST, seq, rtm + rtattr(RTA_DST, raw))
 
 
 def build_link_up(ifindex: int, seq: int) -> bytes:
     """RTM_NEWLINK that sets IFF_UP on an existing link ("ip link set <dev> up"), with an ACK."""
-    ifi = IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, IFF_UP, IFF_UP)
+    ifi = IFINFOMSG.pack(_socket.AF_UNSPEC, 0, ifindex, IFF_UP, IFF_UP)
     return nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, ifi)
 
 
@@ -167,9 +166,9 @@ def parse_route(dst: str, payload: bytes, *, waited: bool = False, events: int =
         if rta_type == RTA_OIF:
             (ifindex,) = struct.unpack("=I", value[:4])
         elif rta_type == RTA_GATEWAY:
-            gateway = socket.inet_ntop(family, value)
+            gateway = _socket.inet_ntop(family, value)
         elif rta_type == RTA_PREFSRC:
-            prefsrc = socket.inet_ntop(family, value)
+            prefsrc = _socket.inet_ntop(family, value)
         elif rta_type == RTA_TABLE:
             (table,) = struct.unpack("=I", value[:4])
     return RouteInfo(dst, ifindex, gateway, prefsrc, table, waited, events)
@@ -182,7 +181,7 @@ def parse_route(dst: str, payload: bytes, *, waited: bool = False, events: int =
 class RtnlSocket:
     """A NETLINK_ROUTE socket for request/reply, optionally in another network namespace."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.seq = 0
 
@@ -230,14 +229,14 @@ class RtnlSocket:
             raise OSError(code, f"could not set link {ifindex} up: {os.strerror(code)}")
 
 
-def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0) -> socket.socket:
+def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0) -> _socket.socket:
     """A bound NETLINK_ROUTE socket, created in `netns` (a path such as /run/netns/podns) if given.
 
     `timeout` 0 makes it non-blocking (the event socket: poll() waits, recv() drains).
     """
 
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    def make() -> _socket.socket:
+        sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _socket.NETLINK_ROUTE)
         try:
             sock.settimeout(timeout)
             sock.bind((0, groups))
@@ -253,7 +252,7 @@ def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0
     return run_in_netns(netns, make)
 
 
-def drain(sock: socket.socket) -> int:
+def drain(sock: _socket.socket) -> int:
     """Read every queued datagram from a non-blocking socket; return how many were read."""
     count = 0
     while True:
@@ -299,7 +298,7 @@ def wait_for_route(
     """
     family = family_of(dst)
     groups = RTMGRP_LINK | (
-        RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE if family == socket.AF_INET else RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+        RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE if family == _socket.AF_INET else RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
     )
     deadline = clock() + deadline_s
     events_sock = open_rtnl(groups=groups, netns=netns, timeout=0.0)  # subscribe first ...

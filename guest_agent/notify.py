@@ -10,12 +10,13 @@ unsupported address (vsock:) or a send error never stops provisioning: log once,
 
 from __future__ import annotations
 
-import logging
+import _socket
 import os
-import socket
 from collections.abc import Callable
 
-log = logging.getLogger("guest_agent.notify")
+from guest_agent.log import logger
+
+log = logger("guest_agent.notify")
 
 Sender = Callable[[str], bool]
 
@@ -38,7 +39,7 @@ def _stdlib_sender() -> Sender | None:
         if raw:
             log.warning("NOTIFY_SOCKET=%r is not an AF_UNIX address: not notifying systemd", raw[:80])
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
 
     def send(msg: str) -> bool:
         sock.sendto(msg.encode("utf-8"), addr)

@@ -26,8 +26,7 @@ Every failure is a `UserDataInvalid` whose supporting data names the field (`whe
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from guest_agent import codec
 from guest_agent.errors import UserDataInvalid
@@ -58,8 +57,10 @@ def show(text: str, n: int = SHOWN) -> str:
     return shown + "..." if len(text) > n else shown
 
 
-@dataclass(frozen=True, slots=True)
-class Scalar:
+class Scalar(NamedTuple):
+    """A leaf: its text, unresolved.  (A NamedTuple: as immutable and comparable as a frozen
+    dataclass with slots, which rebuilds its class and costs ~1 ms of CPU at every import.)"""
+
     value: str
     tag: str | None  # explicit tag (full URI, or "!"), None when untagged
     plain: bool  # plain style and untagged: YAML 1.1 implicit resolution applies
@@ -176,6 +177,180 @@ def compose(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES
     finally:
         events.close()
     return root
+
+
+# --- the template's shape, without libyaml ------------------------------------------------
+# `import yaml` costs ~90 M instructions (callgrind; ~60 % of it yaml.reader compiling one
+# character-class regex), about a fifth of a whole agent run.  CAA's template
+# (cloud-api-adaptor src/cloud-providers/util/cloudinit/cloudconfig.go, `cloudInitText`) only
+# ever emits block mappings and sequences, one-line plain scalars and `|` literal blocks, so a
+# document of exactly that shape is read here, line by line, without libyaml.  Anything else
+# (a tab, a quote, a flow collection, a comment after a value, a tag, an anchor, `---`, `|-`, an
+# empty value, a duplicate key, a tab or non-ASCII text outside `|` content and comments, ...)
+# makes `compose_block` return None and
+# `compose` decides.  The subset is chosen so that libyaml reads every document it accepts to
+# the same tree, lines included (tests/test_fuzz_decoders.py checks that on generated documents).
+
+_PLAIN_FIRST = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_")
+_PLAIN_REST = _PLAIN_FIRST | frozenset(".+=~-@:, ")
+_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _plain(text: str) -> str | None:
+    """`text` as a one-line plain scalar of the subset (trailing spaces dropped), else None."""
+    value = text.rstrip(" ")
+    if not value or value[0] not in _PLAIN_FIRST or not _PLAIN_REST.issuperset(value):
+        return None
+    if ": " in value or value.endswith(":") or "  " in value or " ," in value or value.endswith(","):
+        return None  # a key, or spellings whose reading would need the full scanner
+    return value
+
+
+def _key(text: str) -> tuple[str, str] | None:
+    """(key, rest after `: `) of a `key: rest` or `key:` line body, else None."""
+    key, sep, rest = text.partition(":")
+    if not sep or not key or key[0].isdigit() or not _KEY.issuperset(key):
+        return None
+    if rest and not rest.startswith(" "):
+        return None
+    return key, rest.strip(" ")
+
+
+def compose_block(text: str, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Node | None:
+    """The tree of a document in the template's shape (a mapping at the top), as `compose` would
+    build it; None when the document is anything else.  Never recurses; one pass over the lines."""
+    if not text.endswith("\n"):
+        return None
+    lines = text.split("\n")[:-1]
+    # Tabs and non-ASCII text get through only where YAML takes them as they are (`|` content,
+    # comments): keys and plain scalars below are ASCII without tab.  Python's printable
+    # characters are a subset of YAML's (no C0/C1 control, CR, NEL, U+2028/2029, BOM, surrogate,
+    # U+FFFE/FFFF), so libyaml's reader refuses none of what passes here.
+    if not all(line.replace("\t", "").isprintable() for line in lines):
+        return None
+    root: dict[str, Node] = {}
+    # Open collections, innermost last: (indent, container); a sequence may share its parent
+    # mapping's indent (`write_files:` then `- path: ...` in column 0).
+    stack: list[tuple[int, list[Node] | dict[str, Node]]] = [(0, root)]
+    # `key:` (or `-`) awaiting its nested block: (parent, key or None for an item, line indent)
+    pending: tuple[list[Node] | dict[str, Node], str | None, int] | None = None
+    nodes = 1  # the root
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i]
+        lineno = i + 1
+        i += 1
+        body = line.lstrip(" ")
+        if not body or body.startswith("#"):
+            continue  # blank or comment line
+        indent = len(line) - len(body)
+        if indent == 0 and body.startswith(("---", "...", "%")):
+            return None
+        is_item = body == "-" or body.startswith("- ")
+        if pending is not None:
+            parent, pkey, pindent = pending
+            pending = None
+            if is_item and (indent > pindent or (indent == pindent and pkey is not None)):
+                child: list[Node] | dict[str, Node] = []
+            elif not is_item and indent > pindent:
+                child = {}
+            else:
+                return None  # an empty (null) value: its marks are libyaml's to place
+            if isinstance(parent, list):
+                parent.append(child)
+            elif pkey is not None:
+                parent[pkey] = child
+            stack.append((indent, child))
+            nodes += 1
+            if len(stack) > max_depth or nodes > max_nodes:
+                return None
+        while stack[-1][0] > indent:
+            stack.pop()
+        top_indent, top = stack[-1]
+        if top_indent != indent:
+            return None  # a continuation line, or an indentation libyaml would refuse
+        if not is_item and isinstance(top, list):
+            stack.pop()  # `key:` in the column of an indentless sequence ends it
+            top_indent, top = stack[-1]
+            if top_indent != indent:
+                return None
+        if is_item:
+            if not isinstance(top, list):
+                return None
+            rest = body[1:].lstrip(" ")
+            if not rest:
+                pending = (top, None, indent)
+                continue
+            entry = _key(rest)
+            if entry is None:
+                if rest == "|":
+                    value, i = _literal(lines, i, indent)
+                    scalar = None if value is None else Scalar(value, None, False, lineno)
+                else:
+                    value = _plain(rest)
+                    scalar = None if value is None else Scalar(value, None, True, lineno)
+                if scalar is None:
+                    return None
+                top.append(scalar)
+                nodes += 1
+                continue
+            mapping: dict[str, Node] = {}
+            top.append(mapping)
+            indent += len(body) - len(rest)  # the mapping's keys line up with this one
+            stack.append((indent, mapping))
+            nodes += 1
+            if len(stack) > max_depth:
+                return None
+            top = mapping
+        else:
+            entry = _key(body)
+            if entry is None or not isinstance(top, dict):
+                return None
+        key, rest = entry
+        if key in top:
+            return None
+        nodes += 2  # the key and its value
+        if nodes > max_nodes:
+            return None
+        if not rest:
+            pending = (top, key, indent)
+        elif rest == "|":
+            block, i = _literal(lines, i, indent)
+            if block is None:
+                return None
+            top[key] = Scalar(block, None, False, lineno)
+        else:
+            value = _plain(rest)
+            if value is None:
+                return None
+            top[key] = Scalar(value, None, True, lineno)
+    return root if root and pending is None else None
+
+
+def _literal(lines: list[str], i: int, parent: int) -> tuple[str | None, int]:
+    """A `|` block (clip chomping) starting at lines[i] inside a mapping indented `parent`:
+    (its text, index of the first line after it); (None, i) outside the subset."""
+    if i >= len(lines) or not lines[i].strip(" "):
+        return None, i  # empty, or leading blank lines: libyaml's indentation rules decide
+    first = lines[i]
+    indent = len(first) - len(first.lstrip(" "))
+    if indent <= parent or first[indent] == "\t":
+        return None, i  # a tab while libyaml still detects the indentation is an error there
+    out: list[str] = []
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip(" "):
+            if len(line) > indent:
+                return None, i  # spaces beyond the indentation on a blank line
+            out.append("")
+        elif len(line) - len(line.lstrip(" ")) >= indent:
+            out.append(line[indent:])
+        else:
+            break
+        i += 1
+    while out and not out[-1]:
+        out.pop()  # clip: trailing line breaks become one
+    return "\n".join(out) + "\n", i
 
 
 # --- schema-directed conversion of leaves -------------------------------------------------

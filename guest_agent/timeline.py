@@ -8,27 +8,32 @@ figures line up with `journalctl -o short-monotonic` and `systemd-analyze`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from guest_agent.errors import AgentError
-from guest_agent.log import fields
+from guest_agent.log import fields, logger
 
-log = logging.getLogger("guest_agent.timeline")
+log = logger("guest_agent.timeline")
 
 
-@dataclass
 class Stage:
-    name: str
-    start: float
-    end: float | None = None
-    ok: bool | None = None
-    error: str | None = None
+    """One stage of a run (a plain class: boot.py's `Deps` says why)."""
+
+    __slots__ = ("end", "error", "name", "ok", "start")
+
+    def __init__(self, name: str, start: float) -> None:
+        self.name = name
+        self.start = start
+        self.end: float | None = None
+        self.ok: bool | None = None
+        self.error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "start": self.start, "end": self.end, "ok": self.ok, "error": self.error}
 
     @property
     def ms(self) -> float:
@@ -102,7 +107,7 @@ class Timeline:
             "clock": "CLOCK_MONOTONIC",
             "process_start": self.process_start,
             "agent_start": self.start,
-            "stages": [asdict(s) for s in self.stages],
+            "stages": [s.to_dict() for s in self.stages],
             "marks": self.marks,
             "counts": self.counts,
         }

@@ -6,7 +6,6 @@ The exchange itself (socket, bounds, faults) is in httpio.py.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -14,8 +13,9 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol, TypeVar
 
 from guest_agent.errors import AgentError, MetadataUnavailable
+from guest_agent.log import logger
 
-log = logging.getLogger("guest_agent.transport")
+log = logger("guest_agent.transport")
 T = TypeVar("T")
 
 # Early-boot "not yet" answers worth retrying (cloud-init imds.py, ignition: 404/410/429 and 5xx).
@@ -78,9 +78,8 @@ class Retry(Exception):
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_IMF_FIXDATE = re.compile(
-    r"([A-Z][a-z]{2}), ([0-9]{2}) ([A-Z][a-z]{2}) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
-)
+# Compiled on first use (re caches it): most runs never see a Retry-After date.
+_IMF_FIXDATE = r"([A-Z][a-z]{2}), ([0-9]{2}) ([A-Z][a-z]{2}) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
 RETRY_AFTER_MAX_DIGITS = 9  # ~31 years of seconds: anything longer is not a delay anyone means
 
 
@@ -98,7 +97,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if value.isascii() and value.isdigit():
         return float(value) if len(value) <= RETRY_AFTER_MAX_DIGITS else None
-    m = _IMF_FIXDATE.fullmatch(value)
+    m = re.fullmatch(_IMF_FIXDATE, value)
     if m is None or m.group(1) not in _DAYS or m.group(3) not in _MONTHS:
         return None
     import calendar

@@ -25,18 +25,17 @@ file belongs to the agent's user (root), mode 0600.
 
 from __future__ import annotations
 
-import logging
 import posixpath
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from guest_agent import codec, initdata, safeyaml
 from guest_agent.config import Config
 from guest_agent.errors import UserDataInvalid
 from guest_agent.files import FileSpec
-from guest_agent.log import fields
+from guest_agent.log import fields, logger
 from guest_agent.safeyaml import field_of
 
-log = logging.getLogger("guest_agent.userdata")
+log = logger("guest_agent.userdata")
 
 ENTRY_KEYS = frozenset({"path", "content", "encoding", "permissions", "owner"})
 INITDATA_PATH = "initdata"  # under files.peerpod_dir
@@ -60,16 +59,15 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 _OTHER_PARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job", "#cloud-config-")
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """Everything a run will write, decided before anything is written."""
 
     files: tuple[FileSpec, ...]
     initdata: initdata.Initdata
     initdata_is_default: bool
     # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
-    skipped_paths: tuple[str, ...] = field(default=())
-    skipped_initdata_keys: tuple[str, ...] = field(default=())
+    skipped_paths: tuple[str, ...] = ()
+    skipped_initdata_keys: tuple[str, ...] = ()
 
     @property
     def skipped(self) -> int:
@@ -153,15 +151,27 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
     return data
 
 
-@dataclass(frozen=True)
-class Parsed:
+class Parsed(NamedTuple):
     files: list[FileSpec]
     skipped: list[str]  # well-formed paths not on the allow-list (files.strict = false)
 
 
 def parse_document(text: str, cfg: Config) -> Parsed:
-    """The write_files entries of a decoded #cloud-config document, fully validated."""
-    doc = safeyaml.compose(text)
+    """The write_files entries of a decoded #cloud-config document, fully validated.
+
+    A document in the shape of CAA's template is read without libyaml (`safeyaml.compose_block`);
+    any other, and any document refused, is read by `safeyaml.compose`, so every refusal, its
+    reason and its line are libyaml's reading."""
+    fast = safeyaml.compose_block(text)
+    if fast is not None:
+        try:
+            return _entries(fast, cfg)
+        except UserDataInvalid:
+            pass
+    return _entries(safeyaml.compose(text), cfg)
+
+
+def _entries(doc: safeyaml.Node | None, cfg: Config) -> Parsed:
     if doc is None or safeyaml.is_null(doc):
         return Parsed([], [])
     if not isinstance(doc, dict):

@@ -15,7 +15,9 @@ For N runs each (medians, with min-max):
   branch) for a before/after in one run, as `python -m guest_agent` and through the launcher;
   its package is copied and its bytecode compiled first, as this tree's is;
 - as root, in a private network namespace: route to IMDS appears -> Ready received;
-- `python -X importtime` of one agent run: the modules on the critical path.
+- `python -X importtime` of one agent run: the modules on the critical path;
+- with `--callgrind`, the instructions one launcher run and `python -c pass` execute (valgrind):
+  the same every time, however loaded the shared machine is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -66,6 +69,18 @@ LATE_ADDR = "169.254.169.254"  # only ever inside the bench's own network namesp
 LATE_AFTER_S = 0.05
 
 
+def _new_addr_msg(addr: str, ifindex: int) -> bytes:
+    """RTM_NEWADDR for addr/32 on ifindex (rtnetlink(7)): `ip addr add addr/32 dev <if>` as one
+    datagram, so the bench holds the interpreter lock for microseconds, not for a netlink
+    library's reply parsing while the fake servers wait for it."""
+    raw = socket.inet_aton(addr)
+    attrs = b"".join(struct.pack("=HH", 8, kind) + raw for kind in (1, 2))  # IFA_ADDRESS, IFA_LOCAL
+    ifa = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, ifindex)  # family, prefixlen, flags, scope, index
+    flags = 0x1 | 0x4 | 0x200 | 0x400  # NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE
+    body = ifa + attrs
+    return struct.pack("=IHHII", 16 + len(body), 20, flags, 1, 0) + body  # RTM_NEWADDR = 20
+
+
 class Setup:
     def __init__(self, json_endpoint: bool, *, late_network: bool = False) -> None:
         """late_network: the metadata address gets its route LATE_AFTER_S after the agent
@@ -88,6 +103,9 @@ class Setup:
                 "[netns]\nenabled = false\n[tpm]\nenabled = false\n"
             )
         self.env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        if late_network:
+            self.rtnl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            self.rtnl.bind((0, 0))
 
     def argv(self, *pre: str, launcher: str | None = None) -> list[str]:
         tail = ["run", "--root", self.root, "--config", self.conf]
@@ -135,10 +153,13 @@ class Setup:
                 except OSError:
                     return
                 time.sleep(LATE_AFTER_S)
-                subprocess.run(["ip", "addr", "add", f"{LATE_ADDR}/32", "dev", "lo"], check=True)
-                # Taken when `ip` has returned: the route exists by then for sure (it appeared up to
-                # ip's exit earlier), so the figure is, if anything, slightly short.
+                # Taken just before the netlink request that adds the address (and with it the
+                # local route): the route cannot exist earlier, so the figure is, if anything,
+                # slightly long.  (Before, the time was taken after `ip addr add` exited, a
+                # process whose exit the agent could beat under load: negative figures.)
                 net_up.append(time.monotonic())
+                self.rtnl.send(_new_addr_msg(LATE_ADDR, ifindex=1))  # lo
+                self.rtnl.recv(4096)  # the kernel's ack (an error would show as a run timing out)
 
             waiter = threading.Thread(target=bring_up)
             waiter.start()
@@ -162,6 +183,8 @@ class Setup:
         }
 
     def stop(self) -> None:
+        if self.late:
+            self.rtnl.close()
         self.imds.stop()
         self.ws.stop()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -241,6 +264,20 @@ def importtime(argv: list[str], env: dict[str, str]) -> tuple[int, list[tuple[in
     return total, rows
 
 
+def instructions(argv: list[str], env: dict[str, str]) -> int:
+    """Instructions executed by one run of argv (valgrind's callgrind, the process itself only)."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stderr
+    m = re.search(r"Collected : (\d+)", out)
+    if m is None:
+        raise SystemExit(f"valgrind gave no instruction count: {out[-500:]}")
+    return int(m.group(1))
+
+
 def series(n: int, fn: Callable[[], dict[str, float]]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for _ in range(n):
@@ -253,6 +290,11 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--baseline", metavar="DIR", help="also run the guest_agent package found in DIR (before/after)")
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="also count the instructions of one run of each launcher and of `python -c pass` (valgrind)",
+    )
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     n = args.runs
@@ -260,6 +302,7 @@ def main() -> int:
         # A private network namespace with only lo: the late-network series adds an
         # address there, and nothing can leave the machine.
         extra = ["--baseline", os.path.abspath(args.baseline)] if args.baseline else []
+        extra += ["--callgrind"] if args.callgrind else []
         argv = [PY, "-m", "tests.bench", "--runs", str(n), "--in-netns", *extra]
         return subprocess.call(["unshare", "--net", "--", *argv])
     if args.in_netns:
@@ -309,6 +352,18 @@ def main() -> int:
             for name, fn in series_fns:
                 for k, v in series(1, fn).items():
                     results.setdefault(name, {}).setdefault(k, []).extend(v)
+        counted = []
+        if args.callgrind:
+            counted.append(("python -c pass", instructions([PY, "-c", "pass"], flavours["json"].env)))
+            counted.append(
+                (
+                    "guest-agent run (JSON, launcher)",
+                    instructions(flavours["json"].argv(launcher=launcher), flavours["json"].env),
+                )
+            )
+            if baseline:
+                b = flavours["json-baseline"]
+                counted.append(("baseline run (JSON, launcher)", instructions(b.argv(launcher=base_launcher), b.env)))
         # As the image starts it: the launcher's flags, its sys.path.
         imports = importtime(
             [PY, "-X", "importtime", "-ISB", *flavours["json"].argv(launcher=launcher)], flavours["json"].env
@@ -339,6 +394,10 @@ def main() -> int:
         print("\nnetwork up (route to IMDS appears) -> fake wireserver received Ready:")
         for name in late_runs:
             print(f"  {name:36} {fmt(results[name]['net_to_ready'], 'ms', 1000)}")
+    if counted:
+        print("\ninstructions of one process (valgrind --tool=callgrind; load does not change them):")
+        for name, n in counted:
+            print(f"  {name:36} {n / 1e6:8.1f} M   {n / counted[0][1]:4.2f}x python -c pass")
     total_us, rows = imports
     print(f"\nimports of one agent run (python -X importtime): {total_us / 1000:.1f} ms in all; cumulative per module:")
     for us, name in rows:

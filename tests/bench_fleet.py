@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import statistics
 import tempfile
 import threading
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from guest_agent import boot, transport
+from guest_agent import log as agent_log
 from guest_agent.clouds import FetchContext
 from guest_agent.clouds.http import request, require_body, retry_or_fail
 from guest_agent.config import Config
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=200)
     ap.add_argument("--rate", type=float, default=40.0)
     args = ap.parse_args()
-    logging.disable(logging.WARNING)  # one "retrying" line per agent is noise here
+    agent_log.setup(agent_log.ERROR, journal=False)  # one "retrying" line per agent is noise here
     print(f"{args.agents} agents, one fake IMDS serving {args.rate:.0f} req/s (burst {BURST}), else 429 Retry-After: 1")
     cols = ("provisioned", "requests", "2nd-try spread", "stdev", "peak/50ms", "all done")
     print(f"{'jitter':8} {cols[0]:>11} {cols[1]:>9} {cols[2]:>15} {cols[3]:>8} {cols[4]:>10} {cols[5]:>9}")

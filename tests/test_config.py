@@ -115,3 +115,20 @@ def test_origins_name_the_file_that_set_each_value(tmp_path: Path) -> None:
     cfg, origins = config.load_with_origins(str(tmp_path))
     assert cfg.fetch.deadline_s == 20.0
     assert origins == {"fetch.deadline_s": str(drop), "fetch.read_timeout_s": str(main)}
+
+
+def test_every_value_has_a_type_the_loader_knows() -> None:
+    """config.merge checks a value against VALUE_TYPES[annotation]: every leaf field's annotation
+    must be there (a new one would fail every load that sets the key)."""
+    import dataclasses
+
+    work: list[object] = [config.Config()]
+    while work:
+        obj = work.pop()
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                work.append(value)
+            else:
+                assert f.type in config.VALUE_TYPES, f.name
+                assert isinstance(value, config.VALUE_TYPES[f.type]), f.name

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import struct
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,23 +33,18 @@ def parse_entry(data: bytes) -> dict[str, str]:
 
 
 @pytest.fixture
-def journal(tmp_path: Path) -> Iterator[tuple[socket.socket, logging.Logger, dict[str, str]]]:
+def journal(tmp_path: Path) -> Iterator[tuple[socket.socket, agent_log.Logger, dict[str, str]]]:
     path = str(tmp_path / "journal.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(path)
     s.settimeout(5)
-    fields: dict[str, str] = {}
-    handler = agent_log.JournalHandler(fields, socket_path=path)
-    logger = logging.getLogger("guest_agent.test-journal")
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
-    yield s, logger, fields
-    handler.close()
+    fields = agent_log.setup(agent_log.DEBUG, journal=True, socket_path=path)
+    yield s, agent_log.logger("guest_agent.test-journal"), fields
+    agent_log.setup(agent_log.WARNING, journal=False)
     s.close()
 
 
-def test_entry_carries_structured_fields(journal: tuple[socket.socket, logging.Logger, dict[str, str]]) -> None:
+def test_entry_carries_structured_fields(journal: tuple[socket.socket, agent_log.Logger, dict[str, str]]) -> None:
     s, logger, fields = journal
     fields["GUEST_AGENT_PROVIDER"] = "azure"
     logger.info(
@@ -70,7 +63,7 @@ def test_entry_carries_structured_fields(journal: tuple[socket.socket, logging.L
 
 
 def test_multiline_values_use_the_length_prefixed_form(
-    journal: tuple[socket.socket, logging.Logger, dict[str, str]],
+    journal: tuple[socket.socket, agent_log.Logger, dict[str, str]],
 ) -> None:
     s, logger, _ = journal
     logger.error("line one\nline two", extra=agent_log.fields(reason="a\nb"))
@@ -81,23 +74,30 @@ def test_multiline_values_use_the_length_prefixed_form(
 
 
 def test_journald_gone_falls_back_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    handler = agent_log.JournalHandler({}, socket_path=str(tmp_path / "absent.sock"))
-    logger = logging.getLogger("guest_agent.test-journal-gone")
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.warning("still visible")
-    handler.close()
+    agent_log.setup(agent_log.INFO, journal=True, socket_path=str(tmp_path / "absent.sock"))
+    try:
+        agent_log.logger("guest_agent.test-journal-gone").warning("still visible")
+    finally:
+        agent_log.setup(agent_log.WARNING, journal=False)
     assert "<4>still visible" in capsys.readouterr().err
 
 
 def test_lowercase_extra_keys_are_not_fields() -> None:
-    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
-    rec.__dict__.update({"GUEST_AGENT_STAGE": "fetch", "private": "no"})
-    assert agent_log.journal_fields(rec) == {"GUEST_AGENT_STAGE": "fetch"}
+    assert agent_log.journal_fields({"GUEST_AGENT_STAGE": "fetch", "private": "no"}) == {"GUEST_AGENT_STAGE": "fetch"}
+
+
+def test_below_the_level_nothing_is_written(capsys: pytest.CaptureFixture[str]) -> None:
+    agent_log.setup(agent_log.INFO, journal=False)
+    try:
+        agent_log.logger("guest_agent.test").debug("hidden %s", "x")
+        agent_log.logger("guest_agent.test").info("shown %d%%", 5, extra=agent_log.fields(stage="fetch"))
+    finally:
+        agent_log.setup(agent_log.WARNING, journal=False)
+    assert capsys.readouterr().err == "guest-agent: info: shown 5% [stage=fetch]\n"
 
 
 def test_outcomes_also_go_to_stdout_for_the_console(
-    journal: tuple[socket.socket, logging.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
+    journal: tuple[socket.socket, agent_log.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Under journald, the unit's stdout is journal+console: the failure reaches the serial console
     as one line with the reason; ordinary entries stay in the journal only."""
@@ -112,18 +112,27 @@ def test_outcomes_also_go_to_stdout_for_the_console(
 
 
 def test_tracebacks_reach_the_journal_and_stderr(
-    journal: tuple[socket.socket, logging.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
+    journal: tuple[socket.socket, agent_log.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     s, logger, _ = journal
     try:
         raise KeyError("boom")
     except KeyError:
         logger.exception("unexpected error")
-        handler = agent_log.StderrHandler({})
-        handler.handle(logger.makeRecord("x", logging.ERROR, __file__, 1, "unexpected error", None, sys.exc_info()))
+        agent_log.setup(agent_log.INFO, journal=False)
+        logger.exception("unexpected error")
     msg = parse_entry(s.recv(65536))["MESSAGE"]
     assert msg.startswith("unexpected error\nTraceback (most recent call last):")
     assert "KeyError: 'boom'" in msg
     err = capsys.readouterr().err
     assert "guest-agent: error: unexpected error\nTraceback (most recent call last):" in err
     assert "KeyError: 'boom'" in err
+
+
+def test_a_bad_format_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+    agent_log.setup(agent_log.INFO, journal=False)
+    try:
+        agent_log.logger("guest_agent.test").info("%d files", "x")
+    finally:
+        agent_log.setup(agent_log.WARNING, journal=False)
+    assert "%d files ('x',)" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from guest_agent import cli, initdata, userdata
+from guest_agent import log as agent_log
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, UserDataInvalid
 from tests import caa
@@ -130,32 +131,33 @@ def test_cloud_config_line_is_optional(cfg: Config) -> None:
     assert files_of(userdata.plan(base64.b64encode(raw), cfg))["/run/peerpod/apf.json"].startswith(b"{")
 
 
-def test_paths_off_the_allow_list_are_skipped_with_a_warning(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+def test_paths_off_the_allow_list_are_skipped_with_a_warning(cfg: Config) -> None:
     """What older CAA releases sent: logged, counted on the plan, not written; the rest is."""
     extra = (
         "  - path: /run/peerpod/agent-config.toml\n    content: x\n"
         "  - path: /run/peerpod/daemon.json\n    content: '{}'\n"
         "  - path: /run/peerpod/policy.rego\n    content: x\n"
     )
-    caplog.set_level("WARNING", logger="guest_agent.userdata")
-    plan = userdata.plan(caa.cloud_config(initdata=caa.initdata_toml(), extra_entries=extra), cfg)
+    with agent_log.capture() as records:
+        plan = userdata.plan(caa.cloud_config(initdata=caa.initdata_toml(), extra_entries=extra), cfg)
     skipped = ("/run/peerpod/agent-config.toml", "/run/peerpod/daemon.json", "/run/peerpod/policy.rego")
     assert plan.skipped_paths == skipped
     assert plan.skipped == 3
     got = files_of(plan)
     assert "/run/peerpod/agent-config.toml" not in got and "/run/peerpod/daemon.json" not in got
     assert got["/run/peerpod/policy.rego"] == caa.POLICY_REGO.encode()  # from initdata, not write_files
-    assert [r.__dict__["GUEST_AGENT_PATH"] for r in caplog.records] == list(skipped)
-    assert all(r.levelname == "WARNING" for r in caplog.records)
+    assert [r.fields["GUEST_AGENT_PATH"] for r in records] == list(skipped)
+    assert all(r.levelname == "WARNING" for r in records)
 
 
-def test_unknown_initdata_keys_are_skipped(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_initdata_keys_are_skipped(cfg: Config) -> None:
     toml = caa.initdata_toml(data={"aa.toml": "x", "kata-agent.toml": "y", "image-policy.json": "{}"})
-    plan = userdata.plan(caa.cloud_config(initdata=toml), cfg)
+    with agent_log.capture() as records:
+        plan = userdata.plan(caa.cloud_config(initdata=toml), cfg)
     assert plan.skipped_initdata_keys == ("kata-agent.toml", "image-policy.json")
     assert "/run/peerpod/kata-agent.toml" not in files_of(plan)
     assert files_of(plan)["/run/peerpod/initdata.digest"] == hashlib.sha384(toml).hexdigest().encode()
-    assert [r.__dict__["GUEST_AGENT_INITDATA_KEY"] for r in caplog.records if r.levelname == "WARNING"] == [
+    assert [r.fields["GUEST_AGENT_INITDATA_KEY"] for r in records if r.levelname == "WARNING"] == [
         "kata-agent.toml",
         "image-policy.json",
     ]

@@ -19,7 +19,6 @@ Every path is under `root` (the agent's --root: "/" in production, a temp dir in
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -30,12 +29,13 @@ from guest_agent.azure import kvp
 from guest_agent.azure.health import DEFAULT_BACKOFF, ReportResult, WireserverClient
 from guest_agent.azure.wire import DEFAULT_WIRESERVER, NOT_READY, READY, wireserver_address
 from guest_agent.errors import AgentError, FabricError
+from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, urandom_unit
 
 if TYPE_CHECKING:
     from guest_agent.config import AzureConfig
 
-log = logging.getLogger("guest_agent.azure.fabric")
+log = logger("guest_agent.azure.fabric")
 
 NOT_READY_MARKER = "azure-not-ready"  # under the state directory
 
@@ -54,8 +54,9 @@ def wireserver_base_url(cfg: AzureConfig, root: str) -> str:
 def read_vm_id(root: str) -> str:
     """vmId from DMI (Gen1 = no /sys/firmware/efi: byte-swapped); the all-zero UUID if unreadable."""
     try:
-        with open(_under(root, "/sys/class/dmi/id/product_uuid"), encoding="ascii", errors="replace") as f:
-            raw = f.read(128)
+        # Bytes, decoded here: a text-mode open would look up (import) the ascii codec.
+        with open(_under(root, "/sys/class/dmi/id/product_uuid"), "rb") as f:
+            raw = f.read(128).decode("ascii", "replace")
     except OSError:
         return kvp.ZERO_UUID
     return kvp.vm_id_from_dmi(raw, gen1=not os.path.isdir(_under(root, "/sys/firmware/efi")))
@@ -88,6 +89,9 @@ class AzureFabric:
         self.agent = f"guest-agent/{version}"
         self.backoff = backoff
         self._client: WireserverClient | None = None
+        # Read now, when `run` builds the fabric before the network wait: nothing of the report's
+        # own reading is left for the time after the route appears.
+        self.vm_id = read_vm_id(root)
         self.kvp_written: bool | None = None  # the last report's KVP record reached the disk
 
     def _get_client(self) -> WireserverClient:
@@ -119,7 +123,7 @@ class AzureFabric:
         return kvp.build_provisioning_report(
             result,
             agent=self.agent,
-            vm_id=read_vm_id(self.root),
+            vm_id=self.vm_id,
             timestamp=self.wall_clock(),
             reason=reason,
             supporting=supporting,

@@ -11,7 +11,6 @@ round trip), but the JSON flow, which every current host offers, gains nothing (
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,9 +31,10 @@ from guest_agent.azure.wire import (
     parse_goal_state,
 )
 from guest_agent.errors import FabricError
+from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, Retry, budget_s, retry_or_raise, retry_until, urandom_unit
 
-log = logging.getLogger("guest_agent.azure.health")
+log = logger("guest_agent.azure.health")
 
 FLAVOUR_JSON = "json"
 FLAVOUR_XML = "xml"

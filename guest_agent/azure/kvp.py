@@ -16,11 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import fcntl
-import logging
 import os
 import time
 
-log = logging.getLogger("guest_agent.azure.kvp")
+from guest_agent.log import logger
+
+log = logger("guest_agent.azure.kvp")
 
 POOL_FILE = ".kvp_pool_1"  # guest -> host
 KEY_FIELD_BYTES = 512  # HV_KVP_EXCHANGE_MAX_KEY_SIZE

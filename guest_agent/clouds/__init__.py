@@ -8,9 +8,8 @@ returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from guest_agent.config import Config, root_path
 
@@ -31,9 +30,8 @@ DMI_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class Facts:
-    dmi: dict[str, str] = field(default_factory=dict)
+class Facts(NamedTuple):
+    dmi: dict[str, str]
     cidata_seed: bool = False  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
 
     def get(self, name: str) -> str:
@@ -63,13 +61,17 @@ def detect(facts: Facts) -> str:
     return next(p.name for p in providers.REGISTRY if p.matches(facts.get))
 
 
-@dataclass
 class FetchContext:
-    cfg: Config
-    root: str
-    deadline: Deadline
-    backoff: Backoff
-    state: dict[str, Any] = field(default_factory=dict)  # per-provider state across attempts (tokens)
+    """What a provider's fetch() gets (a plain class: boot.py's `Deps` says why)."""
+
+    __slots__ = ("backoff", "cfg", "deadline", "root", "state")
+
+    def __init__(self, *, cfg: Config, root: str, deadline: Deadline, backoff: Backoff) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.deadline = deadline
+        self.backoff = backoff
+        self.state: dict[str, Any] = {}  # per-provider state across attempts (tokens)
 
 
 def provider_module(name: str) -> ModuleType:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import select
 import signal
@@ -39,10 +38,10 @@ from guest_agent import inotify, iso9660
 from guest_agent.clouds import FetchContext
 from guest_agent.config import CidataConfig, root_path
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
-from guest_agent.log import fields
+from guest_agent.log import fields, logger
 from guest_agent.notify import Notifier
 
-log = logging.getLogger("guest_agent.cidata")
+log = logger("guest_agent.cidata")
 NETLINK_KOBJECT_UEVENT = 15
 SEED = "user-data"
 # While waiting for a delivery: EXTEND_TIMEOUT_USEC every HEARTBEAT_S, each granting three
