@@ -27,7 +27,7 @@ so it never overlaps another QEMU boot on the machine (the e2e suite takes the s
 The caa-chain variant is CAA's pod VM unit graph with stand-in programs that send the requests CAA's
 process-user-data and azure-ready send (image/variants/overlay-caa-chain); see docs/benchmarks.md.
 
-    python -m tests.bootbench.run [--runs 3] [--variants guest-agent,floor-tuned,floor-stock,cloudinit,caa-chain] [--no-docs]
+    python -m tests.bootbench.run [--runs 3] [--variants V1,V2,...] [--no-docs]   (default: all five)
 """
 
 from __future__ import annotations
