@@ -1,11 +1,17 @@
 """Boot benchmark: guest-agent against cloud-init + waagent, CAA's own chain and no agent (`make bench-boot`).
 
+Five variants (image/variants/build-variant.sh): `guest-agent` (the product: image/build.sh's tuned
+image), `floor-tuned` (the same tuned image without the agent: what the agent costs), `floor-stock`
+(the stock base without an agent), `cloudinit` (cloud-init + waagent as Debian's Azure images
+configure them, stock base) and `caa-chain` (CAA's pod VM units with stand-in programs, stock base).
+
 Boots each variant's image under QEMU (TCG, `-m 1024 -smp 2`) against the same fake Azure fabric, in
 one run and interleaved (A B C A B C ...), and measures from the host's QEMU start stamp:
 
     DHCP lease, user-data fetched, config files written, Ready at the wireserver, APF listening,
     multi-user.target; the DHCP->Ready gap; CPU time and peak memory of the provisioning services;
-    memory still in use after boot; image size over the floor.
+    memory still in use after boot; image size over the variant's floor; and the issue's goals
+    (guest-agent's ratios to both incumbents, its cost over floor-tuned, DHCP lease -> Ready).
 
 Sources of each figure (docs/protocols.md §6): the fake servers stamp every request on arrival
 (host clock); the guest's report unit (image/variants/overlay-bench/usr/local/libexec/bench-report)
@@ -21,7 +27,7 @@ so it never overlaps another QEMU boot on the machine (the e2e suite takes the s
 The caa-chain variant is CAA's pod VM unit graph with stand-in programs that send the requests CAA's
 process-user-data and azure-ready send (image/variants/overlay-caa-chain); see docs/benchmarks.md.
 
-    python -m tests.bootbench.run [--runs 3] [--variants guest-agent,cloudinit,caa-chain,floor] [--no-docs]
+    python -m tests.bootbench.run [--runs 3] [--variants V1,V2,...] [--no-docs]   (default: all five)
 """
 
 from __future__ import annotations
@@ -60,11 +66,14 @@ LOCK = "/tmp/guest-agent-qemu.lock"
 MAC = "52:54:00:12:34:56"
 APF_PORT = 15150
 NAMES = {
-    "guest-agent": "guest-agent",
+    "guest-agent": "guest-agent (tuned image)",
     "cloudinit": "cloud-init + waagent",
     "caa-chain": "CAA's chain (stand-ins)",
-    "floor": "no agent (floor)",
+    "floor-tuned": "no agent, tuned (floor-tuned)",
+    "floor-stock": "no agent, stock (floor-stock)",
 }
+# The image each variant is built on top of: its "added over the floor" size is measured against it.
+FLOOR_OF = {"guest-agent": "floor-tuned", "cloudinit": "floor-stock", "caa-chain": "floor-stock"}
 # Provisioning services per variant: their CPU time and memory are "the agent's cost".
 PROVISIONING = {
     "guest-agent": ["guest-agent.service"],
@@ -77,7 +86,8 @@ PROVISIONING = {
     ],
     # CAA's two provisioning programs (stand-ins: image/variants/overlay-caa-chain).
     "caa-chain": ["process-user-data.service", "azure-ready.service"],
-    "floor": [],
+    "floor-tuned": [],
+    "floor-stock": [],
 }
 # Files the user-data's write_files creates (the same three for every variant that provisions).
 WRITTEN = ("apf.json", "auth.json", "initdata")
@@ -129,7 +139,7 @@ def settled_when(variant: str) -> Any:
             r.state == "Ready" and "walinuxagent" in (r.request.header("user-agent") or "").lower() for r in reports
         )
 
-    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga, "floor": lambda _r: True}[variant]
+    return {"cloudinit": ci, "caa-chain": ga, "guest-agent": ga}.get(variant, lambda _r: True)
 
 
 def other_qemus(own: int | None = None) -> list[int]:
@@ -380,6 +390,14 @@ def figures(b: Boot) -> dict[str, float | None]:
     if units.get("agent-protocol-forwarder.service", {}).get("ActiveState") == "active":
         f["apf"] = rel(g2h(ts_mono(units["agent-protocol-forwarder.service"])))
     f["multi_user"] = rel(g2h(ts_mono(units["multi-user.target"])))
+    # guest-agent's own timeline (/run/guest-agent/timeline.json, CLOCK_MONOTONIC): when its process
+    # started and when its interpreter start-up and imports were done (`agent_start`), i.e. when it was
+    # ready to wait for the route.  "Warm before the lease" means agent_warm < dhcp.
+    tl = doc.get("timeline") or {}
+    if isinstance(tl.get("process_start"), (int, float)):
+        f["agent_process"] = rel(g2h(float(tl["process_start"])))
+    if isinstance(tl.get("agent_start"), (int, float)):
+        f["agent_warm"] = rel(g2h(float(tl["agent_start"])))
     if f["dhcp"] is not None and f["ready"] is not None:
         f["gap_dhcp_ready"] = round(f["ready"] - f["dhcp"], 3)
     # CPU: systemd's per-unit CPUUsageNSec, summed over the variant's provisioning services.
@@ -422,6 +440,8 @@ def stats(vals: list[float | None]) -> dict[str, float] | None:
 
 
 ROWS = (
+    ("agent_process", "guest-agent process started"),
+    ("agent_warm", "guest-agent warm (imports done, waiting for the route)"),
     *MILESTONES,
     ("ready_waagent", "Ready sent by waagent"),
     ("gap_dhcp_ready", "gap DHCP lease -> Ready"),
@@ -456,7 +476,7 @@ def ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> str:
 
 
 # The variants guest-agent is compared with, in the table's ratio columns (those in the run).
-REFERENCES = (("cloudinit", "cloud-init+waagent"), ("caa-chain", "CAA's chain"), ("floor", "floor"))
+REFERENCES = (("cloudinit", "cloud-init+waagent"), ("caa-chain", "CAA's chain"), ("floor-tuned", "floor-tuned"))
 
 
 def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str]) -> str:
@@ -471,15 +491,60 @@ def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str])
         row = [label, *cells]
         row += [ratio(summary["guest-agent"].get(key), summary[v].get(key)) for v, _ in refs]
         lines.append("| " + " | ".join(row) + " |")
-    floor = sizes.get("floor")
-    if floor is not None:
-        row = ["image (rootfs MiB) added over the floor"]
-        row += [f"+{sizes[v] - floor:.1f} ({sizes[v]:.1f})" if v != "floor" else f"0 ({floor:.1f})" for v in variants]
-        for v, _ in refs:
-            ref_add = sizes[v] - floor
-            row.append(f"{(sizes['guest-agent'] - floor) / ref_add:.2f}x" if v != "floor" and ref_add else "-")
-        lines.append("| " + " | ".join(row) + " |")
+    added = added_sizes(sizes)
+    row = ["image: rootfs MiB (added over its floor: guest-agent over floor-tuned, the incumbents over floor-stock)"]
+    row += [f"{sizes[v]:.1f} ({added[v]:+.1f})" if v in added else f"{sizes[v]:.1f}" for v in variants]
+    for v, _ in refs:
+        # (CAA's chain adds a few stand-in scripts where a CAA image has Go binaries: no ratio there.)
+        ok = "guest-agent" in added and added.get(v, 0) >= 1
+        row.append(f"{added['guest-agent'] / added[v]:.2f}x" if ok else "-")
+    lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def added_sizes(sizes: dict[str, float]) -> dict[str, float]:
+    """MiB each variant adds to the floor it is built on (only where that floor was built too)."""
+    return {v: round(sizes[v] - sizes[f], 1) for v, f in FLOOR_OF.items() if v in sizes and f in sizes}
+
+
+# The goals of issue 12 (and issue 10's boot figures): (label, figure, how it is compared, limit).
+# "ratio:<ref>" = guest-agent's median / ref's median; "over:<ref>" = guest-agent's median - ref's;
+# "abs" = guest-agent's median.
+GOALS = (
+    ("Ready at the wireserver <= 0.6x cloud-init+waagent", "ready", "ratio:cloudinit", 0.6),
+    ("Ready at the wireserver <= 0.6x CAA's chain", "ready", "ratio:caa-chain", 0.6),
+    ("APF listening <= 0.4x cloud-init+waagent", "apf", "ratio:cloudinit", 0.4),
+    ("APF listening <= 0.4x CAA's chain", "apf", "ratio:caa-chain", 0.4),
+    ("multi-user.target <= floor-tuned's + 0.3 s", "multi_user", "over:floor-tuned", 0.3),
+    ("DHCP lease no later than floor-tuned's", "dhcp", "over:floor-tuned", 0.0),
+    ("DHCP lease -> Ready <= 0.15 s", "gap_dhcp_ready", "abs", 0.15),
+)
+
+
+def goals(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Each goal with guest-agent's figure and whether it is met (None: a variant was not in the run)."""
+    out: list[tuple[str, str, bool | None]] = []
+    ga = summary.get("guest-agent", {})
+    for label, key, how, limit in GOALS:
+        mine = ga.get(key)
+        kind, _, ref = how.partition(":")
+        other = summary.get(ref, {}).get(key) if ref else None
+        if mine is None or (ref and other is None):
+            out.append((label, "not measured in this run", None))
+        elif kind == "ratio":
+            r = mine["median"] / other["median"]
+            out.append((label, f"{r:.2f}x ({mine['median']:.2f} s / {other['median']:.2f} s)", r <= limit))
+        elif kind == "over":
+            d = mine["median"] - other["median"]
+            out.append((label, f"{d:+.2f} s ({mine['median']:.2f} s vs {other['median']:.2f} s)", d <= limit))
+        else:
+            out.append((label, f"{mine['median']:.2f} s", mine["median"] <= limit))
+    return out
+
+
+def goals_text(summary: dict[str, Any]) -> str:
+    mark = {True: "met", False: "NOT met", None: "-"}
+    return "\n".join(f"- {label}: {value} -- {mark[ok]}" for label, value, ok in goals(summary))
 
 
 def draw(summary: dict[str, Any], variants: list[str], path: Path) -> None:
@@ -542,13 +607,21 @@ def machine() -> dict[str, str]:
     }
 
 
-def write_docs(result: dict[str, Any], tbl: str, png: Path, path: Path) -> None:
+def write_docs(result: dict[str, Any], tbl: str, goal_lines: str, path: Path) -> None:
     m = result["machine"]
     body = f"""<!-- bench-boot:begin (written by `make bench-boot`, tests/bootbench/run.py; do not edit by hand) -->
 ## Boot benchmark: guest-agent vs cloud-init + waagent vs CAA's chain vs no agent
 
 Run on {result["date"]}: {result["runs"]} boots of each variant, interleaved
-({" ".join(result["order"][: len(result["variants"]) * 2])} ...), {result["total_s"] / 60:.1f} minutes in all.
+({" ".join(result["order"][: len(result["variants"]) * 2])} ...), {result["total_s"] / 60:.1f} minutes
+of boots in all (`make bench-boot` also (re)builds the variants' images first when their inputs changed).
+
+The variants: *guest-agent* is the product, image/build.sh's tuned pod VM image (docs/image-tuning.md);
+*floor-tuned* is that tuned image without the agent (the difference is what the agent costs);
+*floor-stock* is the stock base without an agent (the base the incumbents are installed on);
+*cloud-init + waagent* is Debian 12's cloud-init and waagent configured as Debian's Azure images
+configure them, on the stock base; *CAA's chain* is CAA's pod VM unit graph with stand-in programs
+for CAA's Go binaries, on the stock base (section "The CAA chain variant" below).
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB, {m["os"]}, kernel {m["kernel"]}; {m["qemu"]}.
 QEMU: TCG (no KVM here), `-m 1024 -smp 2 -cpu qemu64,-hypervisor`, Azure SMBIOS, virtio disk (qcow2 overlay
 per boot: every boot is a first boot), provisioning ISO on IDE CD-ROM, swtpm TPM, restricted user networking
@@ -560,6 +633,10 @@ Median (min-max) of {result["runs"]} boots.  TCG figures are several times slowe
 compare the variants with each other, not with cloud numbers.
 
 {tbl}
+
+Goals (issue 12; the lease rows are issue 10's), from the medians above:
+
+{goal_lines}
 
 ![boot timeline](boot-timeline.png)
 
@@ -587,8 +664,12 @@ How each figure is taken (tests/bootbench/run.py):
   `memory.peak` of `bench.slice` is read (it includes page cache the services faulted in).
 - *Memory still held*: `memory.current` of `bench.slice` after provisioning; *in use after boot*:
   MemTotal - MemAvailable of the whole VM.
+- *guest-agent process started* / *warm*: the agent's own timeline (`/run/guest-agent/timeline.json`,
+  CLOCK_MONOTONIC): `process_start` and `agent_start` (interpreter start-up and imports done; the
+  agent then waits for the route by netlink events).
 - *Image size*: `du` of the root file system (without kernel and initrd) as each recipe leaves it:
-  image/build.sh's manifest for guest-agent, image/variants/build-variant.sh for the others.
+  image/build.sh's manifest for guest-agent, image/variants/build-variant.sh for the others; the
+  added size is over the floor the variant is built on.
 <!-- bench-boot:end -->
 """
     if path.exists():
@@ -639,10 +720,9 @@ def inner(args: argparse.Namespace) -> int:
         "total_s": round(total, 1),
         "machine": machine(),
         "image_rootfs_mib": sizes,
-        "image_added_over_floor_mib": {v: round(s - sizes["floor"], 1) for v, s in sizes.items()}
-        if "floor" in sizes
-        else {},
+        "image_added_over_floor_mib": added_sizes(sizes),
         "summary": summary,
+        "goals": [{"goal": g, "value": v, "met": ok} for g, v, ok in goals(summary)],
         "boots": [
             {
                 "variant": b.variant,
@@ -664,13 +744,14 @@ def inner(args: argparse.Namespace) -> int:
     }
     tbl = table(summary, sizes, variants)
     print(tbl)
+    print("\nGoals (medians):\n" + goals_text(summary))
     print(f"\ntotal {total / 60:.1f} min; per-boot artefacts in {work}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bootbench.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_docs:
         draw(summary, variants, out / "boot-timeline.png")
-        write_docs(result, tbl, out / "boot-timeline.png", out / "benchmarks.md")
+        write_docs(result, tbl, goals_text(summary), out / "benchmarks.md")
     bad = [b for b in boots if b.error]
     return 1 if bad else 0
 
@@ -678,7 +759,7 @@ def inner(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bootbench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="boots of each variant (default 3)")
-    ap.add_argument("--variants", default="guest-agent,cloudinit,caa-chain,floor")
+    ap.add_argument("--variants", default=",".join(NAMES))
     ap.add_argument("--timeout", type=float, default=240.0, help="per boot, seconds")
     ap.add_argument("--retries", type=int, default=2, help="re-measure a boot when another QEMU ran meanwhile")
     ap.add_argument("--out", default=str(DOCS), help="where bootbench.json (and the docs) go")
