@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 UNITDIR = "usr/lib/systemd/system"
 
 # Exposure budgets (systemd-analyze's 0-10 scale): the agent, which parses untrusted input, at most
-# 2.0; the small network units at most 4.0.
-BUDGET = {"guest-agent.service": 2.0, "guest-agent-imds-nat.service": 4.0, "netns@podns.service": 4.0}
+# 2.1; the small network units at most 4.0.  The agent's was 2.0 until it needed setpriority(2) (out
+# of @resources, scored 0.2) to leave its start-up Nice=19 once warm; RLIMIT_NICE (LimitNICE=+0)
+# bounds what that call can do to nice 0 (docs/boot-placement.md has the boots that justify it).
+BUDGET = {"guest-agent.service": 2.1, "guest-agent-imds-nat.service": 4.0, "netns@podns.service": 4.0}
 
 # cloud-api-adaptor's units our drop-ins extend (stand-ins here, so verify parses the drop-ins).
 CAA_UNITS = (
