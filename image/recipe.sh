@@ -82,3 +82,106 @@ agent_venv() {
     [ -z "$missing" ] || { echo "agent_venv: no bytecode for: $missing" >&2; return 1; }
     in_root /usr/local/bin/guest-agent --version >/dev/null
 }
+
+# ---------------------------------------------------------------- the tuned image
+# image/build.sh's product and the floor-tuned variant share these steps; the stock variants
+# (floor-stock, cloudinit, caa-chain, caa, caa-sftp) boot the base as Debian configures it.  Each
+# step, why a pod VM can do without what it removes, and what it measured: docs/image-tuning.md.
+# TUNE_SKIP="step ..." leaves steps out (A/B builds only): initrd cmdline masks generators journald
+# coldplug.
+
+# The kernel command line each kind of image boots with (written to <build dir>/cmdline).
+# fsck.mode=skip: the stock initrd would otherwise check the root file system of every fresh disk.
+STOCK_CMDLINE="root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1"
+TUNED_CMDLINE="root=/dev/vda rw console=ttyS0,115200 panic=-1 quiet"
+# Modules the tuned initrd loads (their dependencies come along): the root disk's driver.
+INITRD_MODULES=(virtio_pci virtio_blk)
+
+tune_on() { [[ " ${TUNE_SKIP:-} " != *" $1 "* ]]; }
+
+# tuned_cmdline: the tuned image's kernel command line (the stock one with TUNE_SKIP=cmdline).
+tuned_cmdline() { if tune_on cmdline; then echo "$TUNED_CMDLINE"; else echo "$STOCK_CMDLINE"; fi; }
+
+# tune_rootfs: the tuned image's changes to $ROOT (units, generators, journald).
+tune_rootfs() {
+    if tune_on masks; then
+        # Units a pod VM does not need on its way to the lease (docs/image-tuning.md says why each).
+        systemctl --root="$ROOT" mask \
+            systemd-random-seed.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
+            sys-kernel-debug.mount sys-kernel-tracing.mount dev-hugepages.mount sys-fs-fuse-connections.mount \
+            modprobe@configfs.service modprobe@dm_mod.service modprobe@efi_pstore.service \
+            modprobe@fuse.service modprobe@loop.service \
+            systemd-remount-fs.service systemd-sysusers.service systemd-network-generator.service \
+            systemd-update-utmp.service systemd-update-utmp-runlevel.service systemd-user-sessions.service \
+            systemd-journal-flush.service systemd-pstore.service getty.target \
+            apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer fstrim.timer >/dev/null 2>&1
+        systemctl --root="$ROOT" set-default multi-user.target >/dev/null 2>&1
+        # sysusers is masked: the users and groups its files declare are made now, at build time.
+        systemd-sysusers --root="$ROOT" >/dev/null
+        # kmod-static-nodes is masked: the kernel is fixed at build time, so is the list of device
+        # nodes whose first open loads their module (/dev/fuse, /dev/net/tun, ...); written here in
+        # the tmpfiles form `kmod static-nodes` writes to /run at boot (systemd-tmpfiles-setup-dev
+        # creates the nodes, as before).
+        local kver
+        kver=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+        systemctl --root="$ROOT" mask kmod-static-nodes.service >/dev/null 2>&1
+        awk '!/^#/ && NF == 3 {
+                n = split($2, p, "/"); d = "/dev"
+                for (i = 1; i < n; i++) { d = d "/" p[i]; print "d " d " 0755 - - -" }
+                t = substr($3, 1, 1); mm = substr($3, 2)
+                printf "%s! /dev/%s 0600 - - - %s\n", t, $2, mm
+            }' "$ROOT/lib/modules/$kver/modules.devname" > "$ROOT/usr/lib/tmpfiles.d/static-nodes-podvm.conf"
+        # /etc/modules-load.d holds only Debian's link to the commented-out /etc/modules: without it
+        # systemd-modules-load's condition skips the unit (a module list added later still runs it).
+        if ! grep -qv '^[[:space:]]*\(#\|$\)' "$ROOT/etc/modules"; then rm -f "$ROOT/etc/modules-load.d/modules.conf"; fi
+    fi
+    if tune_on generators; then
+        # Generators for things a pod VM has none of (SysV scripts, GPT auto-mounts, crypttab,
+        # veritytab, integritytab, hibernation, boot counting, offline updates, gettys, rc.local).
+        # Kept: fstab (the root mount), debug (systemd.wants= / systemd.mask= on the command line),
+        # run (systemd.run=).
+        mkdir -p "$ROOT/etc/systemd/system-generators"
+        local g
+        for g in sysv gpt-auto cryptsetup veritysetup integritysetup hibernate-resume bless-boot \
+            system-update getty rc-local; do
+            ln -sfn /dev/null "$ROOT/etc/systemd/system-generators/systemd-$g-generator"
+        done
+    fi
+    if tune_on coldplug; then
+        # udev's coldplug replays "add" for every device the kernel found before udevd ran.  A pod VM
+        # needs it for the buses (driver modules by modalias), block (disk links), net (NIC naming,
+        # networkd waits for it), tpm/tpmrm (the tss group on /dev/tpmrm0) and the like; not for the
+        # hundreds of events of these subsystems, which only set console/login permissions (tty,
+        # vc, vtconsole, input, hid, mem: their nodes exist in devtmpfs all the same), start mounts
+        # a pod VM masks (module: fuse, configfs) or describe kernel internals.
+        mkdir -p "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d"
+        local nomatch="" sub
+        for sub in module tty vc vtconsole input hid mem machinecheck workqueue event_source clockevents \
+            clocksource msr cpuid graphics sound thermal bdi; do nomatch+=" --subsystem-nomatch=$sub"; done
+        printf '%s\n' '# image/recipe.sh tune_rootfs: coldplug only what a pod VM needs (docs/image-tuning.md).' \
+            '[Service]' 'ExecStart=' \
+            "ExecStart=-udevadm trigger --type=all --action=add --prioritized-subsystem=block,tpmrm,net$nomatch" \
+            > "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d/10-podvm.conf"
+    fi
+    if tune_on journald; then
+        # The journal in /run only: nothing on a pod VM reads last boot's journal, and the flush to
+        # /var/log/journal (a second copy, on disk) goes.
+        mkdir -p "$ROOT/etc/systemd/journald.conf.d"
+        printf '[Journal]\nStorage=volatile\n' > "$ROOT/etc/systemd/journald.conf.d/10-podvm.conf"
+    fi
+}
+
+# tune_initrd OUT: the tuned image's initramfs at OUT (image/initrd/init.c + INITRD_MODULES), or a
+# copy of the stock initramfs-tools one with TUNE_SKIP=initrd.  Needs $ROOT (its kernel modules).
+tune_initrd() {
+    local out=$1 kver bin
+    kver=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+    if ! tune_on initrd; then
+        install -m 0644 "$ROOT/boot/initrd.img-$kver" "$out"
+        return
+    fi
+    bin=$(mktemp)
+    gcc -static -Os -s -Wall -Wextra -Werror -o "$bin" "$RECIPE_DIR/initrd/init.c"
+    python3 "$RECIPE_DIR/initrd/mkinitrd.py" "$ROOT" "$kver" "$bin" "$out" "${INITRD_MODULES[@]}" >/dev/null
+    rm -f "$bin"
+}
