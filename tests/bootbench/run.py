@@ -21,7 +21,7 @@ so it never overlaps another QEMU boot on the machine (the e2e suite takes the s
 The caa-chain variant is CAA's pod VM unit graph with stand-in programs that send the requests CAA's
 process-user-data and azure-ready send (image/variants/overlay-caa-chain); see docs/benchmarks.md.
 
-    python -m tests.bootbench.run [--runs 3] [--variants guest-agent,cloudinit,caa-chain,floor] [--no-docs]
+    python -m tests.bootbench.run [--runs 3] [--variants guest-agent,floor-tuned,floor-stock,...] [--no-docs]
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ NAMES = {
     "guest-agent": "guest-agent",
     "cloudinit": "cloud-init + waagent",
     "caa-chain": "CAA's chain (stand-ins)",
-    "floor": "no agent (floor)",
+    "floor-tuned": "no agent, tuned image (floor-tuned)",
+    "floor-stock": "no agent, stock image (floor-stock)",
 }
 # Provisioning services per variant: their CPU time and memory are "the agent's cost".
 PROVISIONING = {
@@ -77,7 +78,8 @@ PROVISIONING = {
     ],
     # CAA's two provisioning programs (stand-ins: image/variants/overlay-caa-chain).
     "caa-chain": ["process-user-data.service", "azure-ready.service"],
-    "floor": [],
+    "floor-tuned": [],
+    "floor-stock": [],
 }
 # Files the user-data's write_files creates (the same three for every variant that provisions).
 WRITTEN = ("apf.json", "auth.json", "initdata")
@@ -129,7 +131,7 @@ def settled_when(variant: str) -> Any:
             r.state == "Ready" and "walinuxagent" in (r.request.header("user-agent") or "").lower() for r in reports
         )
 
-    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga, "floor": lambda _r: True}[variant]
+    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga}.get(variant, lambda _r: True)  # floors: at once
 
 
 def other_qemus(own: int | None = None) -> list[int]:
@@ -234,10 +236,8 @@ def boot(variant: str, rnd: int, work: Path, timeout_s: float) -> Boot:
             f",guestfwd=tcp:168.63.129.16:32526-cmd:socat - TCP:127.0.0.1:{ports['hgap']}"
             f",hostfwd=tcp:127.0.0.1:{APF_PORT}-:{APF_PORT}"
         )
-        cmdline = (
-            "root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1"
-            " systemd.wants=bench-report.service"
-        )
+        # The image's own kernel command line (image/variants/build-variant.sh writes it) + the report unit.
+        cmdline = (img / "cmdline").read_text().strip() + " systemd.wants=bench-report.service"
         ttys1 = wd / "ttyS1.log"
         argv = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
@@ -678,7 +678,7 @@ def inner(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bootbench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="boots of each variant (default 3)")
-    ap.add_argument("--variants", default="guest-agent,cloudinit,caa-chain,floor")
+    ap.add_argument("--variants", default="guest-agent,floor-tuned,floor-stock,cloudinit,caa-chain")
     ap.add_argument("--timeout", type=float, default=240.0, help="per boot, seconds")
     ap.add_argument("--retries", type=int, default=2, help="re-measure a boot when another QEMU ran meanwhile")
     ap.add_argument("--out", default=str(DOCS), help="where bootbench.json (and the docs) go")
