@@ -11,8 +11,7 @@
 #             downloaded .debs are kept in image/cache/apt/ so a re-run does not download again).
 #   2. image: copy of the base + the agent venv (wheels built on the host, cached in
 #             image/cache/wheels/) + `make install` (units) + image/overlay/ + the tuning of
-#             image/recipe.sh (masked units, generators, journald, a minimal initrd, the kernel command
-#             line; docs/image-tuning.md) -> image/build/{disk.raw,vmlinuz,initrd.img,cmdline}.
+#             image/recipe.sh (masked units, generators, a minimal initrd; docs/image-tuning.md) -> image/build/{disk.raw,vmlinuz,initrd.img,cmdline}.
 # The agent is taken from the working tree at build time, so re-run after changing guest_agent/.
 set -euo pipefail
 
@@ -158,7 +157,7 @@ size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
 log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB (sparse)"
 rm -f "$OUT/disk.raw"
 mkfs.ext4 -q -F -L podroot -E root_owner=0:0 -d "$ROOT" "$OUT/disk.raw" "${size_mb}M"
-tuned_cmdline > "$OUT/cmdline"
+echo "$CMDLINE" > "$OUT/cmdline"
 
 "$PY" - "$OUT/manifest.json" "$image_hash" "$KVER" "$root_kb" "$venv_kb" "$OUT/packages.txt" <<'EOF'
 import json, os, sys

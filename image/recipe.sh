@@ -87,22 +87,19 @@ agent_venv() {
 # image/build.sh's product and the floor-tuned variant share these steps; the stock variants
 # (floor-stock, cloudinit, caa-chain, caa, caa-sftp) boot the base as Debian configures it.  Each
 # step, why a pod VM can do without what it removes, and what it measured: docs/image-tuning.md.
-# TUNE_SKIP="step ..." leaves steps out (A/B builds only): initrd cmdline masks generators journald
-# coldplug.
+# TUNE_SKIP="step ..." leaves steps out (A/B builds only): initrd masks generators.  Measured and
+# dropped (no gain): `quiet` on the command line, a smaller udev coldplug, Storage=volatile.
 
-# The kernel command line each kind of image boots with (written to <build dir>/cmdline).
-# fsck.mode=skip: the stock initrd would otherwise check the root file system of every fresh disk.
-STOCK_CMDLINE="root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1"
-TUNED_CMDLINE="root=/dev/vda rw console=ttyS0,115200 panic=-1 quiet"
+# The kernel command line every image boots with (written to <build dir>/cmdline).  fsck.mode=skip:
+# the stock initrd would otherwise check the root file system of every fresh disk.
+# systemd.show_status=1: unit status on the console (`quiet` instead measured no gain).
+CMDLINE="root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1"
 # Modules the tuned initrd loads (their dependencies come along): the root disk's driver.
 INITRD_MODULES=(virtio_pci virtio_blk)
 
 tune_on() { [[ " ${TUNE_SKIP:-} " != *" $1 "* ]]; }
 
-# tuned_cmdline: the tuned image's kernel command line (the stock one with TUNE_SKIP=cmdline).
-tuned_cmdline() { if tune_on cmdline; then echo "$TUNED_CMDLINE"; else echo "$STOCK_CMDLINE"; fi; }
-
-# tune_rootfs: the tuned image's changes to $ROOT (units, generators, journald).
+# tune_rootfs: the tuned image's changes to $ROOT (units, generators).
 tune_rootfs() {
     if tune_on masks; then
         # Units a pod VM does not need on its way to the lease (docs/image-tuning.md says why each).
@@ -146,28 +143,6 @@ tune_rootfs() {
             system-update getty rc-local; do
             ln -sfn /dev/null "$ROOT/etc/systemd/system-generators/systemd-$g-generator"
         done
-    fi
-    if tune_on coldplug; then
-        # udev's coldplug replays "add" for every device the kernel found before udevd ran.  A pod VM
-        # needs it for the buses (driver modules by modalias), block (disk links), net (NIC naming,
-        # networkd waits for it), tpm/tpmrm (the tss group on /dev/tpmrm0) and the like; not for the
-        # hundreds of events of these subsystems, which only set console/login permissions (tty,
-        # vc, vtconsole, input, hid, mem: their nodes exist in devtmpfs all the same), start mounts
-        # a pod VM masks (module: fuse, configfs) or describe kernel internals.
-        mkdir -p "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d"
-        local nomatch="" sub
-        for sub in module tty vc vtconsole input hid mem machinecheck workqueue event_source clockevents \
-            clocksource msr cpuid graphics sound thermal bdi; do nomatch+=" --subsystem-nomatch=$sub"; done
-        printf '%s\n' '# image/recipe.sh tune_rootfs: coldplug only what a pod VM needs (docs/image-tuning.md).' \
-            '[Service]' 'ExecStart=' \
-            "ExecStart=-udevadm trigger --type=all --action=add --prioritized-subsystem=block,tpmrm,net$nomatch" \
-            > "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d/10-podvm.conf"
-    fi
-    if tune_on journald; then
-        # The journal in /run only: nothing on a pod VM reads last boot's journal, and the flush to
-        # /var/log/journal (a second copy, on disk) goes.
-        mkdir -p "$ROOT/etc/systemd/journald.conf.d"
-        printf '[Journal]\nStorage=volatile\n' > "$ROOT/etc/systemd/journald.conf.d/10-podvm.conf"
     fi
 }
 

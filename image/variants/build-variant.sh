@@ -4,7 +4,7 @@
 #   image/variants/build-variant.sh floor-stock the base of image/build.sh, no agent at all, booted as
 #                                               Debian configures it (initramfs-tools, every unit)
 #   image/variants/build-variant.sh floor-tuned the same base tuned as image/build.sh tunes the product
-#                                               (image/recipe.sh tune_rootfs, tune_initrd, tuned_cmdline),
+#                                               (image/recipe.sh tune_rootfs, tune_initrd),
 #                                               no agent: what the agent costs on the tuned image
 #   image/variants/build-variant.sh cloudinit   the same base + Debian 12's cloud-init and waagent,
 #                                               configured as Debian's Azure images are
@@ -19,8 +19,8 @@
 #                                               (overlay-caa-chain), the rest caa-standin
 #
 # Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,cmdline,manifest.json}; cmdline is
-# the kernel command line the image boots with (the tuned one for guest-agent and floor-tuned, the
-# stock one for the others; the benchmark appends only its systemd.wants=bench-report.service).
+# the kernel command line the image boots with (image/recipe.sh CMDLINE, the same for all; the
+# benchmark appends only its systemd.wants=bench-report.service).
 # Every variant gets the same benchmark overlay (image/variants/overlay-bench: accounting defaults,
 # the provisioning slice, the report unit); the guest-agent image is left as build.sh made it apart
 # from those files, which are written into a copy of its disk with debugfs (no mount needed).
@@ -241,19 +241,19 @@ if [ "$VARIANT" = caa-chain ]; then
     caa_chain_layout
 fi
 
-# Kernel, initrd and command line for direct boot (as build.sh does): tuned for floor-tuned, stock
-# for the others (tests/e2e/run.py boots caa and caa-sftp with their cmdline too).
+# Kernel, initrd and command line for direct boot (as build.sh does): the tuned initrd for
+# floor-tuned, initramfs-tools' for the others (tests/e2e/run.py boots caa and caa-sftp with their
+# cmdline too).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 if [ "$VARIANT" = floor-tuned ]; then
     log "tuning (image/recipe.sh tune_rootfs, tune_initrd${TUNE_SKIP:+, skipping $TUNE_SKIP})"
     tune_rootfs
     tune_initrd "$OUT/initrd.img"
-    tuned_cmdline > "$OUT/cmdline"
 else
     install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$OUT/initrd.img"
-    echo "$STOCK_CMDLINE" > "$OUT/cmdline"
 fi
+echo "$CMDLINE" > "$OUT/cmdline"
 rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/initrd.img*
 
 # Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
