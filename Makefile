@@ -61,7 +61,7 @@ e2e: image
 # writes docs/benchmarks.md.
 bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
-	for v in guest-agent floor cloudinit caa-chain; do image/variants/build-variant.sh $$v || exit 1; done
+	for v in guest-agent floor-tuned floor-stock cloudinit caa-chain; do image/variants/build-variant.sh $$v || exit 1; done
 	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
 
 # The systemd side, the journal catalog and the man page, laid out for an image builder (mkosi,

@@ -10,7 +10,8 @@
 #   1. base:  mmdebstrap of the package list below -> image/cache/base-<hash>/ (about a minute cold;
 #             downloaded .debs are kept in image/cache/apt/ so a re-run does not download again).
 #   2. image: copy of the base + the agent venv (wheels built on the host, cached in
-#             image/cache/wheels/) + `make install` (units) + image/overlay/ -> image/build/{disk.raw,vmlinuz,initrd.img}.
+#             image/cache/wheels/) + `make install` (units) + image/overlay/ + the tuning of
+#             image/recipe.sh (masked units, generators, a minimal initrd; docs/image-tuning.md) -> image/build/{disk.raw,vmlinuz,initrd.img,cmdline}.
 # The agent is taken from the working tree at build time, so re-run after changing guest_agent/.
 set -euo pipefail
 
@@ -33,7 +34,7 @@ sha() { sha256sum | cut -c1-16; }
 
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap --mode=root, chroot)"
 [ -r "$SOURCES" ] || die "no apt sources file at $SOURCES (set SOURCES=...)"
-for t in mmdebstrap mkfs.ext4 chroot unshare; do command -v "$t" >/dev/null || die "missing tool: $t"; done
+for t in mmdebstrap mkfs.ext4 chroot unshare gcc; do command -v "$t" >/dev/null || die "missing tool: $t"; done
 [ -x "$PY" ] || die "no Python at $PY (create the project venv first)"
 
 SECONDS=0
@@ -59,9 +60,9 @@ EOF
 deps_hash=$( { printf '%s\n' "${DEPS[@]}"; cat "$REPO/constraints.txt"; } | sha)
 
 image_hash=$( (
-    echo "base=$base_hash deps=$deps_hash"
+    echo "base=$base_hash deps=$deps_hash tune_skip=${TUNE_SKIP:-}"
     # Agent sources, units, overlay and this script: content and path, sorted.
-    cd "$REPO" && { find Makefile pyproject.toml constraints.txt README.md guest_agent units catalog man image/overlay image/build.sh image/recipe.sh \
+    cd "$REPO" && { find Makefile pyproject.toml constraints.txt README.md guest_agent units catalog man image/overlay image/initrd image/build.sh image/recipe.sh \
         -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null || true; } | LC_ALL=C sort | xargs -r sha256sum
 ) | sha)
 
@@ -139,11 +140,13 @@ echo podvm > "$ROOT/etc/hostname"
 # Empty machine-id: every boot of a fresh overlay is a first boot, as on a new cloud VM.
 : > "$ROOT/etc/machine-id"
 printf '/dev/vda / ext4 rw,relatime 0 0\n' > "$ROOT/etc/fstab"
+log "rootfs: tuning (image/recipe.sh tune_rootfs${TUNE_SKIP:+, skipping $TUNE_SKIP})"
+tune_rootfs
 
 # Kernel and initrd for direct boot; the disk does not need them.
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
-install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$OUT/initrd.img"
+tune_initrd "$OUT/initrd.img"
 rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/initrd.img*
 
 mv "$ROOT/.packages" "$OUT/packages.txt"
@@ -154,7 +157,7 @@ size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
 log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB (sparse)"
 rm -f "$OUT/disk.raw"
 mkfs.ext4 -q -F -L podroot -E root_owner=0:0 -d "$ROOT" "$OUT/disk.raw" "${size_mb}M"
-printf '%s\n' "root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1" > "$OUT/cmdline"
+echo "$CMDLINE" > "$OUT/cmdline"
 
 "$PY" - "$OUT/manifest.json" "$image_hash" "$KVER" "$root_kb" "$venv_kb" "$OUT/packages.txt" <<'EOF'
 import json, os, sys

@@ -82,3 +82,82 @@ agent_venv() {
     [ -z "$missing" ] || { echo "agent_venv: no bytecode for: $missing" >&2; return 1; }
     in_root /usr/local/bin/guest-agent --version >/dev/null
 }
+
+# ---------------------------------------------------------------- the tuned image
+# image/build.sh's product and the floor-tuned variant share these steps; the stock variants
+# (floor-stock, cloudinit, caa-chain, caa, caa-sftp) boot the base as Debian configures it.  Each
+# step, why a pod VM can do without what it removes, and what it measured: docs/image-tuning.md.
+# TUNE_SKIP="step ..." leaves steps out (A/B builds only): initrd masks generators.  Measured and
+# dropped (no gain): `quiet` on the command line, a smaller udev coldplug, Storage=volatile.
+
+# The kernel command line every image boots with (written to <build dir>/cmdline).  fsck.mode=skip:
+# the stock initrd would otherwise check the root file system of every fresh disk.
+# systemd.show_status=1: unit status on the console (`quiet` instead measured no gain).
+CMDLINE="root=/dev/vda rw console=ttyS0,115200 panic=-1 fsck.mode=skip systemd.show_status=1"
+# Modules the tuned initrd loads (their dependencies come along): the root disk's driver, and the
+# NIC's, so the NIC is there before udev starts and networkd gets it sooner (docs/image-tuning.md).
+INITRD_MODULES=(virtio_pci virtio_blk virtio_net)
+
+tune_on() { [[ " ${TUNE_SKIP:-} " != *" $1 "* ]]; }
+
+# tune_rootfs: the tuned image's changes to $ROOT (units, generators).
+tune_rootfs() {
+    if tune_on masks; then
+        # Units a pod VM does not need on its way to the lease (docs/image-tuning.md says why each).
+        systemctl --root="$ROOT" mask \
+            systemd-random-seed.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
+            sys-kernel-debug.mount sys-kernel-tracing.mount dev-hugepages.mount sys-fs-fuse-connections.mount \
+            modprobe@configfs.service modprobe@dm_mod.service modprobe@efi_pstore.service \
+            modprobe@fuse.service modprobe@loop.service \
+            systemd-remount-fs.service systemd-sysusers.service systemd-network-generator.service \
+            systemd-update-utmp.service systemd-update-utmp-runlevel.service systemd-user-sessions.service \
+            systemd-journal-flush.service systemd-pstore.service getty.target \
+            apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer fstrim.timer >/dev/null 2>&1
+        systemctl --root="$ROOT" set-default multi-user.target >/dev/null 2>&1
+        # sysusers is masked: the users and groups its files declare are made now, at build time.
+        systemd-sysusers --root="$ROOT" >/dev/null
+        # kmod-static-nodes is masked: the kernel is fixed at build time, so is the list of device
+        # nodes whose first open loads their module (/dev/fuse, /dev/net/tun, ...); written here in
+        # the tmpfiles form `kmod static-nodes` writes to /run at boot (systemd-tmpfiles-setup-dev
+        # creates the nodes, as before).
+        local kver
+        kver=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+        systemctl --root="$ROOT" mask kmod-static-nodes.service >/dev/null 2>&1
+        awk '!/^#/ && NF == 3 {
+                n = split($2, p, "/"); d = "/dev"
+                for (i = 1; i < n; i++) { d = d "/" p[i]; print "d " d " 0755 - - -" }
+                t = substr($3, 1, 1); mm = substr($3, 2)
+                printf "%s! /dev/%s 0600 - - - %s\n", t, $2, mm
+            }' "$ROOT/lib/modules/$kver/modules.devname" > "$ROOT/usr/lib/tmpfiles.d/static-nodes-podvm.conf"
+        # /etc/modules-load.d holds only Debian's link to the commented-out /etc/modules: without it
+        # systemd-modules-load's condition skips the unit (a module list added later still runs it).
+        if ! grep -qv '^[[:space:]]*\(#\|$\)' "$ROOT/etc/modules"; then rm -f "$ROOT/etc/modules-load.d/modules.conf"; fi
+    fi
+    if tune_on generators; then
+        # Generators for things a pod VM has none of (SysV scripts, GPT auto-mounts, crypttab,
+        # veritytab, integritytab, hibernation, boot counting, offline updates, gettys, rc.local).
+        # Kept: fstab (the root mount), debug (systemd.wants= / systemd.mask= on the command line),
+        # run (systemd.run=).
+        mkdir -p "$ROOT/etc/systemd/system-generators"
+        local g
+        for g in sysv gpt-auto cryptsetup veritysetup integritysetup hibernate-resume bless-boot \
+            system-update getty rc-local; do
+            ln -sfn /dev/null "$ROOT/etc/systemd/system-generators/systemd-$g-generator"
+        done
+    fi
+}
+
+# tune_initrd OUT: the tuned image's initramfs at OUT (image/initrd/init.c + INITRD_MODULES), or a
+# copy of the stock initramfs-tools one with TUNE_SKIP=initrd.  Needs $ROOT (its kernel modules).
+tune_initrd() {
+    local out=$1 kver bin
+    kver=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+    if ! tune_on initrd; then
+        install -m 0644 "$ROOT/boot/initrd.img-$kver" "$out"
+        return
+    fi
+    bin=$(mktemp)
+    gcc -static -Os -s -Wall -Wextra -Werror -o "$bin" "$RECIPE_DIR/initrd/init.c"
+    python3 "$RECIPE_DIR/initrd/mkinitrd.py" "$ROOT" "$kver" "$bin" "$out" "${INITRD_MODULES[@]}" >/dev/null
+    rm -f "$bin"
+}

@@ -1,10 +1,14 @@
 #!/bin/bash
 # Build the comparison images for the boot benchmark (tests/bootbench, `make bench-boot`):
 #
-#   image/variants/build-variant.sh floor       the base of image/build.sh, no agent at all
+#   image/variants/build-variant.sh floor-stock the base of image/build.sh, no agent at all, booted as
+#                                               Debian configures it (initramfs-tools, every unit)
+#   image/variants/build-variant.sh floor-tuned the same base tuned as image/build.sh tunes the product
+#                                               (image/recipe.sh tune_rootfs, tune_initrd),
+#                                               no agent: what the agent costs on the tuned image
 #   image/variants/build-variant.sh cloudinit   the same base + Debian 12's cloud-init and waagent,
 #                                               configured as Debian's Azure images are
-#   image/variants/build-variant.sh guest-agent image/build.sh's disk + the benchmark's report unit
+#   image/variants/build-variant.sh guest-agent image/build.sh's (tuned) disk + the benchmark's report unit
 #   image/variants/build-variant.sh caa         the e2e's CAA-layout pod VM: the base + CAA's unit graph
 #                                               with stand-in binaries, then guest-agent installed as an
 #                                               image builder would (pip + make install + presets)
@@ -14,13 +18,15 @@
 #                                               and azure-ready are request-for-request stand-ins
 #                                               (overlay-caa-chain), the rest caa-standin
 #
-# Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,manifest.json}.
+# Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,cmdline,manifest.json}; cmdline is
+# the kernel command line the image boots with (image/recipe.sh CMDLINE, the same for all; the
+# benchmark appends only its systemd.wants=bench-report.service).
 # Every variant gets the same benchmark overlay (image/variants/overlay-bench: accounting defaults,
 # the provisioning slice, the report unit); the guest-agent image is left as build.sh made it apart
 # from those files, which are written into a copy of its disk with debugfs (no mount needed).
 #
 # The package list, dpkg excludes and base recipe are image/recipe.sh's, sourced by build.sh too;
-# floor and the CAA layouts copy build.sh's cached base rootfs (image/cache/base-*), cloudinit makes
+# the floors and the CAA layouts copy build.sh's cached base rootfs (image/cache/base-*), cloudinit makes
 # its own with the incumbents added.
 set -euo pipefail
 
@@ -30,7 +36,7 @@ REPO=$(cd "$IMAGE/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 SUITE=bookworm
-VARIANT=${1:?usage: build-variant.sh floor|cloudinit|guest-agent|caa|caa-sftp|caa-chain}
+VARIANT=${1:?usage: build-variant.sh floor-stock|floor-tuned|cloudinit|guest-agent|caa|caa-sftp|caa-chain}
 CACHE=$HERE/cache
 OUT=$HERE/build/$VARIANT
 # The incumbents: Debian 12's cloud-init 22.4.2 and waagent 2.7.3 (its python3 agent).
@@ -69,7 +75,7 @@ if [ "$VARIANT" = guest-agent ]; then
     debugfs -w -f "$cmds" "$OUT/disk.raw.tmp" >/dev/null 2>"$OUT/debugfs.log" || die "debugfs failed (see $OUT/debugfs.log)"
     e2fsck -fn "$OUT/disk.raw.tmp" >/dev/null || die "e2fsck after debugfs"
     mv "$OUT/disk.raw.tmp" "$OUT/disk.raw"
-    cp "$SRC/vmlinuz" "$SRC/initrd.img" "$OUT/"
+    cp "$SRC/vmlinuz" "$SRC/initrd.img" "$SRC/cmdline" "$OUT/"
     "$PY" - "$SRC/manifest.json" "$OUT/manifest.json" <<'PYEOF'
 import json, sys
 m = json.load(open(sys.argv[1]))
@@ -133,7 +139,6 @@ caa_layout() {
     log "CAA layout: units, presets, tmpfiles, stand-ins"
     caa_units
     if [ "$VARIANT" = caa-sftp ]; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
-    cp "$IMAGE/build/cmdline" "$OUT/cmdline" # booted by tests/e2e/run.py, like build.sh's image
     # e2e-dump and the CAA e2e's test-only units (none enabled: the harness pulls them in with
     # systemd.wants= on the kernel command line).
     install -m 0755 -D "$IMAGE/overlay/usr/local/libexec/e2e-dump" "$ROOT/usr/local/libexec/e2e-dump"
@@ -171,7 +176,7 @@ caa_chain_layout() {
 
 # ---------------------------------------------------------------- base rootfs
 case "$VARIANT" in
-floor | caa | caa-sftp | caa-chain)
+floor-stock | floor-tuned | caa | caa-sftp | caa-chain)
     # build.sh's own cached base layer (same packages, same excludes, same image/base files).
     BASE=$(ls -d "$IMAGE"/cache/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
@@ -236,10 +241,19 @@ if [ "$VARIANT" = caa-chain ]; then
     caa_chain_layout
 fi
 
-# Kernel and initrd for direct boot (as build.sh does).
+# Kernel, initrd and command line for direct boot (as build.sh does): the tuned initrd for
+# floor-tuned, initramfs-tools' for the others (tests/e2e/run.py boots caa and caa-sftp with their
+# cmdline too).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
-install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$OUT/initrd.img"
+if [ "$VARIANT" = floor-tuned ]; then
+    log "tuning (image/recipe.sh tune_rootfs, tune_initrd${TUNE_SKIP:+, skipping $TUNE_SKIP})"
+    tune_rootfs
+    tune_initrd "$OUT/initrd.img"
+else
+    install -m 0644 "$ROOT/boot/initrd.img-$KVER" "$OUT/initrd.img"
+fi
+echo "$CMDLINE" > "$OUT/cmdline"
 rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/initrd.img*
 
 # Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
