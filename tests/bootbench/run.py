@@ -152,9 +152,19 @@ def other_qemus(own: int | None = None) -> list[int]:
             argv0 = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0", 1)[0]
         except OSError:
             continue
-        if b"qemu-system" in argv0:
+        if b"qemu-system" in argv0 and not (own is not None and parent(int(d)) == own):
             out.append(int(d))
     return out
+
+
+def parent(pid: int) -> int | None:
+    """The parent PID: QEMU forks a child for every `guestfwd=...-cmd:` connection, which shows
+    QEMU's own argv until it execs the relay; those children are this boot's, not contention."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 def watch_contention(own: int, stop: threading.Event, seen: list[int]) -> None:
