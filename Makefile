@@ -57,7 +57,8 @@ e2e: image
 	image/variants/build-variant.sh caa-sftp
 	$(PY) tests/e2e/run.py $(if $(BOOTS),--boots $(BOOTS))
 
-# guest-agent vs cloud-init + waagent vs CAA's chain (stand-ins) vs no agent, booted interleaved;
+# guest-agent on the tuned image vs floor-tuned, floor-stock, cloud-init + waagent and CAA's chain (stand-ins),
+# 3 boots each, interleaved (~12 min here with warm caches);
 # writes docs/benchmarks.md.
 bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
