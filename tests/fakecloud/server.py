@@ -69,9 +69,26 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # listen() backlog: a fleet of agents connects at once (tests/bench_fleet.py)
 
 
-class Served:
+class Lifecycle:
+    """`with fake:` for anything with start() and stop(): every fake here (Served and the fakes
+    that wrap one, e.g. wireserver.FakeWireserver)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Served(Lifecycle):
     """A threading socketserver on 127.0.0.1, served from a daemon thread: the lifecycle
-    (url, start/stop, `with`) of every fake here (FakeServer, faults.FaultServer)."""
+    (url, start/stop) of every fake here (FakeServer, faults.FaultServer)."""
 
     def __init__(self, srv: socketserver.ThreadingTCPServer, name: str) -> None:
         srv.daemon_threads = True
@@ -95,12 +112,6 @@ class Served:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class FakeServer(Served):

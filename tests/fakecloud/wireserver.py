@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import IO
 from xml.sax.saxutils import escape
 
-from tests.fakecloud.server import FakeServer, Reply, Request, Script
+from tests.fakecloud.server import FakeServer, Lifecycle, Reply, Request, Script
 
 MS_VERSION = "2012-11-30"
 CONTAINER_ID = "3d5a0b7e-91c4-4f0e-8e2b-6c1f0a9d7e42"
@@ -106,7 +106,7 @@ def parse_health_xml(body: bytes) -> dict[str, str | None]:
     }
 
 
-class FakeWireserver:
+class FakeWireserver(Lifecycle):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -154,12 +154,6 @@ class FakeWireserver:
     def stop(self) -> None:
         self._release.set()
         self.server.stop()
-
-    def __enter__(self) -> FakeWireserver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def new_incarnation_after_next_read(self) -> None:
         """The next goal-state reader gets a copy that goes stale right after (live migration)."""
