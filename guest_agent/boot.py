@@ -189,11 +189,12 @@ def start_budget_s(cfg: Config) -> float:
 
 def warm(provider: str, cfg: Config) -> None:
     """Import now, before the network wait, what the stages after it need (the provider's
-    module, the TPM's).  On a real boot the agent starts ~2 s before the DHCP lease, so these
-    imports cost nothing there; after the route appears they would sit between the lease and
-    Ready (`make bench`: "route present -> Ready").  PyYAML is not among them: a document in the
-    shape of CAA's template is read without it (`safeyaml.compose_block`), and only any other
-    document pays its import."""
+    module, the TPM's), so that none sits between the route and Ready (`make bench`: "route
+    present -> Ready").  Under QEMU TCG the agent is still importing when the lease comes
+    (docs/benchmarks.md, "Reading the boot figures"): there these imports are on the path either
+    way, here they at least run at the unit's start-up priority (`full_priority` follows).
+    PyYAML is not among them: a document in the shape of CAA's template is read without it
+    (`safeyaml.compose_block`), and only any other document pays its import."""
     clouds.provider_module(provider)
     if cfg.tpm.enabled:
         from guest_agent import tpm  # noqa: F401

@@ -1,6 +1,6 @@
 """Logging: structured journald entries under systemd, plain lines on stderr otherwise.
 
-Each module takes `log = log.get("guest_agent.<module>")` and calls `log.info(msg, *args,
+Each module takes `log = logger("guest_agent.<module>")` and calls `log.info(msg, *args,
 extra=...)` (also debug, warning, error, exception), as with the standard library's loggers.
 Fields are passed with `extra={"GUEST_AGENT_STAGE": ..., "MESSAGE_ID": ...}`; every
 upper-case `extra` key becomes a journal field, so `journalctl GUEST_AGENT_STAGE=fetch`
