@@ -105,7 +105,9 @@ def test_report_command_without_a_wireserver_exits_69(tmp_path: Path) -> None:
 
 def test_json_flow_imports_no_xml_and_no_pyroute2(tmp_path: Path) -> None:
     """What stays off the boot path (`python -X importtime` of a real run): XML is parsed only
-    when the wireserver lacks the JSON endpoint, pyroute2 only after READY=1 for the NAT."""
+    when the wireserver lacks the JSON endpoint, pyroute2 only after READY=1 for the NAT; CAA's
+    template is read without PyYAML (safeyaml.compose_block), the journal written without
+    `logging`, sockets made with `_socket` (each import ~12-90 M instructions, `make bench`)."""
     import os
     import subprocess
     import sys
@@ -139,6 +141,7 @@ def test_json_flow_imports_no_xml_and_no_pyroute2(tmp_path: Path) -> None:
     assert "requests" not in imported and "http.client" not in imported
     assert "pyroute2" not in imported
     assert "systemd.journal" not in imported
+    assert {"yaml", "logging", "socket"}.isdisjoint(imported)
 
 
 def test_a_second_run_after_not_ready_never_reports_ready(tmp_path: Path) -> None:
