@@ -66,6 +66,16 @@ def _retryable(status: int) -> bool:
     return status in THROTTLE_STATUS or status >= 500 or status == GONE_STATUS
 
 
+class _Tally:
+    """What one report has done so far: HTTP requests, goal states without a role instance,
+    stale-goal-state answers (the first refetch is immediate, later ones back off)."""
+
+    __slots__ = ("gone", "requests", "role_reads")
+
+    def __init__(self) -> None:
+        self.requests = self.role_reads = self.gone = 0
+
+
 class WireserverClient:
     """Reports health to one wireserver."""
 
@@ -96,15 +106,20 @@ class WireserverClient:
         self.wall_clock = wall_clock
         self.flavour: str | None = None  # learnt on the first acknowledged report
         self.goal_state: GoalState | None = None  # kept for the next XML report
-        self._round_trips = 0
-        self._role_reads = 0
 
     # -- requests
 
     def _send(
-        self, method: str, path: str, *, headers: dict[str, str], deadline: Deadline, body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        deadline: Deadline,
+        tally: _Tally,
+        body: bytes | None = None,
     ) -> httpio.Response:
-        self._round_trips += 1
+        tally.requests += 1
         what = f"{method} {path.split('?')[0]}"
         try:
             return httpio.exchange(
@@ -135,26 +150,27 @@ class WireserverClient:
 
     # -- goal state
 
-    def _read_goal_state(self, deadline: Deadline) -> GoalState:
+    def _read_goal_state(self, deadline: Deadline, tally: _Tally) -> GoalState:
         resp = self._send(
             "GET",
             GOAL_STATE_PATH,
             headers={"x-ms-version": MS_VERSION, "x-ms-agent-name": self.agent_name},
             deadline=deadline,
+            tally=tally,
         )
         if resp.status != 200:
             raise self._raise_for(resp, "the goal-state request")
         try:
             gs = parse_goal_state(resp.body)
         except GoalStateIncomplete as exc:
-            self._role_reads += 1
-            if self._role_reads >= ROLE_INSTANCE_READS:
-                raise FabricError(exc.reason, reads=self._role_reads, endpoint=self.base_url) from None
+            tally.role_reads += 1
+            if tally.role_reads >= ROLE_INSTANCE_READS:
+                raise FabricError(exc.reason, reads=tally.role_reads, endpoint=self.base_url) from None
             raise Retry(exc.reason, retry_after_s=ROLE_INSTANCE_RETRY_S) from None
         self.goal_state = gs
         return gs
 
-    def _loop(self, attempt: Callable[[], ReportResult], what: str, deadline: Deadline) -> ReportResult:
+    def _loop(self, attempt: Callable[[], ReportResult], what: str, deadline: Deadline, tally: _Tally) -> ReportResult:
         return retry_until(
             attempt,
             what=what,
@@ -167,7 +183,7 @@ class WireserverClient:
                 f"the wireserver did not acknowledge {what} before the deadline",
                 last_error=last,
                 endpoint=self.base_url,
-                round_trips=self._round_trips,
+                round_trips=tally.requests,
                 deadline_s=deadline.seconds,
             ),
         )
@@ -185,12 +201,11 @@ class WireserverClient:
             description = ""
         json_body = build_health_json(state, substatus, description)  # validates state early
         start = self.clock()
-        self._round_trips = self._role_reads = 0
-        gone = [0]
+        tally = _Tally()
 
         def done(flavour: str, status: int) -> ReportResult:
             self.flavour = flavour
-            return ReportResult(state, flavour, status, self._round_trips, self.clock() - start)
+            return ReportResult(state, flavour, status, tally.requests, self.clock() - start)
 
         def attempt() -> ReportResult:
             if self.flavour != FLAVOUR_XML:
@@ -200,6 +215,7 @@ class WireserverClient:
                     headers={"Content-Type": "application/json", "x-ms-guest-agent-name": self.agent_name},
                     body=json_body,
                     deadline=deadline,
+                    tally=tally,
                 )
                 if resp.status in OK_STATUS:
                     return done(FLAVOUR_JSON, resp.status)
@@ -207,7 +223,7 @@ class WireserverClient:
                     raise self._raise_for(resp, "the JSON health report")
                 log.info("wireserver has no JSON health endpoint (HTTP %d): using goal state + XML", resp.status)
                 self.flavour = FLAVOUR_XML
-            gs = self.goal_state or self._read_goal_state(deadline)
+            gs = self.goal_state or self._read_goal_state(deadline, tally)
             resp = self._send(
                 "POST",
                 XML_HEALTH_PATH,
@@ -218,6 +234,7 @@ class WireserverClient:
                 },
                 body=build_health_xml(gs, state, substatus, description),
                 deadline=deadline,
+                tally=tally,
             )
             if resp.status in OK_STATUS:
                 return done(FLAVOUR_XML, resp.status)
@@ -225,11 +242,11 @@ class WireserverClient:
                 # Stale incarnation or container (live migration, WALinuxAgent PR #1299): read it again.
                 # The first refetch is immediate; if the host keeps saying so, back off like any retry.
                 self.goal_state = None
-                gone[0] += 1
-                raise Retry(f"the XML health report: HTTP {resp.status} (stale goal state)", immediate=gone[0] == 1)
+                tally.gone += 1
+                raise Retry(f"the XML health report: HTTP {resp.status} (stale goal state)", immediate=tally.gone == 1)
             raise self._raise_for(resp, "the XML health report")
 
-        result = self._loop(attempt, f"the {state} report", deadline)
+        result = self._loop(attempt, f"the {state} report", deadline, tally)
         log.info(
             "reported %s to the wireserver (%s endpoint, HTTP %d, %d round trips, %.0f ms)",
             state,
