@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot install clean
+.PHONY: all venv demo test lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean
 
 all: test
 
@@ -64,6 +64,11 @@ bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
 	for v in guest-agent floor-tuned floor-stock cloudinit caa-chain; do image/variants/build-variant.sh $$v || exit 1; done
 	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
+
+# What a Python process and each import cost inside the pod VM under TCG (tests/bootbench/probe.py,
+# one quiet boot of the product image, ~1.5 min).
+bench-imports: image
+	$(PY) -m tests.bootbench.probe $(if $(N),--runs $(N))
 
 # The systemd side, the journal catalog and the man page, laid out for an image builder (mkosi,
 # packer, mmdebstrap); the Python package installs with pip.  BINDIR: where `pip install` put the guest-agent script (written into the units).
