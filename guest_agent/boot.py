@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from guest_agent import clouds, files, initdata, providers, sha2, transport, userdata
 from guest_agent.config import Config, root_path
@@ -29,7 +27,10 @@ from guest_agent.log import (
 from guest_agent.notify import Notifier
 from guest_agent.timeline import Timeline
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from guest_agent.azure.fabric import AzureFabric
     from guest_agent.azure.health import ReportResult
 

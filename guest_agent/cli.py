@@ -6,12 +6,8 @@ failure prints a one-line reason.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import types
-import typing
-from collections.abc import Sequence
 
 from guest_agent import __version__
 from guest_agent.config import Config, under_root
@@ -27,8 +23,11 @@ from guest_agent.errors import (
 )
 from guest_agent.log import logger
 
-if typing.TYPE_CHECKING:
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
 
 log = logger("guest_agent.cli")
 
@@ -48,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     class _Parser(argparse.ArgumentParser):
         """Usage errors exit 64 (EX_USAGE), not argparse's 2."""
 
-        def error(self, message: str) -> typing.NoReturn:
+        def error(self, message: str) -> NoReturn:
             self.print_usage(sys.stderr)
             self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
@@ -67,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="extra TOML config file, applied last")
         return sp
 
-    def cmd(parent: typing.Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    def cmd(parent: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(
             name,
             help=help,
@@ -182,12 +181,27 @@ def _read(path: str, limit: int) -> bytes:
 _RUN_OPTIONS = {"--root": "root", "--config": "config"}
 
 
-def _run_args(argv: Sequence[str]) -> types.SimpleNamespace | None:
+class _RunArgs:
+    """What the parser would return for `run`, attributes in a __dict__ as in argparse's Namespace
+    (a plain class: `types` is not imported for its SimpleNamespace on the boot path)."""
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.command: str | None = None
+        self.root = "/"
+        self.config: str | None = None
+
+    if TYPE_CHECKING:  # typed as argparse.Namespace is: _dispatch reads other commands' options
+
+        def __getattr__(self, name: str) -> Any: ...
+
+
+def _run_args(argv: Sequence[str]) -> _RunArgs | None:
     """The arguments of `[-v] run [--root DIR] [--config FILE]` in the plain spelling the unit
     uses, as the parser would return them; None for anything else (the parser handles it).
     Building the parser costs ~10 ms of CPU on every boot (argparse, gettext, its help
     formatter's terminal size lookup): `make bench`."""
-    out = types.SimpleNamespace(verbose=False, command=None, root="/", config=None)
+    out = _RunArgs()
     seen: set[str] = set()
     it = iter(argv)
     for arg in it:
@@ -238,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SOFTWARE
 
 
-def _dispatch(args: argparse.Namespace | types.SimpleNamespace, cfg: Config, log_fields: dict[str, str]) -> int:
+def _dispatch(args: argparse.Namespace | _RunArgs, cfg: Config, log_fields: dict[str, str]) -> int:
     root: str = args.root
     if args.command == "run":
         from guest_agent import boot
@@ -322,6 +336,8 @@ def _toml(name: str, value: object) -> str:
     if isinstance(value, int) and name.endswith("_mode"):
         return f"0o{value:o}"
     if isinstance(value, str):
+        import json
+
         return json.dumps(value)  # a JSON string is a TOML basic string
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml(name, v) for v in value) + "]"
@@ -329,6 +345,8 @@ def _toml(name: str, value: object) -> str:
 
 
 def _timeline(cfg: Config, root: str, *, as_json: bool) -> int:
+    import json
+
     path = under_root(root, cfg.state_dir) / "timeline.json"
     try:
         doc = json.loads(path.read_bytes())
@@ -351,7 +369,7 @@ def _timeline(cfg: Config, root: str, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _netns(args: argparse.Namespace | types.SimpleNamespace, cfg: Config, root: str) -> int:
+def _netns(args: argparse.Namespace | _RunArgs, cfg: Config, root: str) -> int:
     from guest_agent import clouds, netns
 
     run_dir = str(under_root(root, cfg.netns.run_dir))

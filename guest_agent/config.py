@@ -1,4 +1,4 @@
-"""Agent configuration: frozen dataclasses whose defaults are the documentation.
+"""Agent configuration: frozen records whose defaults are the documentation, validated at load.
 
 Load order (later wins, key by key):
   1. the defaults below;
@@ -9,26 +9,29 @@ The two ``/etc`` locations are read under ``--root``.  Unknown sections or keys
 and wrongly typed values are errors (exit 78): a typo must not silently fall
 back to a default on a machine nobody can log in to.
 
-The classes are frozen but generate no __eq__/__repr__ (nothing compares or prints a whole
-section; `as_dict` does for tests): each generated method is source that `dataclasses` compiles
-with exec() at import, on every boot (`make bench`: ~0.9 ms of CPU per class saved).
+The sections are `record.frozen` classes, not dataclasses: `import dataclasses` brings inspect,
+ast, dis, tokenize and re, and each frozen class's methods are generated source compiled with
+exec().  In the pod VM under QEMU TCG, where the agent is the first Python process of the boot,
+dataclasses and 10 frozen classes cost 0.45-0.9 s warm and 1.7-2.5 s cold, against ~0.18 s for a
+whole `python3 -ISB -c pass` (in-guest TCG probe, see docs/benchmarks.md).  A record has what the
+dataclasses had (typed fields, the defaults, keyword or positional construction, no __eq__ or
+__repr__; mypy checks the constructors) and builds no source.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import posixpath
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from guest_agent.errors import ConfigError
 from guest_agent.providers import NAMES
+from guest_agent.record import asdict, field, fields, frozen, is_record, replace
 
-if typing.TYPE_CHECKING:
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
+    from typing import Any
 
 PROVIDERS = ("auto", *NAMES)  # the registry's clouds (guest_agent/providers.py)
 
@@ -43,7 +46,7 @@ DEFAULT_ALLOWED_PATHS = (
 )
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class FetchConfig:
     """How user-data is fetched from any metadata service."""
 
@@ -55,7 +58,7 @@ class FetchConfig:
     retry_after_max_s: float = 30.0  # a server's Retry-After is honoured up to this (and the deadline)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class LimitsConfig:
     """Size caps on untrusted input (the host is untrusted)."""
 
@@ -64,7 +67,7 @@ class LimitsConfig:
     max_file_bytes: int = 512 * 1024  # one write_files entry, decoded
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class FilesConfig:
     """Which files user-data may write, and where the pod VM keeps them."""
 
@@ -77,7 +80,7 @@ class FilesConfig:
     strict: bool = False
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class TpmConfig:
     """Measurement of initdata into a TPM PCR (CAA PR #1999 / #2186)."""
 
@@ -86,7 +89,7 @@ class TpmConfig:
     pcr: int = 8  # unused by systemd-boot/UKI images; what CAA's verifier replays
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class NetworkConfig:
     """Waiting for a route to the metadata address by netlink events."""
 
@@ -94,7 +97,7 @@ class NetworkConfig:
     deadline_s: float = 120.0  # no route by then: exit 69 (and NotReady on Azure)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class NetnsConfig:
     """The pod network namespace and the pod's path to IMDS."""
 
@@ -107,7 +110,7 @@ class NetnsConfig:
     nft_table: str = "guest_agent"
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class AzureConfig:
     """Azure: user-data from IMDS, the KVP record and the Ready/NotReady report to the wireserver."""
 
@@ -126,7 +129,7 @@ class AzureConfig:
     wireserver_read_timeout_s: float = 10.0  # WALinuxAgent uses 10 s per request
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class AwsConfig:
     """AWS: user-data from IMDSv2 (token first)."""
 
@@ -134,7 +137,7 @@ class AwsConfig:
     token_ttl_s: int = 21600  # IMDSv2 token lifetime (1..21600)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class GcpConfig:
     """GCP: user-data from the metadata server."""
 
@@ -142,7 +145,7 @@ class GcpConfig:
     metadata_url: str = "http://169.254.169.254"
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class AlibabaConfig:
     """Alibaba Cloud: user-data from the metadata service (token first)."""
 
@@ -150,7 +153,7 @@ class AlibabaConfig:
     token_ttl_s: int = 21600
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class IbmCloudConfig:
     """IBM Cloud VPC: user-data from the instance metadata service (token first)."""
 
@@ -159,7 +162,7 @@ class IbmCloudConfig:
     token_expires_s: int = 300
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class CidataConfig:
     """cidata: user-data from a NoCloud/cidata volume or an existing seed file (byom, docker)."""
 
@@ -177,7 +180,7 @@ class CidataConfig:
             raise ConfigError("cidata.delivery_deadline_s must be >= 0 (0 = no deadline)")
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@frozen
 class Config:
     """The whole configuration, one section per TOML table."""
 
@@ -238,19 +241,24 @@ def load_with_origins(root: str = "/", extra: str | None = None) -> tuple[Config
     ("fetch.deadline_s") the file that set it last; keys not in the dict are defaults."""
     cfg = Config()
     origins: dict[str, str] = {}
-    paths = config_files(root, extra)
-    if paths:
-        import tomllib  # ~9 ms, only when there is a file to read
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = tomllib.loads(f.read())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError("agent configuration file is unreadable or not TOML", file=path, error=str(exc)) from exc
+    for path in config_files(root, extra):
+        data = read_file(path)
         cfg = merge(cfg, data, where=path)
         origins.update(dict.fromkeys(_leaf_keys(data), path))
     validate(cfg, origins)
     return cfg, origins
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """One configuration file's tables; tomllib is imported only when there is a file to read."""
+    import tomllib
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: dict[str, Any] = tomllib.loads(f.read())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("agent configuration file is unreadable or not TOML", file=path, error=str(exc)) from exc
+    return data
 
 
 # The annotations a configuration value may have, as written (`from __future__ import annotations`
@@ -260,21 +268,21 @@ VALUE_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": 
 
 
 def merge(obj: Any, data: dict[str, Any], *, where: str) -> Any:
-    """Return a copy of dataclass `obj` with `data` applied, checking names and types."""
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(obj)}
+    """Return a copy of record `obj` with `data` applied, checking names and types."""
+    annotations = {f.name: f.type for f in fields(obj)}
     names = set(annotations)
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError("unknown key in agent configuration", key=key, file=where)
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if is_record(current):
             if not isinstance(value, dict):
                 raise ConfigError("configuration key must be a table", key=key, file=where)
             changes[key] = merge(current, value, where=where)
         else:
             changes[key] = _coerce(key, VALUE_TYPES[annotations[key]], value, where)
-    cfg = dataclasses.replace(obj, **changes)
+    cfg = replace(obj, **changes)
     if isinstance(cfg, Config) and cfg.provider not in PROVIDERS:
         raise ConfigError("unknown provider in agent configuration", provider=cfg.provider, file=where)
     return cfg
@@ -295,7 +303,7 @@ def _coerce(key: str, hint: type, value: Any, where: str) -> Any:
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    return asdict(cfg)
 
 
 def _leaf_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
@@ -448,9 +456,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
 def items(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """("section.key", value) for every leaf of the configuration, in declaration order."""
     out: list[tuple[str, Any]] = []
-    for f in dataclasses.fields(cfg):
+    for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if is_record(value):
             out.extend(items(value, f"{prefix}{f.name}."))
         else:
             out.append((prefix + f.name, value))

@@ -9,7 +9,9 @@ unit can act on them (`RestartPreventExitStatus=78`).
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_USAGE = 64  # EX_USAGE: bad command line (argparse)

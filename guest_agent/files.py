@@ -51,11 +51,15 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Callable
-from typing import NamedTuple
 
 from guest_agent.errors import WriteFailed
 from guest_agent.log import logger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Step = Callable[[str], None]
 
 log = logger("guest_agent.files")
 
@@ -66,16 +70,27 @@ TMP_PREFIX = "..tmp-"
 WRITTEN = "..written"  # inside a generation: the names the agent wrote, one per line
 _WRITTEN_MAX = 64 * 1024
 
-Step = Callable[[str], None]
 
+class FileSpec:
+    """One file to write (a plain class, as providers.Provider says why)."""
 
-class FileSpec(NamedTuple):
-    path: str  # absolute, normalised guest path
-    content: bytes
-    mode: int = 0o600
-    uid: int | None = None  # None: leave as created (the agent's own user)
-    gid: int | None = None
-    source: str = "user-data"  # user-data | initdata | agent: for logs and `check`
+    __slots__ = ("content", "gid", "mode", "path", "source", "uid")
+
+    def __init__(
+        self,
+        path: str,  # absolute, normalised guest path
+        content: bytes,
+        mode: int = 0o600,
+        uid: int | None = None,  # None: leave as created (the agent's own user)
+        gid: int | None = None,
+        source: str = "user-data",  # user-data | initdata | agent: for logs and `check`
+    ) -> None:
+        self.path = path
+        self.content = content
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.source = source
 
 
 def _open_dir(parent_fd: int, name: str, *, create: bool, dir_mode: int, path: str) -> int:

@@ -29,18 +29,20 @@ the kernel again, which also covers changes that produce no route message
 from __future__ import annotations
 
 import _socket
+import _struct
 import errno
 import os
 import select
-import struct
 import time
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 from guest_agent.errors import NetworkUnavailable
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
 # <linux/netlink.h>
-NLMSG_HDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+NLMSG_HDR = _struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
@@ -55,8 +57,8 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
-RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
-RTA_HDR = struct.Struct("=HH")  # rta_len, rta_type
+RTMSG = _struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTA_HDR = _struct.Struct("=HH")  # rta_len, rta_type
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
@@ -65,7 +67,7 @@ RTA_TABLE = 15
 RT_TABLE_MAIN = 254
 
 # <linux/if_link.h>, <linux/if.h>
-IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
+IFINFOMSG = _struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
 IFF_UP = 0x1
 
 # The kernel answers "route get" with these when the lookup ends in no route or in a
@@ -77,16 +79,28 @@ NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES
 RECV_BUF = 65536
 
 
-class RouteInfo(NamedTuple):
-    """The kernel's answer to "ip route get <dst>"."""
+class RouteInfo:
+    """The kernel's answer to "ip route get <dst>" (a plain class, as providers.Provider says why)."""
 
-    dst: str
-    ifindex: int  # RTA_OIF (1 = lo when dst is a local address)
-    gateway: str | None  # RTA_GATEWAY; None for an on-link destination
-    prefsrc: str | None  # RTA_PREFSRC: the source address the kernel would pick
-    table: int
-    waited: bool  # False: the route was there at the first look
-    events: int = 0  # netlink wake-ups seen before the route appeared
+    __slots__ = ("dst", "events", "gateway", "ifindex", "prefsrc", "table", "waited")
+
+    def __init__(
+        self,
+        dst: str,
+        ifindex: int,  # RTA_OIF (1 = lo when dst is a local address)
+        gateway: str | None,  # RTA_GATEWAY; None for an on-link destination
+        prefsrc: str | None,  # RTA_PREFSRC: the source address the kernel would pick
+        table: int,
+        waited: bool,  # False: the route was there at the first look
+        events: int = 0,  # netlink wake-ups seen before the route appeared
+    ) -> None:
+        self.dst = dst
+        self.ifindex = ifindex
+        self.gateway = gateway
+        self.prefsrc = prefsrc
+        self.table = table
+        self.waited = waited
+        self.events = events
 
     @property
     def oif(self) -> int:
@@ -153,7 +167,7 @@ def iter_rtattrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
 
 def error_code(payload: bytes) -> int:
     """The positive errno of an NLMSG_ERROR payload; 0 is an ACK."""
-    (err,) = struct.unpack_from("=i", payload)
+    (err,) = _struct.unpack_from("=i", payload)
     return -int(err)
 
 
@@ -164,13 +178,13 @@ def parse_route(dst: str, payload: bytes, *, waited: bool = False, events: int =
     gateway = prefsrc = None
     for rta_type, value in iter_rtattrs(payload, RTMSG.size):
         if rta_type == RTA_OIF:
-            (ifindex,) = struct.unpack("=I", value[:4])
+            (ifindex,) = _struct.unpack("=I", value[:4])
         elif rta_type == RTA_GATEWAY:
             gateway = _socket.inet_ntop(family, value)
         elif rta_type == RTA_PREFSRC:
             prefsrc = _socket.inet_ntop(family, value)
         elif rta_type == RTA_TABLE:
-            (table,) = struct.unpack("=I", value[:4])
+            (table,) = _struct.unpack("=I", value[:4])
     return RouteInfo(dst, ifindex, gateway, prefsrc, table, waited, events)
 
 

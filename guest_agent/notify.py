@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import _socket
 import os
-from collections.abc import Callable
 
 from guest_agent.log import logger
 
-log = logger("guest_agent.notify")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-Sender = Callable[[str], bool]
+    Sender = Callable[[str], bool]
+
+log = logger("guest_agent.notify")
 
 
 def socket_address(value: str | None) -> str | None:

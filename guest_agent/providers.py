@@ -21,20 +21,34 @@ src/cloud-api-adaptor/pkg/userdata/provision.go.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-Dmi = Callable[[str], str]  # DMI field name ("sys_vendor") -> its value, "" if absent
+    Dmi = Callable[[str], str]  # DMI field name ("sys_vendor") -> its value, "" if absent
 
 AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"  # cloud-init ds-identify is_azure_chassis
 
 
-class Provider(NamedTuple):
-    name: str
-    matches: Callable[[Dmi], bool]  # pure: these DMI strings identify the cloud
-    fetch_module: str  # defines fetch(ctx: clouds.FetchContext) -> bytes, imported only when in use
-    metadata_url_key: str | None  # "section.key" of the configured metadata URL; None: no network needed
-    reporter_module: str | None = None  # reports Ready/NotReady to the cloud's fabric (Azure)
+class Provider:
+    """One cloud.  A plain class, like the other records of the boot path: a NamedTuple would
+    import typing and collections and eval() generated source for its __new__ on every boot."""
+
+    __slots__ = ("fetch_module", "matches", "metadata_url_key", "name", "reporter_module")
+
+    def __init__(
+        self,
+        name: str,
+        matches: Callable[[Dmi], bool],  # pure: these DMI strings identify the cloud
+        fetch_module: str,  # defines fetch(ctx: clouds.FetchContext) -> bytes, imported only when in use
+        metadata_url_key: str | None,  # "section.key" of the configured metadata URL; None: no network needed
+        reporter_module: str | None = None,  # reports Ready/NotReady to the cloud's fabric (Azure)
+    ) -> None:
+        self.name = name
+        self.matches = matches
+        self.fetch_module = fetch_module
+        self.metadata_url_key = metadata_url_key
+        self.reporter_module = reporter_module
 
 
 def _azure(dmi: Dmi) -> bool:

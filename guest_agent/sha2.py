@@ -8,14 +8,16 @@ nothing; the digests are the same.  When neither is there, `hashlib` is used.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from importlib import import_module
-from typing import Protocol
+import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
 
-class Hash(Protocol):
-    def digest(self) -> bytes: ...
-    def hexdigest(self) -> str: ...
+    class Hash(Protocol):
+        def digest(self) -> bytes: ...
+        def hexdigest(self) -> str: ...
 
 
 # Per algorithm, the modules that may hold its constructor, by Python version.
@@ -25,7 +27,8 @@ _BUILTIN = {"sha256": ("_sha256", "_sha2"), "sha384": ("_sha512", "_sha2"), "sha
 def _builtin(name: str) -> Callable[[bytes], Hash] | None:
     for module in _BUILTIN[name]:
         try:
-            ctor: Callable[[bytes], Hash] = getattr(import_module(module), name)
+            __import__(module)  # importlib's import_module, without importing importlib
+            ctor: Callable[[bytes], Hash] = getattr(sys.modules[module], name)
             return ctor
         except (ImportError, AttributeError):
             continue

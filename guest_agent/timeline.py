@@ -7,15 +7,16 @@ figures line up with `journalctl -o short-monotonic` and `systemd-analyze`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
 
 from guest_agent.errors import AgentError
 from guest_agent.log import fields, logger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 log = logger("guest_agent.timeline")
 
@@ -66,30 +67,11 @@ class Timeline:
         self.marks: dict[str, float] = {}
         self.counts: dict[str, int] = {}  # e.g. user-data entries skipped as CAA skips them
 
-    @contextmanager
-    def stage(self, name: str, doing: str = "") -> Iterator[Stage]:
-        """`doing` says what the stage does or waits for: `STATUS=network: waiting for a route to
-        169.254.169.254` in `systemctl status`."""
-        st = Stage(name, self.clock())
-        self.stages.append(st)
-        what = f"{name}: {doing}" if doing else name
-        if self.status is not None:
-            self.status(what)
-        log.info("[started] %s", what, extra=fields(stage=name))
-        try:
-            yield st
-        except BaseException as exc:
-            st.end, st.ok = self.clock(), False
-            if isinstance(exc, AgentError):
-                if exc.stage is None:
-                    exc.stage = name
-                st.error = exc.reason
-            else:
-                st.error = type(exc).__name__
-            log.info("[failed] %s (%.1f ms): %s", name, st.ms, st.error, extra=fields(stage=name, elapsed_ms=st.ms))
-            raise
-        st.end, st.ok = self.clock(), True
-        log.info("[finished] %s (%.1f ms)", name, st.ms, extra=fields(stage=name, elapsed_ms=st.ms))
+    def stage(self, name: str, doing: str = "") -> Running:
+        """`with tl.stage("fetch", ...) as st:` times the block as one stage.  `doing` says what the
+        stage does or waits for: `STATUS=network: waiting for a route to 169.254.169.254` in
+        `systemctl status`."""
+        return Running(self, name, doing)
 
     def mark(self, name: str) -> None:
         """A point event (e.g. READY=1 sent)."""
@@ -113,4 +95,43 @@ class Timeline:
         }
 
     def to_json(self) -> bytes:
+        import json  # written after Ready (or on failure): not worth its import before
+
         return json.dumps(self.to_dict(), indent=2).encode() + b"\n"
+
+
+class Running:
+    """One stage while its block runs.  A class, not @contextlib.contextmanager: the boot path does
+    without contextlib's import."""
+
+    __slots__ = ("doing", "name", "stage", "timeline")
+    stage: Stage  # from __enter__ on
+
+    def __init__(self, timeline: Timeline, name: str, doing: str) -> None:
+        self.timeline = timeline
+        self.name = name
+        self.doing = doing
+
+    def __enter__(self) -> Stage:
+        tl, name = self.timeline, self.name
+        st = self.stage = Stage(name, tl.clock())
+        tl.stages.append(st)
+        what = f"{name}: {self.doing}" if self.doing else name
+        if tl.status is not None:
+            tl.status(what)
+        log.info("[started] %s", what, extra=fields(stage=name))
+        return st
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        st, name = self.stage, self.name
+        st.end, st.ok = self.timeline.clock(), exc is None
+        if exc is None:
+            log.info("[finished] %s (%.1f ms)", name, st.ms, extra=fields(stage=name, elapsed_ms=st.ms))
+            return
+        if isinstance(exc, AgentError):
+            if exc.stage is None:
+                exc.stage = name
+            st.error = exc.reason
+        else:
+            st.error = type(exc).__name__
+        log.info("[failed] %s (%.1f ms): %s", name, st.ms, st.error, extra=fields(stage=name, elapsed_ms=st.ms))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import config
+from guest_agent import config, record
 from guest_agent.errors import ConfigError
 
 
@@ -120,14 +120,12 @@ def test_origins_name_the_file_that_set_each_value(tmp_path: Path) -> None:
 def test_every_value_has_a_type_the_loader_knows() -> None:
     """config.merge checks a value against VALUE_TYPES[annotation]: every leaf field's annotation
     must be there (a new one would fail every load that sets the key)."""
-    import dataclasses
-
     work: list[object] = [config.Config()]
     while work:
         obj = work.pop()
-        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        for f in record.fields(obj):
             value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
+            if record.is_record(value):
                 work.append(value)
             else:
                 assert f.type in config.VALUE_TYPES, f.name

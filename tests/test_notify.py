@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import boot
+from guest_agent import boot, record
 from guest_agent.config import Config
 from guest_agent.notify import Notifier
 from tests import caa
@@ -143,9 +142,9 @@ def test_no_ready_on_failure(notify_socket: tuple[socket.socket, str], tmp_path:
 def test_start_budget_follows_the_configured_deadlines() -> None:
     base = boot.start_budget_s(Config())
     assert base == 120 + 180 + 5 + 300 + boot.START_SLACK_S  # network, fetch, cidata disk, NotReady report
-    longer = Config(fetch=dataclasses.replace(Config().fetch, deadline_s=900.0))
+    longer = Config(fetch=record.replace(Config().fetch, deadline_s=900.0))
     assert boot.start_budget_s(longer) == base + 720
-    no_wait = Config(network=dataclasses.replace(Config().network, wait=False))
+    no_wait = Config(network=record.replace(Config().network, wait=False))
     assert boot.start_budget_s(no_wait) == base - 120
 
 

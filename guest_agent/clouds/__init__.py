@@ -8,12 +8,15 @@ returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 from __future__ import annotations
 
 import os
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple
+import sys
 
 from guest_agent.config import Config, root_path
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
+
     from guest_agent.transport import Backoff, Deadline
 
 DMI_FIELDS = (
@@ -30,9 +33,14 @@ DMI_FIELDS = (
 )
 
 
-class Facts(NamedTuple):
-    dmi: dict[str, str]
-    cidata_seed: bool = False  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
+class Facts:
+    """What detection reads (a plain class, as providers.Provider says why)."""
+
+    __slots__ = ("cidata_seed", "dmi")
+
+    def __init__(self, dmi: dict[str, str], cidata_seed: bool = False) -> None:
+        self.dmi = dmi
+        self.cidata_seed = cidata_seed  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
 
     def get(self, name: str) -> str:
         return self.dmi.get(name, "")
@@ -76,11 +84,11 @@ class FetchContext:
 
 def provider_module(name: str) -> ModuleType:
     """Import only the provider in use (each pulls in its own helpers)."""
-    import importlib
-
     from guest_agent import providers
 
-    return importlib.import_module(providers.get(name).fetch_module)
+    module = providers.get(name).fetch_module
+    __import__(module)  # importlib.import_module, without importing importlib
+    return sys.modules[module]
 
 
 def metadata_address(name: str, cfg: Config) -> str | None:

@@ -1,0 +1,168 @@
+"""guest_agent.record: frozen records built without generated source."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from guest_agent import record
+from guest_agent.record import field, frozen
+
+
+@frozen
+class Inner:
+    n: int = 1
+
+
+@frozen
+class Point:
+    x: int
+    y: int = 2
+    tags: tuple[str, ...] = ("a",)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_positional_keyword_and_default_construction() -> None:
+    p = Point(1)
+    assert (p.x, p.y, p.tags, p.inner.n) == (1, 2, ("a",), 1)
+    q = Point(1, 5, inner=Inner(7))
+    assert (q.x, q.y, q.inner.n) == (1, 5, 7)
+    assert Point(x=3, y=4).y == 4
+
+
+def test_a_factory_makes_one_default_per_record() -> None:
+    assert Point(1).inner is not Point(1).inner
+    assert "inner" not in vars(Point)  # as with dataclasses: no class attribute for a factory field
+
+
+def test_fields_cannot_be_assigned_or_deleted() -> None:
+    p = Point(1)
+    with pytest.raises(record.FrozenRecordError, match="cannot assign to field 'x'"):
+        p.x = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError):  # as dataclasses' FrozenInstanceError
+        del p.y  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        p.other = 1  # type: ignore[attr-defined]
+    assert p.x == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((), {}, r"Point\(\) missing required argument: 'x'"),
+        ((1, 2, (), Inner(), 5), {}, r"Point\(\) takes 4 positional arguments but 5 were given"),
+        ((1,), {"z": 3}, r"Point\(\) got an unexpected keyword argument 'z'"),
+        ((1,), {"x": 3}, r"Point\(\) got multiple values for argument 'x'"),
+    ],
+)
+def test_wrong_calls_fail_as_a_dataclass_constructor_does(
+    args: tuple[object, ...], kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        Point(*args, **kwargs)
+
+
+def test_post_init_runs_after_the_fields_are_set() -> None:
+    @frozen
+    class Checked:
+        low: int = 0
+        high: int = 1
+
+        def __post_init__(self) -> None:
+            if self.high < self.low:
+                raise ValueError("high < low")
+
+    assert Checked(1, 2).high == 2
+    with pytest.raises(ValueError, match="high < low"):
+        Checked(3)
+
+
+def test_fields_replace_and_asdict() -> None:
+    p = Point(1, inner=Inner(4))
+    assert [(f.name, f.type) for f in record.fields(Point)] == [
+        ("x", "int"),
+        ("y", "int"),
+        ("tags", "tuple[str, ...]"),
+        ("inner", "Inner"),
+    ]
+    q = record.replace(p, y=9)
+    assert (q.x, q.y, q.inner) == (1, 9, p.inner) and p.y == 2
+    assert record.asdict(q) == {"x": 1, "y": 9, "tags": ("a",), "inner": {"n": 4}}
+    assert record.is_record(p) and record.is_record(Point) and not record.is_record(object())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+        record.replace(p, z=1)
+    with pytest.raises(TypeError, match="not a record"):
+        record.fields(object())
+
+
+def test_dataclasses_replace_still_works() -> None:
+    """Code written against the dataclasses the config used to be (dataclasses.replace) keeps working."""
+    q = dataclasses.replace(Point(1), y=3)
+    assert isinstance(q, Point) and (q.x, q.y) == (1, 3)
+
+
+def test_records_compare_by_identity_and_keep_objects_repr() -> None:
+    p = Point(1)
+    assert p == p and p != Point(1)  # eq=False
+    assert repr(p).startswith("<tests.test_record.Point object at ")
+    assert hash(p) == object.__hash__(p)
+
+
+def test_class_definition_errors() -> None:
+    with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+
+        @frozen
+        class Bad:
+            a: int = 1
+            b: int
+
+    with pytest.raises(ValueError, match="mutable default list for field a"):
+
+        @frozen
+        class Mutable:
+            a: list[int] = []  # noqa: RUF012
+
+
+def test_a_subclass_extends_the_fields() -> None:
+    @frozen
+    class Point3(Point):
+        z: int = 0
+
+    assert [f.name for f in record.fields(Point3)] == ["x", "y", "tags", "inner", "z"]
+    assert Point3(1, z=5).z == 5
+
+
+# The agent's own modules of the boot path that import none of the decoders or the HTTP stack.
+BOOT_MODULES = [
+    "config",
+    "cli",
+    "errors",
+    "log",
+    "timeline",
+    "notify",
+    "providers",
+    "clouds",
+    "sha2",
+    "files",
+    "network",
+]
+HEAVY = {"dataclasses", "inspect", "ast", "dis", "tokenize", "re", "typing", "enum", "collections", "contextlib"}
+HEAVY |= {"importlib", "functools", "types", "json", "struct", "string", "copy", "weakref", "warnings", "tomllib"}
+
+
+@pytest.mark.parametrize("module", BOOT_MODULES)
+def test_the_boot_modules_import_no_heavy_module(module: str) -> None:
+    """What the records (and TYPE_CHECKING blocks, slotted classes) are for: importing these modules,
+    and loading the default config, brings no module of the standard library that compiles source,
+    regular expressions or class machinery at import (typing, dataclasses, re, enum...)."""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(record.__file__)))
+    code = (
+        f"import sys; sys.path[:0] = [{top!r}]; import guest_agent.{module}; from guest_agent import config;"
+        "config.load('/nonexistent'); print(' '.join(sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-ISB", "-c", code], capture_output=True, text=True, check=True)
+    assert sorted(HEAVY & set(out.stdout.split())) == []
