@@ -83,7 +83,7 @@ def goal_state(xml: bytes) -> wire.GoalState | None:
         gs = wire.parse_goal_state(xml)
     except FabricError:
         return None
-    assert all(0 < len(v) <= 4096 for v in gs)
+    assert all(0 < len(v) <= 4096 for v in (gs.incarnation, gs.container_id, gs.role_instance_id))
     return gs
 
 
@@ -113,7 +113,7 @@ def test_goal_state_generated(incarnation: str, container: str, instance: str, b
     naming the empty one."""
     gs = goal_state(goal_state_xml(incarnation, container, instance, bom=bom, namespace=ns))
     if all(v.strip() for v in (incarnation, container, instance)):
-        assert gs == (incarnation.strip(), container.strip(), instance.strip())
+        assert gs == wire.GoalState(incarnation.strip(), container.strip(), instance.strip())
     else:
         assert gs is None
 
