@@ -21,8 +21,10 @@ import calendar
 import gzip
 import json
 import math
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -81,7 +83,7 @@ def goal_state(xml: bytes) -> wire.GoalState | None:
         gs = wire.parse_goal_state(xml)
     except FabricError:
         return None
-    assert all(0 < len(v) <= 4096 for v in gs)
+    assert all(0 < len(v) <= 4096 for v in (gs.incarnation, gs.container_id, gs.role_instance_id))
     return gs
 
 
@@ -111,7 +113,7 @@ def test_goal_state_generated(incarnation: str, container: str, instance: str, b
     naming the empty one."""
     gs = goal_state(goal_state_xml(incarnation, container, instance, bom=bom, namespace=ns))
     if all(v.strip() for v in (incarnation, container, instance)):
-        assert gs == (incarnation.strip(), container.strip(), instance.strip())
+        assert gs == wire.GoalState(incarnation.strip(), container.strip(), instance.strip())
     else:
         assert gs is None
 
@@ -351,6 +353,72 @@ def test_retry_after_dates(day: str, dd: int, month: str, year: int, hms: tuple[
         assert r == max(0.0, calendar.timegm((year, month_no, dd, *hms, 0, 0, 0)) - NOW)
     else:
         assert r is None
+
+
+_IMF_FIXDATE = r"([A-Z][a-z]{2}), ([0-9]{2}) ([A-Z][a-z]{2}) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def regex_retry_after(value: str) -> float | None:
+    """The regular-expression + calendar.timegm parse transport.py used before its offset scan."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= 9 else None
+    m = re.fullmatch(_IMF_FIXDATE, value)
+    if m is None or m.group(1) not in ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"):
+        return None
+    if m.group(3) not in _MONTH_NAMES:
+        return None
+    day, year, hh, mm, ss = (int(m.group(i)) for i in (2, 4, 5, 6, 7))
+    if not (1 <= day <= 31 and hh <= 23 and mm <= 59 and ss <= 60 and year >= 1970):
+        return None
+    return max(0.0, calendar.timegm((year, _MONTH_NAMES.index(m.group(3)) + 1, day, hh, mm, ss, 0, 0, 0)) - NOW)
+
+
+FIXDATE_TOKENS = [b" ", b":", b",", b"GMT", b"0", b"9", "\u0663".encode(), b"\t", b"Feb", b"Sat", b"29", b"31", b"60"]
+
+
+@FUZZ
+@given(
+    st.integers(-(10**10), 253402300799),
+    st.integers(0, 60),
+    st.lists(
+        st.tuples(st.integers(0, 40), st.integers(0, 3), st.sampled_from(FIXDATE_TOKENS) | st.binary(max_size=3)),
+        max_size=3,
+    ),
+)
+def test_retry_after_scan_equals_the_regex(t: int, second: int, edits: list[tuple[int, int, bytes]]) -> None:
+    """The offset scan accepts exactly what the old regular expression did, with the same value:
+    well-formed dates across the whole range (leap days, second 60, before 1970) and near misses."""
+    text = time.strftime(f"%a, %d %b %Y %H:%M:{second:02} GMT", time.gmtime(t))
+    value = mutate(text.encode(), edits).decode("utf-8", "replace")
+    assert parse_retry_after(value, NOW) == regex_retry_after(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Sun, 29 Feb 2032 23:59:60 GMT",
+        "Mon, 31 Feb 2031 00:00:00 GMT",
+        "Sat, 01 Jan 2000 00:00:00 GMT",
+        "Sat, 01 Jan 2000 00:00:00 UTC",
+        "Sat,  1 Jan 2000 00:00:00 GMT",
+        "sat, 01 Jan 2000 00:00:00 GMT",
+        "Sat, 01 Jan 2000 00:00:00 GMT ",
+        " Sat, 01 Jan 2000 00:00:00 GMT",
+        "Sat, 01 Jan 2000 0:00:000 GMT",
+        "Sat, 01 Jan 2000 00:00:0٣ GMT",
+        "Sat, 01 jan 2000 00:00:00 GMT",
+        "Fri, 31 Dec 9999 23:59:59 GMT",
+        "Thu, 01 Jan 1970 00:00:00 GMT",
+        "Wed, 31 Dec 1969 23:59:59 GMT",
+        "Sat, 00 Jan 2000 00:00:00 GMT",
+    ],
+)
+def test_retry_after_scan_edge_cases(value: str) -> None:
+    assert parse_retry_after(value, NOW) == regex_retry_after(value)
 
 
 @FUZZ

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -10,15 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from guest_agent import httpio
 from guest_agent.azure.health import WireserverClient
 from guest_agent.azure.wire import (
     DESCRIPTION_MAX_CHARS,
+    NOT_READY,
+    PROVISIONING_FAILED,
+    READY,
     GoalState,
     GoalStateIncomplete,
     build_health_json,
     build_health_xml,
+    clean_description,
     parse_goal_state,
     parse_option_245,
     wireserver_address,
@@ -27,6 +34,7 @@ from guest_agent.errors import FabricError
 from guest_agent.transport import Backoff, Deadline
 from tests.fakecloud.server import Reply, Script
 from tests.fakecloud.wireserver import CONTAINER_ID, INSTANCE_ID, FakeWireserver, goal_state_xml, parse_health_xml
+from tests.fuzzing import FUZZ
 
 FIXTURES = Path(__file__).parent / "fixtures" / "azure"
 AGENT = "guest-agent/9.9.9-test"
@@ -117,6 +125,46 @@ def test_health_json_shapes() -> None:
         build_health_json("Ready", "ProvisioningFailed", "x")
     with pytest.raises(ValueError):
         build_health_json("Healthy")
+
+
+# The pattern clean_description used before its character check, and the body the json module built.
+XML_INVALID = "[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]"
+# Every character class the check branches on, and its neighbours.
+EDGE_CHARS = "".join(map(chr, [*range(0x21), 0x7F, 0x85, 0xD7FF, 0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0xE000, 0xFFFD]))
+EDGE_CHARS += "\ufffe\uffff\U00010000\U0010ffff\"'|<&é"
+
+
+def json_module_body(state: str, substatus: str | None = None, description: str | None = None) -> bytes:
+    doc: dict[str, object] = {"state": state}
+    if substatus is not None:
+        desc = re.sub(XML_INVALID, " ", description or "")[:DESCRIPTION_MAX_CHARS]
+        doc["details"] = {"subStatus": substatus, "description": desc}
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+def test_health_json_bytes() -> None:
+    assert build_health_json(READY) == b'{"state":"Ready"}'
+    assert build_health_json(NOT_READY, PROVISIONING_FAILED, 'a"b\\c\n\x00\ud800é\U0001f600') == (
+        b'{"state":"NotReady","details":{"subStatus":"ProvisioningFailed",'
+        b'"description":"a\\"b\\\\c\\n  \\u00e9\\ud83d\\ude00"}}'
+    )
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=600), st.text(st.sampled_from(EDGE_CHARS), max_size=600)))
+def test_health_json_and_description_equal_the_json_module_and_the_regex(description: str) -> None:
+    assert clean_description(description) == re.sub(XML_INVALID, " ", description)[:DESCRIPTION_MAX_CHARS]
+    body = build_health_json(NOT_READY, PROVISIONING_FAILED, description)
+    assert body == json_module_body(NOT_READY, PROVISIONING_FAILED, description)
+    assert build_health_json(READY) == json_module_body(READY)
+
+
+def test_clean_description_every_bmp_character() -> None:
+    every = "".join(map(chr, range(0x10000)))
+    cleaned = "".join(
+        clean_description(every[i : i + DESCRIPTION_MAX_CHARS]) for i in range(0, len(every), DESCRIPTION_MAX_CHARS)
+    )
+    assert cleaned == re.sub(XML_INVALID, " ", every)
 
 
 # --------------------------------------------------------------------------- OPTION_245

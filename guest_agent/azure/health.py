@@ -12,8 +12,6 @@ round trip), but the JSON flow, which every current host offers, gains nothing (
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import NamedTuple
 
 from guest_agent import httpio
 from guest_agent.azure.wire import (
@@ -33,6 +31,10 @@ from guest_agent.azure.wire import (
 from guest_agent.errors import FabricError
 from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, Retry, budget_s, retry_or_raise, retry_until, urandom_unit
+
+TYPE_CHECKING = False  # typing and collections.abc only for mypy: neither is imported at boot
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logger("guest_agent.azure.health")
 
@@ -54,12 +56,17 @@ MAX_BODY_BYTES = 256 * 1024  # a goal state is ~2 KiB; never buffer an unbounded
 DEFAULT_BACKOFF = Backoff(initial_s=0.25, max_s=2.0, retry_after_max_s=30.0)
 
 
-class ReportResult(NamedTuple):
-    state: str  # Ready | NotReady
-    flavour: str  # json | xml: the endpoint that acknowledged
-    status: int  # its HTTP status
-    round_trips: int  # HTTP requests this report made
-    elapsed_s: float
+class ReportResult:
+    """An acknowledged report (a slotted class: a NamedTuple is built by exec'ing generated source)."""
+
+    __slots__ = ("elapsed_s", "flavour", "round_trips", "state", "status")
+
+    def __init__(self, state: str, flavour: str, status: int, round_trips: int, elapsed_s: float) -> None:
+        self.state = state  # Ready | NotReady
+        self.flavour = flavour  # json | xml: the endpoint that acknowledged
+        self.status = status  # its HTTP status
+        self.round_trips = round_trips  # HTTP requests this report made
+        self.elapsed_s = elapsed_s
 
 
 def _retryable(status: int) -> bool:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from guest_agent import httpio
 from guest_agent.clouds import FetchContext
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
@@ -54,15 +52,20 @@ def is_token(value: str) -> bool:
     return bool(value) and all("!" <= c <= "~" for c in value)
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_JSON_NESTING = re.compile(rb"[\[\]{}]")
 JSON_MAX_DEPTH = 32  # a metadata answer is a flat object or two deep
 
 
 def json_depth(body: bytes) -> int:
-    """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped)."""
+    """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped).
+
+    `re` is imported here, not with the module: only the JSON answers of IBM Cloud come here, and
+    they import json (which imports re) anyway; Azure's boot path imports this module but never
+    calls it.
+    """
+    import re
+
     depth = deepest = 0
-    for m in _JSON_NESTING.finditer(_JSON_STRING.sub(b"", body)):
+    for m in re.finditer(rb"[\[\]{}]", re.sub(rb'"(?:[^"\\]|\\.)*"', b"", body)):
         depth += 1 if m.group() in (b"[", b"{") else -1
         deepest = max(deepest, depth)
     return deepest
