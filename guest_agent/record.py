@@ -44,11 +44,6 @@ class Field:
 
     __slots__ = ("default", "default_factory", "name", "type")
 
-    # `dataclasses.replace(record, ...)` still works (code written against the dataclasses this
-    # replaces): it reads `__dataclass_fields__` and, of each field, these two and `name`.
-    init = True
-    _field_type = None  # neither a ClassVar nor an InitVar: a plain field
-
     def __init__(self, name: str, type: str, default: object, default_factory: Callable[[], object] | None) -> None:
         self.name = name
         self.type = type
@@ -83,7 +78,6 @@ def frozen(cls: type[_T]) -> type[_T]:
         found.append(spec)
     members = {
         "__record_fields__": tuple(found),
-        "__dataclass_fields__": {f.name: f for f in found},
         "__init__": _init,
         "__setattr__": _refuse_set,
         "__delattr__": _refuse_del,

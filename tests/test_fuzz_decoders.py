@@ -11,7 +11,6 @@ Budget and profile: tests/fuzzing.py (shared with test_fuzz_http.py).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import gzip
 import io
 import json
@@ -24,14 +23,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guest_agent import codec, initdata, iso9660, safeyaml, userdata
+from guest_agent import codec, initdata, iso9660, record, safeyaml, userdata
 from guest_agent.config import Config
 from guest_agent.errors import AgentError
 from tests import caa
 from tests.fuzzing import EDITS, FUZZ, mutate, only_agent_errors
 
 CFG = Config()
-STRICT = dataclasses.replace(CFG, files=dataclasses.replace(CFG.files, strict=True))
+STRICT = record.replace(CFG, files=record.replace(CFG.files, strict=True))
 YAML_ALPHABET = st.sampled_from([*"[]{}:,-?&*!|>'\"#%@`~ \n\t\\/.0123456789abexyz<=+_", "!!", "<<", "---", "..."])
 YAML_TEXT = st.lists(YAML_ALPHABET, max_size=200).map("".join)
 CAA_DOC = caa.cloud_config(initdata=caa.initdata_toml())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -97,12 +96,6 @@ def test_fields_replace_and_asdict() -> None:
         record.replace(p, z=1)
     with pytest.raises(TypeError, match="not a record"):
         record.fields(object())
-
-
-def test_dataclasses_replace_still_works() -> None:
-    """Code written against the dataclasses the config used to be (dataclasses.replace) keeps working."""
-    q = dataclasses.replace(Point(1), y=3)
-    assert isinstance(q, Point) and (q.x, q.y) == (1, 3)
 
 
 def test_records_compare_by_identity_and_keep_objects_repr() -> None:
