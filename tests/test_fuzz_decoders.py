@@ -11,10 +11,12 @@ Budget and profile: tests/fuzzing.py (shared with test_fuzz_http.py).
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import gzip
 import io
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +28,7 @@ from hypothesis import strategies as st
 
 from guest_agent import codec, initdata, iso9660, safeyaml, userdata
 from guest_agent.config import Config
-from guest_agent.errors import AgentError
+from guest_agent.errors import AgentError, UserDataInvalid
 from tests import caa
 from tests.fuzzing import EDITS, FUZZ, mutate, only_agent_errors
 
@@ -88,6 +90,69 @@ def test_multi_member_gzip(members: list[bytes], tail: bytes) -> None:
     joined = b"".join(gzip.compress(m, mtime=0) for m in members)
     assert codec.gunzip_bounded(joined, limit=1 << 16, what="x") == b"".join(members)
     only_agent_errors(lambda: codec.gunzip_bounded(joined + tail, limit=100, what="x"))
+
+
+# --- the boot path's hand-written scanners against the stdlib code they replace ---------------
+# codec and safeyaml import neither base64 nor re (each costs the boot ~0.2-0.45 s under TCG);
+# these differential tests hold them to exactly what the replaced calls accepted and refused.
+
+B64_BYTES = st.lists(
+    st.sampled_from([*(bytes([c]) for c in b"AZaz09+/= \t\n\r\x0b\x0c-_.*\x00\x85\xff"), b"==", b"QUJD", b"QQ=="]),
+    max_size=24,
+).map(b"".join)
+
+
+@FUZZ
+@given(B64_BYTES, st.sampled_from([None, 0, 1, 3, 6, 100]))
+def test_b64_strict_agrees_with_base64_module(data: bytes, limit: int | None) -> None:
+    stripped = re.sub(rb"\s+", b"", data)
+    try:
+        want: bytes | str = base64.b64decode(stripped, validate=True)
+    except (binascii.Error, ValueError):
+        want = "invalid"
+    if limit is not None and (len(stripped) + 3) // 4 * 3 - stripped[-2:].count(b"=") > limit:
+        want = "too large"
+    try:
+        got: bytes | str = codec.b64decode_strict(data, what="x", limit=limit)
+    except UserDataInvalid as exc:
+        got = "too large" if "size limit" in exc.reason else "invalid"
+    assert got == want, data
+    looks = len(stripped) >= 4 and len(stripped) % 4 == 0 and re.fullmatch(rb"[A-Za-z0-9+/=\s]+", data) is not None
+    assert codec.looks_like_base64(data) == looks, data
+
+
+@FUZZ
+@given(st.text(st.sampled_from("[]0189_a.\u0663\uff11x"), max_size=16))
+def test_field_of_agrees_with_regex(where: str) -> None:
+    assert safeyaml.field_of(where) == re.sub(r"\[\d+\]", "[]", where)
+
+
+@FUZZ
+@given(
+    st.text(st.sampled_from("+-0178_9abxoBXfF \u0663"), max_size=9),
+    st.booleans(),
+    st.sampled_from([None, safeyaml.INT]),
+)
+def test_uint_agrees_with_regexes(value: str, plain: bool, tag: str | None) -> None:
+    """safeyaml.uint against the YAML 1.1 int and octal-string regexes it was written with."""
+    node = safeyaml.Scalar(value, tag, plain and tag is None, 1)
+    v = value.strip()
+    if value in ("", "~") and plain and tag is None:
+        want: int | str | None = None
+    elif node.plain or tag == safeyaml.INT:
+        ok = re.fullmatch(r"[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]+|0|[1-9][0-9_]*)", v)
+        want = "refused" if ok is None or v.lstrip("+-").replace("_", "") in ("0b", "0x") else "int"
+    else:
+        want = "int" if re.fullmatch(r"(?:0o)?[0-7]{1,6}", v) else "refused"
+    try:
+        got = safeyaml.uint(node, "x", octal_strings=True)
+    except UserDataInvalid:
+        assert want == "refused", value
+        return
+    if want == "int":
+        assert isinstance(got, int), value
+    else:
+        assert got == want, value
 
 
 # --- #cloud-config ---------------------------------------------------------------------------
