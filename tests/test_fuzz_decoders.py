@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from guest_agent import codec, initdata, iso9660, safeyaml, userdata
@@ -37,7 +37,8 @@ STRICT = dataclasses.replace(CFG, files=dataclasses.replace(CFG.files, strict=Tr
 YAML_ALPHABET = st.sampled_from([*"[]{}:,-?&*!|>'\"#%@`~ \n\t\\/.0123456789abexyz<=+_", "!!", "<<", "---", "..."])
 YAML_TEXT = st.lists(YAML_ALPHABET, max_size=200).map("".join)
 CAA_DOC = caa.cloud_config(initdata=caa.initdata_toml())
-TOML_ALPHABET = st.sampled_from([*list("[]{}=,.\"'#\n \\0123456789abcdefxo+-_:TZ"), '"""', "'''", "inf", "nan"])
+TOML_PIECES = [*list("[]{}=,.\"'#\n \\0123456789abcdefxo+-_:TZ"), '"""', "'''", "inf", "nan"]
+TOML_ALPHABET = st.sampled_from(TOML_PIECES)
 TOML_TEXT = st.lists(TOML_ALPHABET, max_size=200).map("".join)
 
 
@@ -433,6 +434,64 @@ def test_initdata_data_names(data: dict[str, str]) -> None:
 def test_initdata_file_mutated(edits: list[tuple[int, int, bytes]]) -> None:
     raw = mutate(initdata.encode_file(caa.initdata_toml()), edits)
     only_agent_errors(lambda: initdata.parse(initdata.decode_file(raw, limit=1 << 16)))
+
+
+def _significant_with_regexes(text: str) -> list[str]:
+    """initdata._significant as it was written with regexes (before the boot path stopped importing re)."""
+    special = re.compile(r"[\"'#\[\]{}=,.\n]")
+    bodies = {
+        '"': re.compile(r'(?:[^"\\\n]|\\[^\n])*'),
+        "'": re.compile(r"[^'\n]*"),
+        '"""': re.compile(r'(?:[^"\\]|\\.|"(?!""))*', re.S),
+    }
+    out, pos = [], 0
+    while (m := special.search(text, pos)) is not None:
+        c, pos = m.group(), m.end()
+        out.append(c)
+        if c == "#":
+            nl = text.find("\n", pos)
+            pos = len(text) if nl < 0 else nl + 1
+        elif c in "\"'":
+            q, start = c, m.start()
+            if text.startswith(q * 3, start):
+                if q == "'":
+                    j = text.find("'''", start + 3)
+                else:
+                    end = bodies['"""'].match(text, start + 3).end()  # type: ignore[union-attr]
+                    j = end if text.startswith(q * 3, end) else -1
+                pos = len(text) if j < 0 else j + 3
+                while j >= 0 and pos < j + 5 and text.startswith(q, pos):
+                    pos += 1
+            else:
+                end = bodies[q].match(text, start + 1).end()  # type: ignore[union-attr]
+                pos = end + 1 if text.startswith(q, end) else end
+    return out
+
+
+# Mostly string delimiters and escapes: where the scanners that replaced the regexes can go wrong.
+STRUCTURE_PIECES = ['"""', "'''", '"', "'", "\\", '\\"', '\\"""', "\\\n", "\n", "a", " ", "#", ".", "[", "]", "="]
+STRUCTURE_TEXT = st.one_of(
+    st.lists(st.sampled_from(STRUCTURE_PIECES), max_size=24),
+    st.lists(st.sampled_from([*TOML_PIECES, "\\", "\\\\", '\\"', "\\\n", '""""', "''''", "a.b.c"]), max_size=80),
+).map("".join)
+
+
+@FUZZ
+@given(STRUCTURE_TEXT)
+@example('a = """\\""" x"""\n[b]')  # an escaped quote starts a run of three
+@example('a = "x\\"y" [b]\n"c\\\n" [d]')  # an escaped closing quote; a backslash before a newline
+@example("a = '''x'''' [b]\n'''''y''''' [c]")  # up to two quotes beyond the closing three
+@example('a = """x\\')  # a backslash at the very end
+@example('a = "x\\')
+def test_structure_scan_agrees_with_regexes(text: str) -> None:
+    assert list(initdata._significant(text)) == _significant_with_regexes(text), text
+
+
+@FUZZ
+@given(EDITS)
+def test_structure_scan_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]) -> None:
+    text = mutate(caa.initdata_toml(), edits).decode("utf-8", "replace")
+    assert list(initdata._significant(text)) == _significant_with_regexes(text), text
 
 
 # --- ISO9660 ---------------------------------------------------------------------------------
