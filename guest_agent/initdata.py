@@ -19,18 +19,17 @@ is skipped (and reported in `Initdata.skipped`) only when it is a plain file nam
 strict mode.  Names are compared exactly (CAA compares after `filepath.Join`, so it also
 accepts e.g. "./aa.toml").
 
-`tomllib` recurses once per nested array or inline table, spends time quadratic in the length of
-a dotted key, and turns integers with `int()`, so before it runs, `structure()` scans the document
-(outside strings and comments) and refuses more than `MAX_DEPTH` levels or `MAX_ITEMS` keys and
-values; a ValueError from a 5000-digit integer and a RecursionError are turned into the same
-"not valid TOML" refusal.
+The document is read by `safetoml`, which reads CAA's simple shape itself and hands any other
+document to `tomllib`.  `tomllib` recurses once per nested array or inline table, spends time
+quadratic in the length of a dotted key, and turns integers with `int()`, so before either runs,
+`structure()` scans the document (outside strings and comments) and refuses more than
+`MAX_DEPTH` levels or `MAX_ITEMS` keys and values; a ValueError from a 5000-digit integer and a
+RecursionError are turned into the same "not valid TOML" refusal.
 """
 
 from __future__ import annotations
 
-import tomllib
-
-from guest_agent import sha2
+from guest_agent import safetoml, sha2
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid
 from guest_agent.safeyaml import show
@@ -259,11 +258,12 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
     if items > MAX_ITEMS:
         raise UserDataInvalid("initdata TOML has too many lines, keys and values", field="initdata", limit=MAX_ITEMS)
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        # The message carries only a position ("... (at line 3, column 9)"), no document content.
-        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
-    except (ValueError, RecursionError) as exc:  # int() past 4300 digits; nesting the scan missed
+        doc = safetoml.loads(text)  # CAA's documents without tomllib; any other through it
+    except (ValueError, RecursionError) as exc:
+        if safetoml.is_decode_error(exc):
+            # The message carries only a position ("... (at line 3, column 9)"), no document content.
+            raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
+        # int() past 4300 digits; nesting the scan missed
         raise UserDataInvalid("initdata is not valid TOML", error=type(exc).__name__) from None
 
     algorithm = doc.get("algorithm")

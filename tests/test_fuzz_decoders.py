@@ -20,13 +20,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from guest_agent import codec, initdata, iso9660, safeyaml, userdata
+from guest_agent import codec, initdata, iso9660, safetoml, safeyaml, userdata
 from guest_agent.config import Config
 from guest_agent.errors import AgentError, UserDataInvalid
 from tests import caa
@@ -492,6 +493,158 @@ def test_structure_scan_agrees_with_regexes(text: str) -> None:
 def test_structure_scan_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]) -> None:
     text = mutate(caa.initdata_toml(), edits).decode("utf-8", "replace")
     assert list(initdata._significant(text)) == _significant_with_regexes(text), text
+
+
+# --- safetoml against tomllib ---------------------------------------------------------------
+
+
+def _toml_agrees(text: str) -> bool:
+    """Differential: what safetoml reads itself (None = outside its subset), tomllib reads to the
+    same dict (types, order and float signs included: compared as JSON); `safetoml.loads` gives
+    tomllib's result or tomllib's error.  True if the subset reader read it."""
+    try:
+        want: dict[str, object] | None = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        want = None
+    fast = safetoml.read_subset(text)
+    if fast is not None:
+        assert want is not None, text
+        assert json.dumps(fast) == json.dumps(want), text
+    try:
+        got: dict[str, object] | None = safetoml.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+        assert want is None, text
+        assert safetoml.is_decode_error(exc) == isinstance(exc, tomllib.TOMLDecodeError), text
+        got = None
+    assert json.dumps(got, default=repr) == json.dumps(want, default=repr), text  # dates: by repr
+    return fast is not None
+
+
+TQ, DQ = "'''", '"""'
+TOML_KEYS = ["a", "b", "a-b", "_1", "1", '"a"', "'a'", '"a.b"', '""', "''", "a.b", '"\\u0041"', '"\\n"', "\u00e9", '"a']
+TOML_VALUES = [
+    *('"x"', "'x'", '"x\\"y"', '"\\\\"', '"\\t"', '"\\q"', '"\\u00e9"', '"a\tb"', "'a\\b'", '"\u00e9\U0001f600"'),
+    *(f"{TQ}\nabc\n{TQ}", f"{TQ}a{TQ}'", f"{TQ}'a{TQ}", f'{DQ}\nab"c\n{DQ}', f"{DQ}a\\\nb{DQ}", f'{DQ}"a{DQ}'),
+    *("1", "-0", "+5", "01", "1.5", "-0.0", "1.", ".5", "1e5", "1_000", "0x1F", "12345678901234567890", "1" * 5000),
+    *("true", "false", "True", "[]", "[ ]", "[1, 2]", "[1,]", "[,]", "[\"a\", 'b']", "[[1]]", "[1 2]", "[1,\n2]"),
+    *("{}", "{a = 1}", "1979-05-27", "07:32:00", "inf", "nan", '"unterminated', "'a' 'b'", "", '"\u00a0"', "'\x7f'"),
+    *(f"{TQ}{TQ}", f"{TQ}\n{TQ}", f"{DQ}{DQ}", "['''a''']", "[-0.0, +1, 'x\"']", '"a\\"'),
+]
+TOML_LINE = st.one_of(
+    st.tuples(
+        st.sampled_from(["", " ", "\t"]),
+        st.sampled_from(TOML_KEYS),
+        st.sampled_from([" = ", "=", " =", "\t=\t", " ", " == "]),
+        st.sampled_from(TOML_VALUES),
+        st.sampled_from(["", " ", " # c", "#c", " x", "\t", " # \u00e9\x01"]),
+    ).map("".join),
+    st.sampled_from(["[t]", "[ t ]", '["t x"]', "[t.u]", "[[t]]", "[a]", "[]", "[t] # c", "[t]x", '[""]', "[data]"]),
+    st.sampled_from(["", "# comment", "   ", "\t# c", "\r", "\ufeff", "=", "#\x00"]),
+)
+TOML_DOC = st.tuples(st.lists(TOML_LINE, max_size=12), st.sampled_from(["", "\n", "\r\n"])).map(
+    lambda t: "\n".join(t[0]) + t[1]
+)
+
+
+def test_safetoml_agrees_on_every_line_of_the_soup() -> None:
+    """Each key, value and tail of the soup alone (in a table too): every near miss meets tomllib."""
+    read = 0
+    for key in TOML_KEYS:
+        for value in TOML_VALUES:
+            for tail in ["", " # c", " x", "\n", "\nb = 1\n"]:
+                read += _toml_agrees(f"{key} = {value}{tail}")
+                read += _toml_agrees(f"[t]\n{key}={value}{tail}")
+    assert read > 500  # the subset is exercised, not only deferred
+
+
+@FUZZ
+@given(TOML_DOC)
+def test_safetoml_agrees_on_line_soup(text: str) -> None:
+    _toml_agrees(text)
+
+
+@FUZZ
+@given(TOML_TEXT)
+def test_safetoml_agrees_on_char_soup(text: str) -> None:
+    _toml_agrees(text)
+
+
+@FUZZ
+@given(EDITS)
+def test_safetoml_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]) -> None:
+    try:
+        text = mutate(caa.initdata_toml(), edits).decode()
+    except UnicodeDecodeError:
+        return
+    _toml_agrees(text)
+
+
+TOML_STR_CHARS = st.sampled_from([*"ab #=[]{}.,'\"\\\t\n", "\u00e9", "\U0001f600", TQ, DQ])
+TOML_SCALARS = st.one_of(
+    st.lists(TOML_STR_CHARS, max_size=12).map("".join),
+    st.integers(-(10**17), 10**17),
+    st.tuples(st.integers(-999, 999), st.integers(0, 10**6)).map(lambda t: float(f"{t[0]}.{t[1]}")),
+    st.booleans(),
+)
+TOML_TABLE = st.dictionaries(
+    st.text(st.sampled_from("ab_-1 .\"'\u00e9"), max_size=5),
+    TOML_SCALARS | st.lists(TOML_SCALARS, max_size=4),
+    max_size=4,
+)
+
+
+def _toml_string(s: str, style: int) -> str:
+    """`s` as TOML: style 0 basic with escapes, 1 literal, 2 multi-line literal (when they can hold it)."""
+    if style == 2 and TQ not in s and not s.endswith("'") and "\n" in s:
+        return f"{TQ}\n{s}{TQ}"
+    if style >= 1 and "'" not in s and "\n" not in s:
+        return f"'{s}'"
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _toml_value(v: object, style: int) -> str:
+    if isinstance(v, str):
+        return _toml_string(v, style)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x, min(style, 1)) for x in v) + "]"
+    return repr(v)
+
+
+@FUZZ
+@given(
+    TOML_TABLE,
+    st.dictionaries(st.text(st.sampled_from("tx_-"), min_size=1, max_size=3), TOML_TABLE, max_size=3),
+    st.integers(0, 2),
+    st.sampled_from([" = ", "=", "\t= "]),
+    st.sampled_from(["", " # c", "  "]),
+)
+def test_safetoml_reads_documents_of_its_subset(
+    root: dict[str, object], tables: dict[str, dict[str, object]], style: int, eq: str, tail: str
+) -> None:
+    """Rendered documents of the subset (quoted keys where a bare one cannot be) are read by
+    safetoml itself, to what tomllib reads (floats in exponent form excepted: outside the subset)."""
+    lines: list[str] = []
+    tables = {name: table for name, table in tables.items() if name not in root}  # else a redefinition
+    for name, table in [("", root), *tables.items()]:
+        if name:
+            lines.append(f"[{name}]{tail}")
+        for key, value in table.items():
+            bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+            lines.append(f"{key if bare else _toml_string(key, 0)}{eq}{_toml_value(value, style)}{tail}")
+    if not _toml_agrees("\n".join(lines) + "\n"):
+        values = [v for t in [root, *tables.values()] for v in t.values()]
+        scalars = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        assert any(isinstance(x, float) and "e" in repr(x) for x in scalars), lines
+
+
+def test_safetoml_reads_initdata_and_config_documents() -> None:
+    assert _toml_agrees(caa.initdata_toml().decode())
+    assert _toml_agrees(initdata.DEFAULT_INITDATA_TOML.decode())
+    assert _toml_agrees(
+        '[azure]\nimds_url = "http://127.0.0.1:1/x"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n'
+    )
 
 
 # --- ISO9660 ---------------------------------------------------------------------------------
