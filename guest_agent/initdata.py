@@ -259,11 +259,10 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
         raise UserDataInvalid("initdata TOML has too many lines, keys and values", field="initdata", limit=MAX_ITEMS)
     try:
         doc = safetoml.loads(text)  # CAA's documents without tomllib; any other through it
-    except (ValueError, RecursionError) as exc:
-        if safetoml.is_decode_error(exc):
-            # The message carries only a position ("... (at line 3, column 9)"), no document content.
-            raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
-        # int() past 4300 digits; nesting the scan missed
+    except safetoml.DecodeError as exc:
+        # The message carries only a position ("... (at line 3, column 9)"), no document content.
+        raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
+    except (ValueError, RecursionError) as exc:  # int() past 4300 digits; nesting the scan missed
         raise UserDataInvalid("initdata is not valid TOML", error=type(exc).__name__) from None
 
     algorithm = doc.get("algorithm")

@@ -7,7 +7,7 @@ a `[data]` table of quoted names and '''...''' strings) and the agent's own conf
 module reads exactly that subset, line by line, and returns what `tomllib.loads` would return
 for it; for anything outside the subset, or any doubt, it hands the whole text to
 `tomllib.loads` (imported only then), as `safeyaml.compose_block` hands documents to libyaml.
-So every error, and its message, is tomllib's.
+So every error, and its message, is tomllib's (TOMLDecodeError as `DecodeError`).
 
 The subset (TOML 1.0, https://toml.io/en/v1.0.0):
 - comment lines, blank lines, `# comment` after a value or header;
@@ -30,8 +30,6 @@ digits raises ValueError, which the fallback keeps).
 
 from __future__ import annotations
 
-import sys
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -43,20 +41,25 @@ _WS = " \t"
 _MAX_NUMBER = 24  # characters of a number: far below int()'s 4300-digit limit
 
 
+class DecodeError(ValueError):
+    """`tomllib.TOMLDecodeError`, same message (it is the __cause__): callers catch this one
+    without importing tomllib."""
+
+
 def loads(text: str) -> dict[str, Any]:
-    """`tomllib.loads(text)`, without importing tomllib when `text` is in the subset."""
+    """`tomllib.loads(text)`, without importing tomllib when `text` is in the subset.
+
+    Raises `DecodeError` where tomllib raises TOMLDecodeError; tomllib's other exceptions
+    (ValueError from int() past 4300 digits, RecursionError) pass through unchanged."""
     doc = read_subset(text)
     if doc is not None:
         return doc
-    import tomllib  # a document outside the subset: tomllib decides, and raises its own errors
+    import tomllib  # a document outside the subset: tomllib decides
 
-    return tomllib.loads(text)
-
-
-def is_decode_error(exc: BaseException) -> bool:
-    """Whether `exc` is a `tomllib.TOMLDecodeError` (tomllib is imported only if it raised one)."""
-    tomllib = sys.modules.get("tomllib")
-    return tomllib is not None and isinstance(exc, tomllib.TOMLDecodeError)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DecodeError(*exc.args) from exc
 
 
 class _Defer(Exception):
