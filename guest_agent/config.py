@@ -250,13 +250,13 @@ def load_with_origins(root: str = "/", extra: str | None = None) -> tuple[Config
 
 
 def read_file(path: str) -> dict[str, Any]:
-    """One configuration file's tables; tomllib is imported only when there is a file to read."""
-    import tomllib
+    """One configuration file's tables, read by safetoml (tomllib only for TOML outside its subset)."""
+    from guest_agent import safetoml
 
     try:
         with open(path, encoding="utf-8") as f:
-            data: dict[str, Any] = tomllib.loads(f.read())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            data: dict[str, Any] = safetoml.loads(f.read())
+    except (OSError, UnicodeDecodeError, safetoml.DecodeError) as exc:
         raise ConfigError("agent configuration file is unreadable or not TOML", file=path, error=str(exc)) from exc
     return data
 

@@ -19,23 +19,24 @@ is skipped (and reported in `Initdata.skipped`) only when it is a plain file nam
 strict mode.  Names are compared exactly (CAA compares after `filepath.Join`, so it also
 accepts e.g. "./aa.toml").
 
-`tomllib` recurses once per nested array or inline table, spends time quadratic in the length of
-a dotted key, and turns integers with `int()`, so before it runs, `structure()` scans the document
-(outside strings and comments) and refuses more than `MAX_DEPTH` levels or `MAX_ITEMS` keys and
-values; a ValueError from a 5000-digit integer and a RecursionError are turned into the same
-"not valid TOML" refusal.
+The document is read by `safetoml`, which reads CAA's simple shape itself and hands any other
+document to `tomllib`.  `tomllib` recurses once per nested array or inline table, spends time
+quadratic in the length of a dotted key, and turns integers with `int()`, so before either runs,
+`structure()` scans the document (outside strings and comments) and refuses more than
+`MAX_DEPTH` levels or `MAX_ITEMS` keys and values; a ValueError from a 5000-digit integer and a
+RecursionError are turned into the same "not valid TOML" refusal.
 """
 
 from __future__ import annotations
 
-import re
-import tomllib
-from typing import NamedTuple
-
-from guest_agent import sha2
+from guest_agent import safetoml, sha2
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid
 from guest_agent.safeyaml import show
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # CAA writes this when user-data carries no initdata (no trailing newline), so the digest and
 # PCR 8 are still defined; sha256 = adb48cc1...66478d.
@@ -53,12 +54,28 @@ NAME_MAX = 255
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
-class Initdata(NamedTuple):
-    algorithm: str
-    version: str
-    digest: bytes
-    files: tuple[tuple[str, bytes], ...]  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
-    skipped: tuple[str, ...] = ()  # well-formed [data] names outside ALLOWED_DATA_NAMES (not strict)
+class Initdata:
+    """A parsed, digested initdata document.  (A plain slotted class: a NamedTuple's class is
+    made by generated source run through eval(), costly at import under TCG.)"""
+
+    __slots__ = ("algorithm", "digest", "files", "skipped", "version")
+
+    def __init__(
+        self,
+        algorithm: str,
+        version: str,
+        digest: bytes,
+        files: tuple[tuple[str, bytes], ...],
+        skipped: tuple[str, ...] = (),
+    ) -> None:
+        self.algorithm = algorithm
+        self.version = version
+        self.digest = digest
+        self.files = files  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
+        self.skipped = skipped  # well-formed [data] names outside ALLOWED_DATA_NAMES (not strict)
+
+    def __repr__(self) -> str:
+        return f"Initdata(algorithm={self.algorithm!r}, digest={self.digest_hex}, files={[n for n, _ in self.files]})"
 
     @property
     def digest_hex(self) -> str:
@@ -82,23 +99,56 @@ def decode_file(raw: bytes, *, limit: int) -> bytes:
 
 def encode_file(toml_bytes: bytes) -> bytes:
     """The inverse of `decode_file`: gzip (mtime 0, so deterministic) then base64, one line, no newline."""
-    import base64
+    import binascii
     import zlib
 
     co = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # wbits 16+: gzip container
-    return base64.b64encode(co.compress(toml_bytes) + co.flush())
+    return binascii.b2a_base64(co.compress(toml_bytes) + co.flush(), newline=False)  # = base64.b64encode
 
 
-_SPECIAL = re.compile(r"[\"'#\[\]{}=,.\n]")
-# String bodies, matched in one go (the alternatives are disjoint, so no backtracking).
-_BASIC_BODY = re.compile(r'(?:[^"\\\n]|\\[^\n])*')  # up to the closing quote, a newline or the end
-_LITERAL_BODY = re.compile(r"[^'\n]*")
-_ML_BASIC_BODY = re.compile(r'(?:[^"\\]|\\.|"(?!""))*', re.S)  # up to the closing """
+_SPECIAL = "\"'#[]{}=,.\n"  # what structure() looks at; everything else it jumps over
+
+# String bodies.  Each scanner below finds the next delimiter with str.find (no regex: importing
+# re and compiling costs the boot path under TCG) and remembers it across backslash escapes, so
+# a body full of escapes is still read in linear time.
 
 
-def _match_end(pattern: re.Pattern[str], text: str, pos: int) -> int:
-    m = pattern.match(text, pos)
-    return pos if m is None else m.end()  # these patterns match the empty string: never None
+def _basic_body_end(text: str, j: int) -> int:
+    """Where a one-line basic string's body starting at `j` stops: its closing quote, a newline,
+    a backslash before a newline or the end, or the end (the regex (?:[^"\\\n]|\\[^\n])*)."""
+    nl = text.find("\n", j)
+    if nl < 0:
+        nl = len(text)
+    q = text.find('"', j, nl)
+    while (b := text.find("\\", j, q if q >= 0 else nl)) >= 0:
+        if b + 1 >= nl:
+            return b  # a backslash escapes no newline and no end
+        j = b + 2
+        if 0 <= q < j:  # that backslash escaped the quote
+            q = text.find('"', j, nl)
+    return q if q >= 0 else nl
+
+
+def _literal_body_end(text: str, j: int) -> int:
+    """[^'\n]*: the next quote or newline, else the end."""
+    nl = text.find("\n", j)
+    if nl < 0:
+        nl = len(text)
+    q = text.find("'", j, nl)
+    return q if q >= 0 else nl
+
+
+def _ml_basic_body_end(text: str, j: int) -> int:
+    """Where a multi-line basic string's body starting at `j` stops: the first unescaped three
+    quotes, a backslash at the end, or the end (the regex (?:[^"\\]|\\.|"(?!""))* with DOTALL)."""
+    t = text.find('"""', j)
+    while (b := text.find("\\", j, t if t >= 0 else len(text))) >= 0:
+        if b + 1 >= len(text):
+            return b
+        j = b + 2
+        if 0 <= t < j:  # that backslash escaped the first quote
+            t = text.find('"""', j)
+    return t if t >= 0 else len(text)
 
 
 def _string_end(text: str, start: int) -> int:
@@ -113,7 +163,7 @@ def _string_end(text: str, start: int) -> int:
         if q == "'":
             j = text.find("'''", start + 3)
         else:
-            end = _match_end(_ML_BASIC_BODY, text, start + 3)
+            end = _ml_basic_body_end(text, start + 3)
             j = end if text.startswith(q * 3, end) else -1
         if j < 0:
             return len(text)
@@ -121,8 +171,34 @@ def _string_end(text: str, start: int) -> int:
         while run < 5 and text.startswith(q, j + run):
             run += 1
         return j + run
-    end = _match_end(_LITERAL_BODY if q == "'" else _BASIC_BODY, text, start + 1)
+    end = (_literal_body_end if q == "'" else _basic_body_end)(text, start + 1)
     return end + 1 if text.startswith(q, end) else end  # at a newline: tomllib stops there too
+
+
+def _significant(text: str) -> Iterator[str]:
+    """The significant characters of a TOML document in order: `=`, `,`, `.`, brackets, braces,
+    newlines, and one `#`, `"` or `'` per comment or string, whose rest is skipped.
+
+    `ahead` holds each significant character's next position (len(text) when there is none), so a
+    step is a min() and one str.find, and only a skipped string or comment makes the positions it
+    jumped over be looked up again (no regex: importing re costs the boot path under TCG).
+    """
+    n = len(text)
+    ahead = [n if (i := text.find(c)) < 0 else i for c in _SPECIAL]
+    while (at := min(ahead)) < n:
+        k = ahead.index(at)
+        c, pos = _SPECIAL[k], at + 1
+        ahead[k] = n if (i := text.find(c, pos)) < 0 else i
+        if c in "#\"'":
+            if c == "#":
+                nl = text.find("\n", pos)
+                pos = n if nl < 0 else nl + 1
+            else:
+                pos = _string_end(text, at)
+            for k, i in enumerate(ahead):
+                if i < pos:
+                    ahead[k] = n if (i := text.find(_SPECIAL[k], pos)) < 0 else i
+        yield c
 
 
 def structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> tuple[int, int]:
@@ -133,17 +209,12 @@ def structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITE
     (`a.b.c = 1` is three tables deep: tomllib's time per dotted key is quadratic in its length,
     16,000 parts took 3 s here).  Items count strings, comments and the other significant characters
     (`=`, `,`, brackets, braces, newlines), which bounds tomllib's work and this loop's.
-    One pass, no recursion; a regex jumps from one significant character to the next.
+    One pass, no recursion.
     """
     depth = dots = items = deepest = 0
-    pos = 0
-    while (m := _SPECIAL.search(text, pos)) is not None:
-        c, pos = m.group(), m.end()
+    for c in _significant(text):
         if c == "#":
-            nl = text.find("\n", pos)
-            pos, dots = (len(text) if nl < 0 else nl + 1), 0
-        elif c in "\"'":
-            pos = _string_end(text, m.start())
+            dots = 0
         elif c == ".":
             dots += 1
             deepest = max(deepest, depth + dots)
@@ -187,8 +258,8 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
     if items > MAX_ITEMS:
         raise UserDataInvalid("initdata TOML has too many lines, keys and values", field="initdata", limit=MAX_ITEMS)
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        doc = safetoml.loads(text)  # CAA's documents without tomllib; any other through it
+    except safetoml.DecodeError as exc:
         # The message carries only a position ("... (at line 3, column 9)"), no document content.
         raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
     except (ValueError, RecursionError) as exc:  # int() past 4300 digits; nesting the scan missed

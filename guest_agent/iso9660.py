@@ -13,14 +13,17 @@ and `OSError` from the device itself.
 
 from __future__ import annotations
 
-import re
-import struct
-from typing import BinaryIO
+import _struct  # struct.py only re-exports it
 
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
 SECTOR = 2048
 _JOLIET_ESCAPES = (b"%/@", b"%/C", b"%/E")
+_D_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")  # ECMA-119 §7.4.1
 
 
 class NotIso(MetadataUnavailable):
@@ -66,7 +69,7 @@ def _records(dev: BinaryIO, extent: int, length: int, limit: int) -> list[tuple[
         rec = data[pos : pos + rlen]
         if len(rec) < 34:
             break
-        ext, size = struct.unpack_from("<I", rec, 2)[0], struct.unpack_from("<I", rec, 10)[0]
+        ext, size = _struct.unpack_from("<I", rec, 2)[0], _struct.unpack_from("<I", rec, 10)[0]
         nlen = rec[32]
         name = rec[33 : 33 + nlen]
         su_start = 33 + nlen + (1 - nlen % 2)  # a pad byte follows an even-length name
@@ -97,7 +100,7 @@ def _level1(name: str) -> str:
     base, _, ext = name.rpartition(".") if "." in name else (name, "", "")
 
     def d(s: str, n: int) -> str:
-        return re.sub(r"[^A-Z0-9_]", "_", s.upper())[:n]
+        return "".join(c if c in _D_CHARACTERS else "_" for c in s.upper())[:n]
 
     return f"{d(base, 8)}.{d(ext, 3)}"
 
@@ -108,7 +111,7 @@ def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
     joliet = [vd for vd in vds if vd[0] == 2 and vd[88:91] in _JOLIET_ESCAPES]
     for vd in joliet[:1] + [vd for vd in vds if vd[0] == 1][:1]:  # the first of each: bounded work
         root = vd[156 : 156 + 34]
-        extent, length = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
+        extent, length = _struct.unpack_from("<I", root, 2)[0], _struct.unpack_from("<I", root, 10)[0]
         for raw, ext, size, flags, su in _records(dev, extent, length, limit=1 << 20):
             if flags & 0x02 or raw in (b"\x00", b"\x01"):
                 continue  # directories, "." and ".."

@@ -12,13 +12,18 @@ serves both, because a TPM char device satisfies it in one read.
 
 from __future__ import annotations
 
+import _struct  # struct.py only re-exports it (and importing struct costs the boot path under TCG)
 import os
 import stat
-import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from guest_agent.errors import EXIT_UNAVAILABLE, AgentError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+    from struct import error as _StructError  # typeshed declares it in struct only
+else:
+    from _struct import error as _StructError
 
 TPM_ST_NO_SESSIONS = 0x8001
 TPM_ST_SESSIONS = 0x8002
@@ -29,7 +34,7 @@ TPM_ALG_SHA256 = 0x000B
 SHA256_LEN = 32
 PCR_MAX = 23  # a PC-client TPM implements PCRs 0..23 (TCG PC Client Platform TPM Profile)
 
-HEADER = struct.Struct(">HII")  # tag, size, command code (command) / response code (response)
+HEADER = _struct.Struct(">HII")  # tag, size, command code (command) / response code (response)
 MAX_RESPONSE = 4096  # TPM2_PT_MAX_RESPONSE_SIZE is 4096 on common TPMs; our responses are < 100 bytes
 
 # Response codes after which the command was not executed and may simply be sent again.
@@ -70,12 +75,12 @@ def build_pcr_extend(pcr: int, digest32: bytes) -> bytes:
     if len(digest32) != SHA256_LEN:
         raise ValueError(f"a sha256 extend value is {SHA256_LEN} bytes, got {len(digest32)}")
     # TPMS_AUTH_COMMAND: sessionHandle, nonceCaller (TPM2B, empty), sessionAttributes (1 byte), hmac (TPM2B, empty)
-    auth = struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)
+    auth = _struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)
     body = (
-        struct.pack(">I", pcr)  # TPMI_DH_PCR: a PCR's handle is its index (handle type 0x00)
-        + struct.pack(">I", len(auth))  # authorizationSize
+        _struct.pack(">I", pcr)  # TPMI_DH_PCR: a PCR's handle is its index (handle type 0x00)
+        + _struct.pack(">I", len(auth))  # authorizationSize
         + auth
-        + struct.pack(">IH", 1, TPM_ALG_SHA256)  # TPML_DIGEST_VALUES: count 1, TPMT_HA.hashAlg
+        + _struct.pack(">IH", 1, TPM_ALG_SHA256)  # TPML_DIGEST_VALUES: count 1, TPMT_HA.hashAlg
         + digest32
     )
     return HEADER.pack(TPM_ST_SESSIONS, HEADER.size + len(body), TPM_CC_PCR_EXTEND) + body
@@ -86,7 +91,7 @@ def build_pcr_read(pcr: int) -> bytes:
     _check_pcr(pcr)
     select = bytearray(3)  # TPMS_PCR_SELECT: 3 bytes cover PCRs 0..23; bit n of byte n//8 selects PCR n
     select[pcr // 8] |= 1 << (pcr % 8)
-    body = struct.pack(">IHB", 1, TPM_ALG_SHA256, len(select)) + bytes(select)  # TPML_PCR_SELECTION
+    body = _struct.pack(">IHB", 1, TPM_ALG_SHA256, len(select)) + bytes(select)  # TPML_PCR_SELECTION
     return HEADER.pack(TPM_ST_NO_SESSIONS, HEADER.size + len(body), TPM_CC_PCR_READ) + body
 
 
@@ -109,18 +114,18 @@ def parse_pcr_read(resp: bytes) -> bytes:
         raise TpmError("TPM2_PCR_Read failed", rc=f"0x{rc:x}", name=rc_name(rc))
     try:
         off = HEADER.size + 4  # pcrUpdateCounter
-        (count,) = struct.unpack_from(">I", resp, off)  # TPML_PCR_SELECTION echoing what was read
+        (count,) = _struct.unpack_from(">I", resp, off)  # TPML_PCR_SELECTION echoing what was read
         off += 4
         for _ in range(count):
-            _alg, size_of_select = struct.unpack_from(">HB", resp, off)
+            _alg, size_of_select = _struct.unpack_from(">HB", resp, off)
             off += 3 + size_of_select
-        (ndigests,) = struct.unpack_from(">I", resp, off)  # TPML_DIGEST
+        (ndigests,) = _struct.unpack_from(">I", resp, off)  # TPML_DIGEST
         off += 4
         if ndigests != 1:
             raise TpmError("TPM2_PCR_Read returned no value for the PCR", count=ndigests)
-        (dlen,) = struct.unpack_from(">H", resp, off)
+        (dlen,) = _struct.unpack_from(">H", resp, off)
         off += 2
-    except struct.error as exc:
+    except _StructError as exc:
         raise TpmError("TPM2_PCR_Read response is truncated") from exc
     value = resp[off : off + dlen]
     if dlen != SHA256_LEN or len(value) != dlen:
@@ -138,23 +143,45 @@ def tpm_present(device: str) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
-@contextmanager
-def connect(device: str) -> Iterator[str | int]:
-    """What `extend_pcr`/`read_pcr` take: the device path itself, or a connected socket's fd."""
-    if not stat.S_ISSOCK(os.stat(device).st_mode):
-        yield device
-        return
-    import socket
+class _Connection:
+    """`with connect(device) as dev`: dev is the device path itself, or a connected socket's fd,
+    closed on exit.  (A small class, not contextlib: the boot path does not import contextlib.)"""
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(10)
+    __slots__ = ("_sock", "device")
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._sock: _socket.socket | None = None
+
+    def __enter__(self) -> str | int:
+        if not stat.S_ISSOCK(os.stat(self.device).st_mode):
+            return self.device
+        import _socket  # the C module: socket.py would pull in enum (and with it re's machinery)
+
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         try:
-            s.connect(device)
-        except OSError as exc:
-            raise TpmError("cannot connect to the TPM socket", device=device, error=str(exc)) from exc
-        s.setblocking(True)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
-        yield s.fileno()
+            s.settimeout(10)
+            try:
+                s.connect(self.device)
+            except OSError as exc:
+                raise TpmError("cannot connect to the TPM socket", device=self.device, error=str(exc)) from exc
+            s.setblocking(True)
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _struct.pack("ll", 10, 0))
+        except BaseException:
+            s.close()
+            raise
+        self._sock = s
+        return s.fileno()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def connect(device: str) -> _Connection:
+    """What `extend_pcr`/`read_pcr` take, as a context manager (see `_Connection`)."""
+    return _Connection(device)
 
 
 def _read_response(fd: int) -> bytes:

@@ -26,7 +26,6 @@ file belongs to the agent's user (root), mode 0600.
 from __future__ import annotations
 
 import posixpath
-from typing import NamedTuple
 
 from guest_agent import codec, initdata, safeyaml
 from guest_agent.config import Config
@@ -59,15 +58,28 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 _OTHER_PARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job", "#cloud-config-")
 
 
-class Plan(NamedTuple):
-    """Everything a run will write, decided before anything is written."""
+class Plan:
+    """Everything a run will write, decided before anything is written.
 
-    files: tuple[FileSpec, ...]
-    initdata: initdata.Initdata
-    initdata_is_default: bool
-    # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
-    skipped_paths: tuple[str, ...] = ()
-    skipped_initdata_keys: tuple[str, ...] = ()
+    (Plain slotted classes here and below: a NamedTuple's class is made by generated source run
+    through eval(), costly at import under TCG.)"""
+
+    __slots__ = ("files", "initdata", "initdata_is_default", "skipped_initdata_keys", "skipped_paths")
+
+    def __init__(
+        self,
+        files: tuple[FileSpec, ...],
+        initdata: initdata.Initdata,
+        initdata_is_default: bool,
+        skipped_paths: tuple[str, ...] = (),
+        skipped_initdata_keys: tuple[str, ...] = (),
+    ) -> None:
+        self.files = files
+        self.initdata = initdata
+        self.initdata_is_default = initdata_is_default
+        # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
+        self.skipped_paths = skipped_paths
+        self.skipped_initdata_keys = skipped_initdata_keys
 
     @property
     def skipped(self) -> int:
@@ -151,9 +163,12 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
     return data
 
 
-class Parsed(NamedTuple):
-    files: list[FileSpec]
-    skipped: list[str]  # well-formed paths not on the allow-list (files.strict = false)
+class Parsed:
+    __slots__ = ("files", "skipped")
+
+    def __init__(self, files: list[FileSpec], skipped: list[str]) -> None:
+        self.files = files
+        self.skipped = skipped  # well-formed paths not on the allow-list (files.strict = false)
 
 
 def parse_document(text: str, cfg: Config) -> Parsed:

@@ -11,21 +11,24 @@ Budget and profile: tests/fuzzing.py (shared with test_fuzz_http.py).
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
 import io
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from guest_agent import codec, initdata, iso9660, record, safeyaml, userdata
+from guest_agent import codec, initdata, iso9660, record, safetoml, safeyaml, userdata
 from guest_agent.config import Config
-from guest_agent.errors import AgentError
+from guest_agent.errors import AgentError, UserDataInvalid
 from tests import caa
 from tests.fuzzing import EDITS, FUZZ, mutate, only_agent_errors
 
@@ -34,7 +37,8 @@ STRICT = record.replace(CFG, files=record.replace(CFG.files, strict=True))
 YAML_ALPHABET = st.sampled_from([*"[]{}:,-?&*!|>'\"#%@`~ \n\t\\/.0123456789abexyz<=+_", "!!", "<<", "---", "..."])
 YAML_TEXT = st.lists(YAML_ALPHABET, max_size=200).map("".join)
 CAA_DOC = caa.cloud_config(initdata=caa.initdata_toml())
-TOML_ALPHABET = st.sampled_from([*list("[]{}=,.\"'#\n \\0123456789abcdefxo+-_:TZ"), '"""', "'''", "inf", "nan"])
+TOML_PIECES = [*list("[]{}=,.\"'#\n \\0123456789abcdefxo+-_:TZ"), '"""', "'''", "inf", "nan"]
+TOML_ALPHABET = st.sampled_from(TOML_PIECES)
 TOML_TEXT = st.lists(TOML_ALPHABET, max_size=200).map("".join)
 
 
@@ -87,6 +91,77 @@ def test_multi_member_gzip(members: list[bytes], tail: bytes) -> None:
     joined = b"".join(gzip.compress(m, mtime=0) for m in members)
     assert codec.gunzip_bounded(joined, limit=1 << 16, what="x") == b"".join(members)
     only_agent_errors(lambda: codec.gunzip_bounded(joined + tail, limit=100, what="x"))
+
+
+# --- the boot path's hand-written scanners against the stdlib code they replace ---------------
+# codec and safeyaml import neither base64 nor re (each costs the boot ~0.2-0.45 s under TCG);
+# these differential tests hold them to exactly what the replaced calls accepted and refused.
+
+B64_BYTES = st.lists(
+    st.sampled_from([*(bytes([c]) for c in b"AZaz09+/= \t\n\r\x0b\x0c-_.*\x00\x85\xff"), b"==", b"QUJD", b"QQ=="]),
+    max_size=24,
+).map(b"".join)
+
+
+@FUZZ
+@given(B64_BYTES, st.sampled_from([None, 0, 1, 3, 6, 100]))
+def test_b64_strict_agrees_with_base64_module(data: bytes, limit: int | None) -> None:
+    stripped = re.sub(rb"\s+", b"", data)
+    try:
+        want: bytes | str = base64.b64decode(stripped, validate=True)
+    except (binascii.Error, ValueError):
+        want = "invalid"
+    if limit is not None and (len(stripped) + 3) // 4 * 3 - stripped[-2:].count(b"=") > limit:
+        want = "too large"
+    try:
+        got: bytes | str = codec.b64decode_strict(data, what="x", limit=limit)
+    except UserDataInvalid as exc:
+        got = "too large" if "size limit" in exc.reason else "invalid"
+    assert got == want, data
+    looks = len(stripped) >= 4 and len(stripped) % 4 == 0 and re.fullmatch(rb"[A-Za-z0-9+/=\s]+", data) is not None
+    assert codec.looks_like_base64(data) == looks, data
+
+
+@FUZZ
+@given(st.text(st.sampled_from("[]0189_a.\u0663\uff11x"), max_size=16))
+def test_field_of_agrees_with_regex(where: str) -> None:
+    assert safeyaml.field_of(where) == re.sub(r"\[\d+\]", "[]", where)
+
+
+@FUZZ
+@given(
+    st.text(st.sampled_from("+-0178_9abxoBXfF \u0663"), max_size=9),
+    st.booleans(),
+    st.sampled_from([None, safeyaml.INT]),
+)
+def test_uint_agrees_with_regexes(value: str, plain: bool, tag: str | None) -> None:
+    """safeyaml.uint against the YAML 1.1 int and octal-string regexes it was written with."""
+    node = safeyaml.Scalar(value, tag, plain and tag is None, 1)
+    v = value.strip()
+    if value in ("", "~") and plain and tag is None:
+        want: int | str | None = None
+    elif node.plain or tag == safeyaml.INT:
+        ok = re.fullmatch(r"[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]+|0|[1-9][0-9_]*)", v)
+        want = "refused" if ok is None or v.lstrip("+-").replace("_", "") in ("0b", "0x") else "int"
+    else:
+        want = "int" if re.fullmatch(r"(?:0o)?[0-7]{1,6}", v) else "refused"
+    try:
+        got = safeyaml.uint(node, "x", octal_strings=True)
+    except UserDataInvalid:
+        assert want == "refused", value
+        return
+    if want == "int":
+        assert isinstance(got, int), value
+    else:
+        assert got == want, value
+
+
+@FUZZ
+@given(st.text(st.sampled_from("az.AZ09_-\u00df\u00e9\u0130 "), max_size=14))
+def test_level1_name_agrees_with_regex(name: str) -> None:
+    base, _, ext = name.rpartition(".") if "." in name else (name, "", "")
+    want = f"{re.sub(r'[^A-Z0-9_]', '_', base.upper())[:8]}.{re.sub(r'[^A-Z0-9_]', '_', ext.upper())[:3]}"
+    assert iso9660._level1(name) == want
 
 
 # --- #cloud-config ---------------------------------------------------------------------------
@@ -359,6 +434,215 @@ def test_initdata_data_names(data: dict[str, str]) -> None:
 def test_initdata_file_mutated(edits: list[tuple[int, int, bytes]]) -> None:
     raw = mutate(initdata.encode_file(caa.initdata_toml()), edits)
     only_agent_errors(lambda: initdata.parse(initdata.decode_file(raw, limit=1 << 16)))
+
+
+def _significant_with_regexes(text: str) -> list[str]:
+    """initdata._significant as it was written with regexes (before the boot path stopped importing re)."""
+    special = re.compile(r"[\"'#\[\]{}=,.\n]")
+    bodies = {
+        '"': re.compile(r'(?:[^"\\\n]|\\[^\n])*'),
+        "'": re.compile(r"[^'\n]*"),
+        '"""': re.compile(r'(?:[^"\\]|\\.|"(?!""))*', re.S),
+    }
+    out, pos = [], 0
+    while (m := special.search(text, pos)) is not None:
+        c, pos = m.group(), m.end()
+        out.append(c)
+        if c == "#":
+            nl = text.find("\n", pos)
+            pos = len(text) if nl < 0 else nl + 1
+        elif c in "\"'":
+            q, start = c, m.start()
+            if text.startswith(q * 3, start):
+                if q == "'":
+                    j = text.find("'''", start + 3)
+                else:
+                    end = bodies['"""'].match(text, start + 3).end()  # type: ignore[union-attr]
+                    j = end if text.startswith(q * 3, end) else -1
+                pos = len(text) if j < 0 else j + 3
+                while j >= 0 and pos < j + 5 and text.startswith(q, pos):
+                    pos += 1
+            else:
+                end = bodies[q].match(text, start + 1).end()  # type: ignore[union-attr]
+                pos = end + 1 if text.startswith(q, end) else end
+    return out
+
+
+# Mostly string delimiters and escapes: where the scanners that replaced the regexes can go wrong.
+STRUCTURE_PIECES = ['"""', "'''", '"', "'", "\\", '\\"', '\\"""', "\\\n", "\n", "a", " ", "#", ".", "[", "]", "="]
+STRUCTURE_TEXT = st.one_of(
+    st.lists(st.sampled_from(STRUCTURE_PIECES), max_size=24),
+    st.lists(st.sampled_from([*TOML_PIECES, "\\", "\\\\", '\\"', "\\\n", '""""', "''''", "a.b.c"]), max_size=80),
+).map("".join)
+
+
+@FUZZ
+@given(STRUCTURE_TEXT)
+@example('a = """\\""" x"""\n[b]')  # an escaped quote starts a run of three
+@example('a = "x\\"y" [b]\n"c\\\n" [d]')  # an escaped closing quote; a backslash before a newline
+@example("a = '''x'''' [b]\n'''''y''''' [c]")  # up to two quotes beyond the closing three
+@example('a = """x\\')  # a backslash at the very end
+@example('a = "x\\')
+def test_structure_scan_agrees_with_regexes(text: str) -> None:
+    assert list(initdata._significant(text)) == _significant_with_regexes(text), text
+
+
+@FUZZ
+@given(EDITS)
+def test_structure_scan_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]) -> None:
+    text = mutate(caa.initdata_toml(), edits).decode("utf-8", "replace")
+    assert list(initdata._significant(text)) == _significant_with_regexes(text), text
+
+
+# --- safetoml against tomllib ---------------------------------------------------------------
+
+
+def _toml_agrees(text: str) -> bool:
+    """Differential: what safetoml reads itself (None = outside its subset), tomllib reads to the
+    same dict (types, order and float signs included: compared as JSON); `safetoml.loads` gives
+    tomllib's result or tomllib's error.  True if the subset reader read it."""
+    try:
+        want: dict[str, object] | None = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+        want, refusal = None, (type(exc) is tomllib.TOMLDecodeError, str(exc))
+    fast = safetoml.read_subset(text)
+    if fast is not None:
+        assert want is not None, text
+        assert json.dumps(fast) == json.dumps(want), text
+    try:
+        got: dict[str, object] | None = safetoml.loads(text)
+    except (ValueError, RecursionError) as exc:
+        assert want is None and (type(exc) is safetoml.DecodeError, str(exc)) == refusal, text
+        got = None
+    assert json.dumps(got, default=repr) == json.dumps(want, default=repr), text  # dates: by repr
+    return fast is not None
+
+
+TQ, DQ = "'''", '"""'
+TOML_KEYS = ["a", "b", "a-b", "_1", "1", '"a"', "'a'", '"a.b"', '""', "''", "a.b", '"\\u0041"', '"\\n"', "\u00e9", '"a']
+TOML_VALUES = [
+    *('"x"', "'x'", '"x\\"y"', '"\\\\"', '"\\t"', '"\\q"', '"\\u00e9"', '"a\tb"', "'a\\b'", '"\u00e9\U0001f600"'),
+    *(f"{TQ}\nabc\n{TQ}", f"{TQ}a{TQ}'", f"{TQ}'a{TQ}", f'{DQ}\nab"c\n{DQ}', f"{DQ}a\\\nb{DQ}", f'{DQ}"a{DQ}'),
+    *("1", "-0", "+5", "01", "1.5", "-0.0", "1.", ".5", "1e5", "1_000", "0x1F", "12345678901234567890", "1" * 5000),
+    *("true", "false", "True", "[]", "[ ]", "[1, 2]", "[1,]", "[,]", "[\"a\", 'b']", "[[1]]", "[1 2]", "[1,\n2]"),
+    *("{}", "{a = 1}", "1979-05-27", "07:32:00", "inf", "nan", '"unterminated', "'a' 'b'", "", '"\u00a0"', "'\x7f'"),
+    *(f"{TQ}{TQ}", f"{TQ}\n{TQ}", f"{DQ}{DQ}", "['''a''']", "[-0.0, +1, 'x\"']", '"a\\"'),
+]
+TOML_LINE = st.one_of(
+    st.tuples(
+        st.sampled_from(["", " ", "\t"]),
+        st.sampled_from(TOML_KEYS),
+        st.sampled_from([" = ", "=", " =", "\t=\t", " ", " == "]),
+        st.sampled_from(TOML_VALUES),
+        st.sampled_from(["", " ", " # c", "#c", " x", "\t", " # \u00e9\x01"]),
+    ).map("".join),
+    st.sampled_from(["[t]", "[ t ]", '["t x"]', "[t.u]", "[[t]]", "[a]", "[]", "[t] # c", "[t]x", '[""]', "[data]"]),
+    st.sampled_from(["", "# comment", "   ", "\t# c", "\r", "\ufeff", "=", "#\x00"]),
+)
+TOML_DOC = st.tuples(st.lists(TOML_LINE, max_size=12), st.sampled_from(["", "\n", "\r\n"])).map(
+    lambda t: "\n".join(t[0]) + t[1]
+)
+
+
+def test_safetoml_agrees_on_every_line_of_the_soup() -> None:
+    """Each key, value and tail of the soup alone (in a table too): every near miss meets tomllib."""
+    read = 0
+    for key in TOML_KEYS:
+        for value in TOML_VALUES:
+            for tail in ["", " # c", " x", "\n", "\nb = 1\n"]:
+                read += _toml_agrees(f"{key} = {value}{tail}")
+                read += _toml_agrees(f"[t]\n{key}={value}{tail}")
+    assert read > 500  # the subset is exercised, not only deferred
+
+
+@FUZZ
+@given(TOML_DOC)
+def test_safetoml_agrees_on_line_soup(text: str) -> None:
+    _toml_agrees(text)
+
+
+@FUZZ
+@given(TOML_TEXT)
+def test_safetoml_agrees_on_char_soup(text: str) -> None:
+    _toml_agrees(text)
+
+
+@FUZZ
+@given(EDITS)
+def test_safetoml_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]) -> None:
+    try:
+        text = mutate(caa.initdata_toml(), edits).decode()
+    except UnicodeDecodeError:
+        return
+    _toml_agrees(text)
+
+
+TOML_STR_CHARS = st.sampled_from([*"ab #=[]{}.,'\"\\\t\n", "\u00e9", "\U0001f600", TQ, DQ])
+TOML_SCALARS = st.one_of(
+    st.lists(TOML_STR_CHARS, max_size=12).map("".join),
+    st.integers(-(10**17), 10**17),
+    st.tuples(st.integers(-999, 999), st.integers(0, 10**6)).map(lambda t: float(f"{t[0]}.{t[1]}")),
+    st.booleans(),
+)
+TOML_TABLE = st.dictionaries(
+    st.text(st.sampled_from("ab_-1 .\"'\u00e9"), max_size=5),
+    TOML_SCALARS | st.lists(TOML_SCALARS, max_size=4),
+    max_size=4,
+)
+
+
+def _toml_string(s: str, style: int) -> str:
+    """`s` as TOML: style 0 basic with escapes, 1 literal, 2 multi-line literal (when they can hold it)."""
+    if style == 2 and TQ not in s and not s.endswith("'") and "\n" in s:
+        return f"{TQ}\n{s}{TQ}"
+    if style >= 1 and "'" not in s and "\n" not in s:
+        return f"'{s}'"
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _toml_value(v: object, style: int) -> str:
+    if isinstance(v, str):
+        return _toml_string(v, style)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x, min(style, 1)) for x in v) + "]"
+    return repr(v)
+
+
+@FUZZ
+@given(
+    TOML_TABLE,
+    st.dictionaries(st.text(st.sampled_from("tx_-"), min_size=1, max_size=3), TOML_TABLE, max_size=3),
+    st.integers(0, 2),
+    st.sampled_from([" = ", "=", "\t= "]),
+    st.sampled_from(["", " # c", "  "]),
+)
+def test_safetoml_reads_documents_of_its_subset(
+    root: dict[str, object], tables: dict[str, dict[str, object]], style: int, eq: str, tail: str
+) -> None:
+    """Rendered documents of the subset (quoted keys where a bare one cannot be) are read by
+    safetoml itself, to what tomllib reads (floats in exponent form excepted: outside the subset)."""
+    lines: list[str] = []
+    tables = {name: table for name, table in tables.items() if name not in root}  # else a redefinition
+    for name, table in [("", root), *tables.items()]:
+        if name:
+            lines.append(f"[{name}]{tail}")
+        for key, value in table.items():
+            bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+            lines.append(f"{key if bare else _toml_string(key, 0)}{eq}{_toml_value(value, style)}{tail}")
+    if not _toml_agrees("\n".join(lines) + "\n"):
+        values = [v for t in [root, *tables.values()] for v in t.values()]
+        scalars = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        assert any(isinstance(x, float) and "e" in repr(x) for x in scalars), lines
+
+
+def test_safetoml_reads_initdata_and_config_documents() -> None:
+    assert _toml_agrees(caa.initdata_toml().decode())
+    assert _toml_agrees(initdata.DEFAULT_INITDATA_TOML.decode())
+    assert _toml_agrees(
+        '[azure]\nimds_url = "http://127.0.0.1:1/x"\n[netns]\nenabled = false\n[tpm]\nenabled = false\n'
+    )
 
 
 # --- ISO9660 ---------------------------------------------------------------------------------

@@ -68,6 +68,25 @@ def test_tpm_present(tmp_path: Path) -> None:
     assert not tpm.tpm_present(str(tmp_path / "file"))
 
 
+def test_connect_gives_the_device_path_or_a_socket_fd_closed_after(tmp_path: Path) -> None:
+    with tpm.connect("/dev/null") as dev:  # a character device: the path itself, opened per command
+        assert dev == "/dev/null"
+    path = str(tmp_path / "tpm.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        with tpm.connect(path) as fd:
+            assert isinstance(fd, int)
+            peer, _ = server.accept()
+        with peer:
+            assert peer.recv(1) == b""  # the agent's end is closed when the block ends
+    refused = str(tmp_path / "refused.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+        bound.bind(refused)  # a socket file nobody listens on
+        with pytest.raises(tpm.TpmError, match="cannot connect"), tpm.connect(refused):
+            pass
+
+
 def test_missing_device_is_tpm_error(tmp_path: Path) -> None:
     with pytest.raises(tpm.TpmError) as info:
         tpm.extend_pcr(str(tmp_path / "tpmrm0"), 8, ZERO32)

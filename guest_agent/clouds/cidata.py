@@ -23,16 +23,13 @@ CAP_LEASE, which the unit grants.
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py builds enums (so do signal.py, threading pulls in more)
 import errno
 import fcntl
 import os
 import select
-import signal
-import socket
 import stat
-import threading
 import time
-from collections.abc import Callable
 
 from guest_agent import inotify, iso9660
 from guest_agent.clouds import FetchContext
@@ -40,6 +37,13 @@ from guest_agent.config import CidataConfig, root_path
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 from guest_agent.log import fields, logger
 from guest_agent.notify import Notifier
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal  # typeshed has no stub for the C module
+    from collections.abc import Callable
+else:
+    import _signal
 
 log = logger("guest_agent.cidata")
 NETLINK_KOBJECT_UEVENT = 15
@@ -99,9 +103,12 @@ def being_written(path: str) -> bool:
     except OSError as exc:
         raise MetadataUnavailable("cannot open the delivered user-data", path=path, error=exc.strerror) from exc
     # Holding a lease, a writer's open(2) would send us SIGIO, whose default action ends the
-    # process: ignore it for the microseconds the lease is held (main thread only).
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGIO, signal.SIG_IGN) if main else None
+    # process: ignore it for the microseconds the lease is held (main thread only: elsewhere
+    # signal() raises ValueError).
+    try:
+        old = _signal.signal(_signal.SIGIO, _signal.SIG_IGN)
+    except ValueError:
+        old = None
     try:
         try:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -120,7 +127,7 @@ def being_written(path: str) -> bool:
     finally:
         os.close(fd)
         if old is not None:
-            signal.signal(signal.SIGIO, old)
+            _signal.signal(_signal.SIGIO, old)
 
 
 def delivery_pending(root: str, cfg: CidataConfig) -> bool:
@@ -220,9 +227,9 @@ def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
     return None
 
 
-def _uevent_socket() -> socket.socket | None:
+def _uevent_socket() -> _socket.socket | None:
     try:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
         s.bind((0, 1))  # group 1: kernel uevents
         return s
     except OSError:
