@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from guest_agent import clouds, files, initdata, providers, sha2, transport, userdata
+from guest_agent import clouds, files, initdata, priority, providers, sha2, transport, userdata
 from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import (
@@ -193,33 +193,12 @@ def warm(provider: str, cfg: Config) -> None:
     module, the TPM's), so that none sits between the route and Ready (`make bench`: "route
     present -> Ready").  Under QEMU TCG the agent is still importing when the lease comes
     (docs/benchmarks.md, "Reading the boot figures"): there these imports are on the path either
-    way, here they at least run at the unit's start-up priority (`full_priority` follows).
+    way, here they at least run at the unit's start-up priority (`priority.full` follows).
     PyYAML is not among them: a document in the shape of CAA's template is read without it
     (`safeyaml.compose_block`), and only any other document pays its import."""
     clouds.provider_module(provider)
     if cfg.tpm.enabled:
         from guest_agent import tpm  # noqa: F401
-
-
-def full_priority(rlimit_nice: int | None = None) -> None:
-    """Warm: leave the start-up priority for the one the unit allows (its LimitNICE=).
-
-    guest-agent.service starts the agent at Nice=19, so its interpreter start and imports use only
-    CPU that udev and systemd-networkd leave idle and the DHCP lease is not delayed; from the route
-    wait on the agent is on the path from the lease to Ready, where it must not lose the CPU.
-    Without CAP_SYS_NICE a process may lower its nice value down to 20 - RLIMIT_NICE (setrlimit(2));
-    LimitNICE=+0 therefore means nice 0, which is as far as this goes (never above normal).  Without
-    such a limit (or when run by hand) nothing changes; the agent never lowers its own priority."""
-    if rlimit_nice is None:
-        import resource
-
-        rlimit_nice = resource.getrlimit(resource.RLIMIT_NICE)[0]  # RLIM_INFINITY is -1
-    ceiling = max(0, 20 - rlimit_nice) if rlimit_nice >= 0 else 0
-    if os.getpriority(os.PRIO_PROCESS, 0) > ceiling:
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, ceiling)
-        except OSError as exc:  # no setpriority in the seccomp filter: stay where systemd put us
-            log.warning("cannot raise the CPU priority to nice %d: %s", ceiling, exc)
 
 
 def run(cfg: Config, root: str, deps: Deps) -> int:
@@ -253,7 +232,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             )
         addr = clouds.metadata_address(provider, cfg)
         warm(provider, cfg)
-        full_priority()
+        priority.full()  # if the lease's address event did not raise it already
         if addr is not None and cfg.network.wait:
             from guest_agent import network
 

@@ -1,4 +1,4 @@
-"""boot.full_priority: the agent starts at guest-agent.service's Nice=19 and, once warm, raises
+"""priority.full and priority.on_lease: the agent starts at guest-agent.service's Nice=19 and, once warm, raises
 itself as far as the unit's LimitNICE= (RLIMIT_NICE) allows, never above nice 0.
 
 Each case runs in a fresh interpreter started at the given nice value, the way systemd starts the
@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.netutil import require_netns
+
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD = "import os; from guest_agent import boot; boot.full_priority({}); print(os.getpriority(os.PRIO_PROCESS, 0))"
+CHILD = "import os; from guest_agent import priority; priority.full({}); print(os.getpriority(os.PRIO_PROCESS, 0))"
 
 
 def nice_after(start_nice: int, rlimit_nice: int | None) -> int:
@@ -68,3 +70,70 @@ def test_the_unit_starts_low_and_allows_exactly_nice_0() -> None:
     from the lease to Ready (measured: the Ready report then waits behind APF's start)."""
     lines = [ln.strip() for ln in (REPO / "units" / "guest-agent.service").read_text().splitlines()]
     assert {"Nice=19", "LimitNICE=+0", "SystemCallFilter=setpriority"} <= set(lines)
+
+
+def _newaddr(family: int, ifindex: int, msg_type: int = 20) -> bytes:
+    """One rtnetlink message: nlmsghdr + ifaddrmsg (family, prefixlen, flags, scope, index)."""
+    body = bytes([family, 24, 0, 0]) + ifindex.to_bytes(4, sys.byteorder)
+    return (16 + len(body)).to_bytes(4, sys.byteorder) + msg_type.to_bytes(2, sys.byteorder) + bytes(10) + body
+
+
+def test_only_an_ipv4_address_on_another_interface_than_lo_is_the_lease() -> None:
+    import socket
+
+    from guest_agent import priority
+
+    assert priority.lease_address(_newaddr(socket.AF_INET, 2))
+    assert priority.lease_address(_newaddr(socket.AF_INET, 1) + _newaddr(socket.AF_INET, 3))
+    assert not priority.lease_address(_newaddr(socket.AF_INET, 1))  # lo
+    assert not priority.lease_address(_newaddr(socket.AF_INET6, 2))
+    assert not priority.lease_address(_newaddr(socket.AF_INET, 2, msg_type=21))  # RTM_DELADDR
+    assert not priority.lease_address(_newaddr(socket.AF_INET, 2)[:-3])  # truncated
+
+
+LEASE_CHILD = """
+import os, time
+from guest_agent import priority
+print("armed" if priority.on_lease(20) else "not armed", flush=True)
+end = time.monotonic() + {wait_s}
+while os.getpriority(os.PRIO_PROCESS, 0) == 19 and time.monotonic() < end:
+    sum(range(1000))  # bytecode, as the imports are: the SIGIO handler runs between two of them
+print(os.getpriority(os.PRIO_PROCESS, 0), flush=True)
+"""
+
+
+def nice_after_address(device: str, wait_s: float) -> int:
+    """Start a child at nice 19 in a network namespace of its own, arm on_lease, add an IPv4
+    address on `device` there (lo, or a veth the test creates), return the child's nice."""
+    child = subprocess.Popen(
+        ["unshare", "--net", "--", sys.executable, "-c", LEASE_CHILD.format(wait_s=wait_s)],
+        preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, 19),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "armed"
+        ns = ["nsenter", "-t", str(child.pid), "-n", "ip"]
+        if device != "lo":
+            subprocess.run([*ns, "link", "add", device, "type", "veth", "peer", "name", device + "p"], check=True)
+        subprocess.run([*ns, "addr", "add", "192.0.2.7/24", "dev", device], check=True)
+        return int(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+
+
+@needs_raise
+def test_the_lease_address_raises_the_priority_mid_work() -> None:
+    """The address networkd sets from the DHCP lease raises the agent while it is still busy (the
+    imports, in the unit), not only once it is warm."""
+    require_netns()
+    assert nice_after_address("d0", wait_s=30) == 0
+
+
+@needs_raise
+def test_an_address_on_lo_is_not_the_lease() -> None:
+    require_netns()
+    assert nice_after_address("lo", wait_s=1) == 19

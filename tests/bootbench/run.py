@@ -127,6 +127,12 @@ class Boot:
     contended: list[int] = field(default_factory=list)  # other QEMUs seen running during this boot
 
 
+def kind(variant: str) -> str:
+    """An experiment's variant `<kind>+<name>` (a built image directory image/variants/build/<kind>+<name>,
+    e.g. guest-agent with a unit drop-in) is measured like its kind: `--variants guest-agent,guest-agent+x`."""
+    return variant.split("+", 1)[0]
+
+
 def settled_when(variant: str) -> Any:
     """The health report after which the variant's provisioning is over (the report unit then measures)."""
 
@@ -139,7 +145,7 @@ def settled_when(variant: str) -> Any:
             r.state == "Ready" and "walinuxagent" in (r.request.header("user-agent") or "").lower() for r in reports
         )
 
-    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga}.get(variant, lambda _r: True)  # floors: at once
+    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga}.get(kind(variant), lambda _r: True)  # floors: at once
 
 
 def other_qemus(own: int | None = None) -> list[int]:
@@ -410,13 +416,13 @@ def figures(b: Boot) -> dict[str, float | None]:
         f["gap_dhcp_ready"] = round(f["ready"] - f["dhcp"], 3)
     # CPU: systemd's per-unit CPUUsageNSec, summed over the variant's provisioning services.
     cpu = 0.0
-    for u in PROVISIONING[b.variant]:
+    for u in PROVISIONING[kind(b.variant)]:
         v = units.get(u, {}).get("CPUUsageNSec", "")
         if v.isdigit() and int(v) < 2**63:
             cpu += int(v) / 1e9
     cg = doc.get("cgroups", {})
     top = cg.get("/bench.slice", {})
-    if PROVISIONING[b.variant]:
+    if PROVISIONING[kind(b.variant)]:
         f["cpu_s"] = round(cpu, 3)
         f["cpu_slice_s"] = round(top.get("cpu.stat", {}).get("usage_usec", 0) / 1e6, 3)
         # memory.peak of the services' slices (systemd 252 has no MemoryPeak property): kernel figure,
@@ -489,7 +495,7 @@ REFERENCES = (("cloudinit", "cloud-init+waagent"), ("caa-chain", "CAA's chain"),
 
 def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str]) -> str:
     refs = [(v, name) for v, name in REFERENCES if v in variants] if "guest-agent" in variants else []
-    head = ["figure (seconds from QEMU start unless noted)"] + [NAMES[v] for v in variants]
+    head = ["figure (seconds from QEMU start unless noted)"] + [NAMES.get(v, v) for v in variants]
     head += [f"guest-agent / {name}" for _, name in refs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in ROWS:
@@ -535,14 +541,14 @@ def goals(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     ga = summary.get("guest-agent", {})
     for label, key, how, limit in GOALS:
         mine = ga.get(key)
-        kind, _, ref = how.partition(":")
+        how_kind, _, ref = how.partition(":")
         other = summary.get(ref, {}).get(key) if ref else None
         if mine is None or (ref and other is None):
             out.append((label, "not measured in this run", None))
-        elif kind == "ratio":
+        elif how_kind == "ratio":
             r = mine["median"] / other["median"]
             out.append((label, f"{r:.2f}x ({mine['median']:.2f} s / {other['median']:.2f} s)", r <= limit))
-        elif kind == "over":
+        elif how_kind == "over":
             d = mine["median"] - other["median"]
             out.append((label, f"{d:+.2f} s ({mine['median']:.2f} s vs {other['median']:.2f} s)", d <= limit))
         else:
@@ -582,7 +588,7 @@ def draw(summary: dict[str, Any], variants: list[str], path: Path) -> None:
             ax.text(s["max"] + 0.3, y, f"{s['median']:.1f}", va="center", fontsize=7)
             seen.add(k)
         yt.append(base)
-        yl.append(NAMES[v])
+        yl.append(NAMES.get(v, v))
     ax.set_yticks(yt, yl)
     ax.set_xlabel("seconds from QEMU start (median, whiskers min-max; TCG, -m 1024 -smp 2)")
     ax.set_title("Boot timeline per variant: bars from QEMU start to each milestone")
