@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -149,16 +150,24 @@ def settled_when(variant: str) -> Any:
 
 
 def other_qemus(own: int | None = None) -> list[int]:
-    """PIDs of QEMU processes that are not this boot's (`pgrep -f qemu-system`, without pgrep)."""
+    """PIDs of QEMU processes that are not this boot's (`pgrep -f qemu-system`, without pgrep).
+
+    A process with exactly this boot's QEMU command line is one of its forks that has not exec'd
+    its relay yet, whatever its parent (the fork that runs a guestfwd command can be a grandchild)."""
+    mine = b""
+    if own is not None:
+        with contextlib.suppress(OSError):
+            mine = Path(f"/proc/{own}/cmdline").read_bytes()
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == own:
             continue
         try:
-            argv0 = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0", 1)[0]
+            cmdline = Path(f"/proc/{d}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in argv0 and not (own is not None and parent(int(d)) == own):
+        ours = own is not None and (parent(int(d)) == own or cmdline == mine)
+        if b"qemu-system" in cmdline.split(b"\0", 1)[0] and not ours:
             out.append(int(d))
     return out
 
