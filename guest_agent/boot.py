@@ -266,6 +266,8 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
             status = f"done; Ready not acknowledged: {err.reason}"
     # After the report: nothing here is needed for Ready.
+    if priority.raised_at is not None:
+        tl.marks["priority_raised"] = priority.raised_at  # by the lease's address, or once warm
     log_written(plan)
     write_timeline(tl, cfg, root)
     summary(tl)

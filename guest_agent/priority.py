@@ -9,7 +9,9 @@ behind the rest of the boot.  Two events raise it to the priority the unit allow
   events, set to signal the process (O_ASYNC, SIGIO; fcntl(2)) when a message arrives.  The
   handler runs between two bytecodes of whatever the agent is doing, imports included, and raises
   the priority when an IPv4 address appears on an interface other than lo: in a pod VM, networkd
-  configuring the lease's address.  Nothing polls, and no thread is started.
+  configuring the lease's address.  Right after arming it asks for the addresses there already
+  are (an RTM_GETADDR dump, answered on the same socket), so a lease that came first counts too.
+  Nothing polls, and no thread is started.
 - `full()`, once warm (boot.run): in case no such event came (the address was there before the
   agent started, the agent runs by hand, or the socket could not be armed).
 
@@ -24,6 +26,7 @@ import _socket
 import fcntl
 import os
 import sys
+import time
 
 from guest_agent import network
 from guest_agent.log import logger
@@ -37,7 +40,11 @@ else:
 log = logger("guest_agent.priority")
 
 RTM_NEWADDR = 20  # rtnetlink(7)
+RTM_GETADDR = 22
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 LO_IFINDEX = 1  # the loopback device is always ifindex 1 (net/core/dev.c)
+
+raised_at: float | None = None  # CLOCK_MONOTONIC of the raise, for the timeline (boot.run)
 
 
 def ceiling(rlimit_nice: int | None = None) -> int:
@@ -51,12 +58,15 @@ def ceiling(rlimit_nice: int | None = None) -> int:
 
 def full(rlimit_nice: int | None = None) -> None:
     """Leave the start-up priority for the one the unit allows (its LimitNICE=)."""
+    global raised_at
     target = ceiling(rlimit_nice)
     if os.getpriority(os.PRIO_PROCESS, 0) > target:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, target)
         except OSError as exc:  # no setpriority in the seccomp filter: stay where systemd put us
             log.warning("cannot raise the CPU priority to nice %d: %s", target, exc)
+        else:
+            raised_at = time.monotonic()
 
 
 def lease_address(datagram: bytes) -> bool:
@@ -116,6 +126,11 @@ def on_lease(rlimit_nice: int | None = None) -> LeaseWatch | None:
         _signal.signal(_signal.SIGIO, watch.on_signal)  # before O_ASYNC: SIGIO's default action ends the process
         fcntl.fcntl(sock.fileno(), fcntl.F_SETOWN, os.getpid())
         fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) | os.O_ASYNC)
+        # The lease may have come before the socket was armed (the unit's sandbox and the
+        # interpreter start at nice 19 take seconds under QEMU TCG): ask for the IPv4 addresses
+        # there are; the answer arrives as the events do, and the same handler reads it.
+        ifaddrmsg = bytes([_socket.AF_INET]) + bytes(7)
+        sock.sendto(network.nlmsg(RTM_GETADDR, network.NLM_F_REQUEST | NLM_F_DUMP, 1, ifaddrmsg), (0, 0))
     except (OSError, ValueError) as exc:  # ValueError: signal() outside the main thread
         log.debug("no lease event for the CPU priority: %s", exc)
         watch.close()
