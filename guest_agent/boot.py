@@ -232,7 +232,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             )
         addr = clouds.metadata_address(provider, cfg)
         warm(provider, cfg)
-        priority.full()  # if the lease's address event did not raise it already
+        priority.full()
         if addr is not None and cfg.network.wait:
             from guest_agent import network
 
@@ -267,7 +267,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             status = f"done; Ready not acknowledged: {err.reason}"
     # After the report: nothing here is needed for Ready.
     if priority.raised_at is not None:
-        tl.marks["priority_raised"] = priority.raised_at  # by the lease's address, or once warm
+        tl.marks["priority_raised"] = priority.raised_at
     log_written(plan)
     write_timeline(tl, cfg, root)
     summary(tl)

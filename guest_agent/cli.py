@@ -227,10 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from guest_agent import log as agent_log
 
     log_fields = agent_log.setup(agent_log.DEBUG if args.verbose else agent_log.INFO)
-    if args.command == "run":
-        from guest_agent import priority
-
-        priority.on_lease()  # before the boot path's imports: the lease raises the priority mid-import
     try:
         from guest_agent import config
 
