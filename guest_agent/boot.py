@@ -242,7 +242,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
                     deadline_s=cfg.network.deadline_s,
                     on_wait=lambda: log.info("no route to %s yet: waiting for netlink events", addr),
                 )
-            log.info("route to %s via ifindex %s, source %s", addr, route.oif, route.prefsrc)
+            log.info("route to %s via ifindex %s, source %s", addr, route.ifindex, route.prefsrc)
         with tl.stage("fetch", f"fetching user-data from {provider} (deadline {cfg.fetch.deadline_s:g} s)"):
             raw = fetch_user_data(provider, cfg, root, deps)
         plan = provision(raw, cfg, root, tl)

@@ -52,6 +52,7 @@ import fcntl
 import os
 import stat
 
+from guest_agent import record
 from guest_agent.errors import WriteFailed
 from guest_agent.log import logger
 
@@ -71,26 +72,16 @@ WRITTEN = "..written"  # inside a generation: the names the agent wrote, one per
 _WRITTEN_MAX = 64 * 1024
 
 
+@record.frozen
 class FileSpec:
-    """One file to write (a plain class, as providers.Provider says why)."""
+    """One file to write."""
 
-    __slots__ = ("content", "gid", "mode", "path", "source", "uid")
-
-    def __init__(
-        self,
-        path: str,  # absolute, normalised guest path
-        content: bytes,
-        mode: int = 0o600,
-        uid: int | None = None,  # None: leave as created (the agent's own user)
-        gid: int | None = None,
-        source: str = "user-data",  # user-data | initdata | agent: for logs and `check`
-    ) -> None:
-        self.path = path
-        self.content = content
-        self.mode = mode
-        self.uid = uid
-        self.gid = gid
-        self.source = source
+    path: str  # absolute, normalised guest path
+    content: bytes
+    mode: int = 0o600
+    uid: int | None = None  # None: leave as created (the agent's own user)
+    gid: int | None = None
+    source: str = "user-data"  # user-data | initdata | agent: for logs and `check`
 
 
 def _open_dir(parent_fd: int, name: str, *, create: bool, dir_mode: int, path: str) -> int:

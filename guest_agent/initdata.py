@@ -29,7 +29,7 @@ RecursionError are turned into the same "not valid TOML" refusal.
 
 from __future__ import annotations
 
-from guest_agent import safetoml, sha2
+from guest_agent import record, safetoml, sha2
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid
 from guest_agent.safeyaml import show
@@ -54,25 +54,15 @@ NAME_MAX = 255
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
+@record.frozen
 class Initdata:
-    """A parsed, digested initdata document.  (A plain slotted class: a NamedTuple's class is
-    made by generated source run through eval(), costly at import under TCG.)"""
+    """A parsed, digested initdata document."""
 
-    __slots__ = ("algorithm", "digest", "files", "skipped", "version")
-
-    def __init__(
-        self,
-        algorithm: str,
-        version: str,
-        digest: bytes,
-        files: tuple[tuple[str, bytes], ...],
-        skipped: tuple[str, ...] = (),
-    ) -> None:
-        self.algorithm = algorithm
-        self.version = version
-        self.digest = digest
-        self.files = files  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
-        self.skipped = skipped  # well-formed [data] names outside ALLOWED_DATA_NAMES (not strict)
+    algorithm: str
+    version: str
+    digest: bytes
+    files: tuple[tuple[str, bytes], ...]  # (name in ALLOWED_DATA_NAMES, UTF-8 content), document order
+    skipped: tuple[str, ...] = ()  # well-formed [data] names outside ALLOWED_DATA_NAMES (not strict)
 
     def __repr__(self) -> str:
         return f"Initdata(algorithm={self.algorithm!r}, digest={self.digest_hex}, files={[n for n, _ in self.files]})"

@@ -35,6 +35,7 @@ import os
 import select
 import time
 
+from guest_agent import record
 from guest_agent.errors import NetworkUnavailable
 
 TYPE_CHECKING = False
@@ -79,32 +80,17 @@ NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES
 RECV_BUF = 65536
 
 
+@record.frozen
 class RouteInfo:
-    """The kernel's answer to "ip route get <dst>" (a plain class, as providers.Provider says why)."""
+    """The kernel's answer to "ip route get <dst>"."""
 
-    __slots__ = ("dst", "events", "gateway", "ifindex", "prefsrc", "table", "waited")
-
-    def __init__(
-        self,
-        dst: str,
-        ifindex: int,  # RTA_OIF (1 = lo when dst is a local address)
-        gateway: str | None,  # RTA_GATEWAY; None for an on-link destination
-        prefsrc: str | None,  # RTA_PREFSRC: the source address the kernel would pick
-        table: int,
-        waited: bool,  # False: the route was there at the first look
-        events: int = 0,  # netlink wake-ups seen before the route appeared
-    ) -> None:
-        self.dst = dst
-        self.ifindex = ifindex
-        self.gateway = gateway
-        self.prefsrc = prefsrc
-        self.table = table
-        self.waited = waited
-        self.events = events
-
-    @property
-    def oif(self) -> int:
-        return self.ifindex
+    dst: str
+    ifindex: int  # RTA_OIF (1 = lo when dst is a local address)
+    gateway: str | None  # RTA_GATEWAY; None for an on-link destination
+    prefsrc: str | None  # RTA_PREFSRC: the source address the kernel would pick
+    table: int
+    waited: bool  # False: the route was there at the first look
+    events: int = 0  # netlink wake-ups seen before the route appeared
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ The entries are data and small pure functions, not the cloud modules themselves:
 on every boot and must not import every cloud's fetch code (each costs 2-60 ms to import on the
 development host, all six 50-130 ms, 5 interleaved runs with time.perf_counter around the imports;
 noisy, shared machine), so only the module of the cloud in use is imported.  This module imports
-nothing of the agent, so config.py can read it.
+only guest_agent.record of the agent, so config.py can read it.
 
 DMI rules follow cloud-init's ds-identify (canonical/cloud-init tools/ds-identify:
 dscheck_Azure/Ec2/GCE/AliYun/IBMCloud); CAA's own heuristics are in cloud-api-adaptor
@@ -20,6 +20,8 @@ src/cloud-api-adaptor/pkg/userdata/provision.go.
 """
 
 from __future__ import annotations
+
+from guest_agent import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,25 +32,16 @@ if TYPE_CHECKING:
 AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"  # cloud-init ds-identify is_azure_chassis
 
 
+@record.frozen
 class Provider:
-    """One cloud.  A plain class, like the other records of the boot path: a NamedTuple would
-    import typing and collections and eval() generated source for its __new__ on every boot."""
+    """One cloud (a frozen record, guest_agent/record.py: a NamedTuple would import typing and
+    eval() generated source for its __new__ on every boot)."""
 
-    __slots__ = ("fetch_module", "matches", "metadata_url_key", "name", "reporter_module")
-
-    def __init__(
-        self,
-        name: str,
-        matches: Callable[[Dmi], bool],  # pure: these DMI strings identify the cloud
-        fetch_module: str,  # defines fetch(ctx: clouds.FetchContext) -> bytes, imported only when in use
-        metadata_url_key: str | None,  # "section.key" of the configured metadata URL; None: no network needed
-        reporter_module: str | None = None,  # reports Ready/NotReady to the cloud's fabric (Azure)
-    ) -> None:
-        self.name = name
-        self.matches = matches
-        self.fetch_module = fetch_module
-        self.metadata_url_key = metadata_url_key
-        self.reporter_module = reporter_module
+    name: str
+    matches: Callable[[Dmi], bool]  # pure: these DMI strings identify the cloud
+    fetch_module: str  # defines fetch(ctx: clouds.FetchContext) -> bytes, imported only when in use
+    metadata_url_key: str | None  # "section.key" of the configured metadata URL; None: no network needed
+    reporter_module: str | None = None  # reports Ready/NotReady to the cloud's fabric (Azure)
 
 
 def _azure(dmi: Dmi) -> bool:

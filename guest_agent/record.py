@@ -87,6 +87,37 @@ def frozen(cls: type[_T]) -> type[_T]:
     return cls
 
 
+@dataclass_transform(frozen_default=True, eq_default=True, field_specifiers=(field,))
+def value(cls: type[_T]) -> type[_T]:
+    """A frozen record that is a value: equal to a record of its class with equal fields, hashed
+    by them, and shown with them (the eq=True of a frozen dataclass: GoalState, YAML scalars).
+    The three methods are shared, like __init__: nothing is generated."""
+    frozen(cls)
+    members = {"__eq__": _eq, "__hash__": _hash, "__repr__": _repr}
+    for name, method in members.items():
+        setattr(cls, name, method)
+    return cls
+
+
+def _values(self: object) -> tuple[object, ...]:
+    return tuple(getattr(self, spec.name) for spec in fields(self))
+
+
+def _eq(self: object, other: object) -> object:  # bool, or NotImplemented for another class
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _values(self) == _values(other)
+
+
+def _hash(self: object) -> int:
+    return hash(_values(self))
+
+
+def _repr(self: object) -> str:
+    shown = ", ".join(f"{spec.name}={getattr(self, spec.name)!r}" for spec in fields(self))
+    return f"{type(self).__name__}({shown})"
+
+
 def _required(spec: Field) -> bool:
     return spec.default is _MISSING and spec.default_factory is None
 

@@ -25,7 +25,7 @@ Every failure is a `UserDataInvalid` whose supporting data names the field (`whe
 
 from __future__ import annotations
 
-from guest_agent import codec
+from guest_agent import codec, record
 from guest_agent.errors import UserDataInvalid
 
 TYPE_CHECKING = False  # typing costs the boot path ~0.3 s under TCG: for mypy only
@@ -84,29 +84,14 @@ def show(text: str, n: int = SHOWN) -> str:
     return shown + "..." if len(text) > n else shown
 
 
+@record.value
 class Scalar:
-    """A leaf: its text, unresolved.  (A plain slotted class: a NamedTuple's class is made by
-    generated source run through eval(), a dataclass's too, both costly at import under TCG.)"""
+    """A leaf: its text, unresolved."""
 
-    __slots__ = ("line", "plain", "tag", "value")
-
-    def __init__(self, value: str, tag: str | None, plain: bool, line: int) -> None:
-        self.value = value
-        self.tag = tag  # explicit tag (full URI, or "!"), None when untagged
-        self.plain = plain  # plain style and untagged: YAML 1.1 implicit resolution applies
-        self.line = line  # 1-based
-
-    def _key(self) -> tuple[str, str | None, bool, int]:
-        return (self.value, self.tag, self.plain, self.line)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Scalar) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"Scalar(value={self.value!r}, tag={self.tag!r}, plain={self.plain!r}, line={self.line!r})"
+    value: str
+    tag: str | None  # explicit tag (full URI, or "!"), None when untagged
+    plain: bool  # plain style and untagged: YAML 1.1 implicit resolution applies
+    line: int  # 1-based
 
 
 Node: TypeAlias = Scalar | list["Node"] | dict[str, "Node"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+from guest_agent import record
 from guest_agent.errors import AgentError, MetadataUnavailable
 from guest_agent.log import logger
 
@@ -55,18 +56,13 @@ class Deadline:
         return self.clock() >= self.at
 
 
+@record.frozen
 class Backoff:
-    """Retry delays: the first cap, the largest cap, and the most of a server's Retry-After we honour.
+    """Retry delays: the first cap, the largest cap, and the most of a server's Retry-After we honour."""
 
-    A plain slotted class: a NamedTuple is built by exec'ing generated source (and imports typing).
-    """
-
-    __slots__ = ("initial_s", "max_s", "retry_after_max_s")
-
-    def __init__(self, initial_s: float = 0.1, max_s: float = 2.0, retry_after_max_s: float = 30.0) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.retry_after_max_s = retry_after_max_s
+    initial_s: float = 0.1
+    max_s: float = 2.0
+    retry_after_max_s: float = 30.0
 
     def delay(
         self, attempt: int, retry_after_s: float | None = None, rand: Callable[[], float] = urandom_unit

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import posixpath
 
-from guest_agent import codec, initdata, safeyaml
+from guest_agent import codec, initdata, record, safeyaml
 from guest_agent.config import Config
 from guest_agent.errors import UserDataInvalid
 from guest_agent.files import FileSpec
 from guest_agent.log import fields, logger
 from guest_agent.safeyaml import field_of
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from guest_agent.initdata import Initdata
 
 log = logger("guest_agent.userdata")
 
@@ -58,28 +62,16 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 _OTHER_PARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job", "#cloud-config-")
 
 
+@record.frozen
 class Plan:
-    """Everything a run will write, decided before anything is written.
+    """Everything a run will write, decided before anything is written."""
 
-    (Plain slotted classes here and below: a NamedTuple's class is made by generated source run
-    through eval(), costly at import under TCG.)"""
-
-    __slots__ = ("files", "initdata", "initdata_is_default", "skipped_initdata_keys", "skipped_paths")
-
-    def __init__(
-        self,
-        files: tuple[FileSpec, ...],
-        initdata: initdata.Initdata,
-        initdata_is_default: bool,
-        skipped_paths: tuple[str, ...] = (),
-        skipped_initdata_keys: tuple[str, ...] = (),
-    ) -> None:
-        self.files = files
-        self.initdata = initdata
-        self.initdata_is_default = initdata_is_default
-        # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
-        self.skipped_paths = skipped_paths
-        self.skipped_initdata_keys = skipped_initdata_keys
+    files: tuple[FileSpec, ...]
+    initdata: Initdata
+    initdata_is_default: bool
+    # Well-formed entries skipped as CAA skips them (files.strict = false), in document order.
+    skipped_paths: tuple[str, ...] = ()
+    skipped_initdata_keys: tuple[str, ...] = ()
 
     @property
     def skipped(self) -> int:
@@ -163,12 +155,10 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
     return data
 
 
+@record.frozen
 class Parsed:
-    __slots__ = ("files", "skipped")
-
-    def __init__(self, files: list[FileSpec], skipped: list[str]) -> None:
-        self.files = files
-        self.skipped = skipped  # well-formed paths not on the allow-list (files.strict = false)
+    files: list[FileSpec]
+    skipped: list[str]  # well-formed paths not on the allow-list (files.strict = false)
 
 
 def parse_document(text: str, cfg: Config) -> Parsed:

@@ -53,7 +53,13 @@ def test_parse_route_reply() -> None:
     [(msg_type, _flags, seq, payload)] = list(network.iter_messages(data))
     assert (msg_type, seq) == (network.RTM_NEWROUTE, 3)
     info = network.parse_route(IMDS, payload)
-    assert (info.oif, info.gateway, info.prefsrc, info.table, info.waited) == (2, "10.0.0.1", "10.0.0.5", 254, False)
+    assert (info.ifindex, info.gateway, info.prefsrc, info.table, info.waited) == (
+        2,
+        "10.0.0.1",
+        "10.0.0.5",
+        254,
+        False,
+    )
 
 
 def test_error_reply_and_truncation() -> None:

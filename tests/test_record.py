@@ -159,3 +159,35 @@ def test_the_boot_modules_import_no_heavy_module(module: str) -> None:
     )
     out = subprocess.run([sys.executable, "-ISB", "-c", code], capture_output=True, text=True, check=True)
     assert sorted(HEAVY & set(out.stdout.split())) == []
+
+
+@record.value
+class Pair:
+    a: int
+    b: str = "x"
+
+
+def test_value_records_compare_hash_and_show_by_their_fields() -> None:
+    """record.value: the eq=True of a frozen dataclass, with shared methods (GoalState, safeyaml.Scalar)."""
+    assert Pair(1) == Pair(1, "x") and Pair(1) != Pair(2) and Pair(1) != Pair(1, "y")
+    assert hash(Pair(1)) == hash(Pair(1, "x")) and len({Pair(1), Pair(1), Pair(2)}) == 2
+    assert repr(Pair(1)) == "Pair(a=1, b='x')"
+    assert Pair(1) != (1, "x") and Pair(1).__eq__((1, "x")) is NotImplemented
+    with pytest.raises(record.FrozenRecordError):
+        Pair(1).a = 2  # type: ignore[misc]
+
+
+def test_the_boot_paths_records_are_frozen() -> None:
+    """The records that were NamedTuples before the import diet stay immutable."""
+    from guest_agent import clouds, files, initdata, network, providers, safeyaml, transport, userdata
+    from guest_agent.azure import health, wire
+    from guest_agent.clouds import tokenflow
+
+    classes = (
+        health.ReportResult, wire.GoalState, clouds.Facts, files.FileSpec, initdata.Initdata, network.RouteInfo,
+        providers.Provider, safeyaml.Scalar, transport.Backoff, userdata.Plan, userdata.Parsed, tokenflow.Flavour,
+    )  # fmt: skip
+    assert [c.__name__ for c in classes if not record.is_record(c)] == []
+    route = network.RouteInfo("169.254.169.254", 2, None, "10.0.0.5", 254, waited=False)
+    with pytest.raises(record.FrozenRecordError):
+        route.ifindex = 3  # type: ignore[misc]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from guest_agent import httpio
+from guest_agent import httpio, record
 from guest_agent.azure.wire import (
     DEFAULT_AGENT_NAME,
     GOAL_STATE_PATH,
@@ -56,17 +56,15 @@ MAX_BODY_BYTES = 256 * 1024  # a goal state is ~2 KiB; never buffer an unbounded
 DEFAULT_BACKOFF = Backoff(initial_s=0.25, max_s=2.0, retry_after_max_s=30.0)
 
 
+@record.frozen
 class ReportResult:
-    """An acknowledged report (a slotted class: a NamedTuple is built by exec'ing generated source)."""
+    """An acknowledged report."""
 
-    __slots__ = ("elapsed_s", "flavour", "round_trips", "state", "status")
-
-    def __init__(self, state: str, flavour: str, status: int, round_trips: int, elapsed_s: float) -> None:
-        self.state = state  # Ready | NotReady
-        self.flavour = flavour  # json | xml: the endpoint that acknowledged
-        self.status = status  # its HTTP status
-        self.round_trips = round_trips  # HTTP requests this report made
-        self.elapsed_s = elapsed_s
+    state: str  # Ready | NotReady
+    flavour: str  # json | xml: the endpoint that acknowledged
+    status: int  # its HTTP status
+    round_trips: int  # HTTP requests this report made
+    elapsed_s: float
 
 
 def _retryable(status: int) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from _json import encode_basestring_ascii
 
-from guest_agent import __version__
+from guest_agent import __version__, record
 from guest_agent.errors import FabricError
 
 # "used in all regions and all national clouds ... will not change" (Microsoft Learn,
@@ -44,28 +44,13 @@ GOAL_STATE_MAX_ELEMENTS = 10_000
 GOAL_STATE_MAX_ID_CHARS = 4096  # an id is short; a longer one is cut there, never buffered whole
 
 
+@record.value
 class GoalState:
-    """The three values a health report echoes (a slotted class: a NamedTuple is built by
-    exec'ing generated source, on every boot)."""
+    """The three values a health report echoes."""
 
-    __slots__ = ("container_id", "incarnation", "role_instance_id")
-
-    def __init__(self, incarnation: str, container_id: str, role_instance_id: str) -> None:
-        self.incarnation = incarnation
-        self.container_id = container_id
-        self.role_instance_id = role_instance_id
-
-    def _fields(self) -> tuple[str, str, str]:
-        return (self.incarnation, self.container_id, self.role_instance_id)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GoalState) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return "GoalState(incarnation={!r}, container_id={!r}, role_instance_id={!r})".format(*self._fields())
+    incarnation: str
+    container_id: str
+    role_instance_id: str
 
 
 class GoalStateIncomplete(FabricError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from guest_agent import record
 from guest_agent.config import Config, root_path
 
 TYPE_CHECKING = False
@@ -33,14 +34,12 @@ DMI_FIELDS = (
 )
 
 
+@record.frozen
 class Facts:
-    """What detection reads (a plain class, as providers.Provider says why)."""
+    """What detection reads."""
 
-    __slots__ = ("cidata_seed", "dmi")
-
-    def __init__(self, dmi: dict[str, str], cidata_seed: bool = False) -> None:
-        self.dmi = dmi
-        self.cidata_seed = cidata_seed  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
+    dmi: dict[str, str]
+    cidata_seed: bool = False  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
 
     def get(self, name: str) -> str:
         return self.dmi.get(name, "")

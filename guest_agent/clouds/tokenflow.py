@@ -11,23 +11,22 @@
 
 from __future__ import annotations
 
+from guest_agent import record
 from guest_agent.clouds import FetchContext
 from guest_agent.clouds.http import Response, is_token, request, require_body, retry_or_fail
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import RETRY_STATUS, Retry, http_retry_reason
 
 
+@record.frozen
 class Flavour:
-    """One cloud's paths and header names (a slotted class: no dataclasses import at boot)."""
+    """One cloud's paths and header names."""
 
-    __slots__ = ("data_path", "name", "token_header", "token_path", "ttl_header")
-
-    def __init__(self, *, name: str, token_path: str, ttl_header: str, token_header: str, data_path: str) -> None:
-        self.name = name  # for messages: "EC2 IMDS"
-        self.token_path = token_path
-        self.ttl_header = ttl_header
-        self.token_header = token_header
-        self.data_path = data_path
+    name: str  # for messages: "EC2 IMDS"
+    token_path: str
+    ttl_header: str
+    token_header: str
+    data_path: str
 
 
 class TokenFlow:
