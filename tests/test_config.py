@@ -49,6 +49,10 @@ def test_layers_apply_in_order(tmp_path: Path) -> None:
         ("[files]\nallowed_paths = [1]\n", "list of strings"),
         ("fetch = 3\n", "must be a table"),
         ("[fetch\n", "not TOML"),
+        # tomllib's int() refuses more than 4300 digits with a plain ValueError, and a deep
+        # inline table ends in RecursionError: both are the file's fault (78), never exit 70.
+        ("[fetch]\nretries = " + "9" * 5000 + "\n", "not TOML"),
+        ("x = " + "{a = " * 2000 + "1" + "}" * 2000 + "\n", "not TOML"),
     ],
 )
 def test_bad_config_is_an_error(tmp_path: Path, text: str, fragment: str) -> None:
