@@ -87,8 +87,8 @@ agent_venv() {
 # image/build.sh's product and the floor-tuned variant share these steps; the stock variants
 # (floor-stock, cloudinit, caa-chain, caa, caa-sftp) boot the base as Debian configures it.  Each
 # step, why a pod VM can do without what it removes, and what it measured: docs/image-tuning.md.
-# TUNE_SKIP="step ..." leaves steps out (A/B builds only): initrd masks generators.  Measured and
-# dropped (no gain): `quiet` on the command line, a smaller udev coldplug, Storage=volatile.
+# TUNE_SKIP="step ..." leaves steps out (A/B builds only): initrd masks generators coldplug nokvm.
+# Measured and dropped (no gain): `quiet` on the command line, Storage=volatile.
 
 # The kernel command line every image boots with (written to <build dir>/cmdline).  fsck.mode=skip:
 # the stock initrd would otherwise check the root file system of every fresh disk.
@@ -132,6 +132,34 @@ tune_rootfs() {
         # /etc/modules-load.d holds only Debian's link to the commented-out /etc/modules: without it
         # systemd-modules-load's condition skips the unit (a module list added later still runs it).
         if ! grep -qv '^[[:space:]]*\(#\|$\)' "$ROOT/etc/modules"; then rm -f "$ROOT/etc/modules-load.d/modules.conf"; fi
+    fi
+    if tune_on coldplug; then
+        # udev's coldplug replays an "add" event for every device the kernel made before udevd
+        # started; udevd's workers run every rule over each.  Under TCG that was 3.5-7 s of CPU per
+        # boot (systemd-udevd.service's CPUUsageNSec), on the two vCPUs the lease also needs.  Not
+        # replayed here: classes whose devices a pod VM neither names nor needs a driver for
+        # (consoles and ttys: no gettys, the console is the kernel's; input and hid; the memory
+        # devices /dev/null & co., which devtmpfs makes with the right modes; kernel-internal
+        # classes; /sys/module).  Kept: buses (pci, acpi, platform, virtio, vmbus: their modalias
+        # loads the drivers), block, net, tpm, tpmrm, scsi, cpu.  Devices created later, by a
+        # driver udev loads, still get their real events.  Debian's own --prioritized-subsystem
+        # list (module,block,tpmrm,net,tty,input) shrinks to what is left of it.
+        mkdir -p "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d"
+        local nomatch="" sub
+        for sub in module tty vc vtconsole input hid mem machinecheck workqueue event_source clockevents \
+            clocksource msr cpuid graphics sound thermal bdi; do nomatch+=" --subsystem-nomatch=$sub"; done
+        printf '%s\n' '# image/recipe.sh tune_rootfs: coldplug only what a pod VM needs (docs/image-tuning.md).' \
+            '[Service]' 'ExecStart=' \
+            "ExecStart=-udevadm trigger --type=all --action=add --prioritized-subsystem=block,tpmrm,net$nomatch" \
+            > "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d/10-podvm.conf"
+    fi
+    if tune_on nokvm; then
+        # A peer-pod VM runs its containers itself, never a nested VM: the CPU's modalias
+        # (x86cpu:...svm/vmx) would have udev load kvm (1.1 MB) and kvm_amd/kvm_intel in the
+        # window before the lease.
+        mkdir -p "$ROOT/etc/modprobe.d"
+        printf '%s\n' '# image/recipe.sh tune_rootfs: a pod VM runs no nested VMs (docs/image-tuning.md).' \
+            'blacklist kvm' 'blacklist kvm_amd' 'blacklist kvm_intel' > "$ROOT/etc/modprobe.d/podvm-nokvm.conf"
     fi
     if tune_on generators; then
         # Generators for things a pod VM has none of (SysV scripts, GPT auto-mounts, crypttab,
