@@ -50,6 +50,7 @@ def test_make_install_layout(tmp_path: Path) -> None:
         [
             "usr/lib/systemd/system-preset/10-guest-agent.preset",
             "usr/lib/systemd/catalog/guest-agent.catalog",
+            "usr/lib/modules-load.d/guest-agent.conf",
             "usr/share/man/man8/guest-agent.8",
             f"{UNITDIR}/guest-agent.service",
             f"{UNITDIR}/guest-agent-imds-nat.service",
@@ -61,6 +62,31 @@ def test_make_install_layout(tmp_path: Path) -> None:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
     unit = (tmp_path / UNITDIR / "guest-agent.service").read_text()
     assert "ExecStart=/usr/local/bin/guest-agent run\n" in unit  # pip's script location by default
+
+
+# The driver that registers each device class guest-agent.service's DeviceAllow= names (blkext is
+# the block layer's own).
+CLASS_DRIVERS = {"char-tpm": "tpm", "block-sd": "sd_mod", "block-sr": "sr_mod", "block-virtblk": "virtio_blk"}
+
+
+def test_device_classes_are_registered_before_the_agent_starts() -> None:
+    """systemd resolves DeviceAllow=<class> through /proc/devices when the unit starts: every
+    class the agent's unit names has its driver in modules-load.d/guest-agent.conf (and so do the
+    TPM's interfaces, for /dev/tpmrm0), and the unit starts after systemd-modules-load.service,
+    not after udev's coldplug."""
+    unit = (REPO / "units/guest-agent.service").read_text()
+    classes = {ln.split("=", 1)[1].split()[0] for ln in unit.splitlines() if ln.startswith("DeviceAllow=")}
+    modules = {
+        ln.strip()
+        for ln in (REPO / "units/guest-agent.modules-load.conf").read_text().splitlines()
+        if ln.strip() and not ln.startswith(("#", ";"))
+    }
+    assert classes - {"block-blkext"} == set(CLASS_DRIVERS)
+    assert modules == {*CLASS_DRIVERS.values(), "tpm_tis", "tpm_crb"}  # and the TPM's own drivers
+    after = " ".join(ln.split("=", 1)[1] for ln in unit.splitlines() if ln.startswith("After=")).split()
+    assert "systemd-modules-load.service" in after
+    assert "systemd-udev-trigger.service" not in after
+    assert "PrivateTmp=yes" not in unit  # it would order the agent after systemd-tmpfiles-setup.service
 
 
 def test_make_install_prefix_and_bindir(tmp_path: Path) -> None:
