@@ -256,9 +256,7 @@ def read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data: dict[str, Any] = safetoml.loads(f.read())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # ValueError covers safetoml.DecodeError and tomllib's int() of more than 4300 digits;
-        # RecursionError, tomllib on a deeply nested inline table: both are the file's fault (78).
+    except (OSError, UnicodeDecodeError, safetoml.DecodeError) as exc:
         raise ConfigError("agent configuration file is unreadable or not TOML", file=path, error=str(exc)) from exc
     return data
 

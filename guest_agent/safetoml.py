@@ -42,15 +42,16 @@ _MAX_NUMBER = 24  # characters of a number: far below int()'s 4300-digit limit
 
 
 class DecodeError(ValueError):
-    """`tomllib.TOMLDecodeError`, same message (it is the __cause__): callers catch this one
-    without importing tomllib."""
+    """The document is not TOML this reader or tomllib will read: tomllib's TOMLDecodeError, and
+    the two refusals tomllib lets through as other exceptions (ValueError from `int()` of more than
+    4300 digits, RecursionError from deep nesting), same message (the original is the __cause__).
+    Callers catch this one without importing tomllib."""
 
 
 def loads(text: str) -> dict[str, Any]:
     """`tomllib.loads(text)`, without importing tomllib when `text` is in the subset.
 
-    Raises `DecodeError` where tomllib raises TOMLDecodeError; tomllib's other exceptions
-    (ValueError from int() past 4300 digits, RecursionError) pass through unchanged."""
+    Raises `DecodeError` wherever tomllib refuses the document."""
     doc = read_subset(text)
     if doc is not None:
         return doc
@@ -58,8 +59,8 @@ def loads(text: str) -> dict[str, Any]:
 
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DecodeError(*exc.args) from exc
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+        raise DecodeError(str(exc)) from exc
 
 
 class _Defer(Exception):
