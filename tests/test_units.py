@@ -74,16 +74,12 @@ def test_device_classes_are_registered_before_the_agent_starts() -> None:
     class the agent's unit names has its driver in modules-load.d/guest-agent.conf (and so do the
     TPM's interfaces, for /dev/tpmrm0), and the unit starts after systemd-modules-load.service,
     not after udev's coldplug."""
-    unit = (REPO / "units/guest-agent.service").read_text()
-    classes = {ln.split("=", 1)[1].split()[0] for ln in unit.splitlines() if ln.startswith("DeviceAllow=")}
-    modules = {
-        ln.strip()
-        for ln in (REPO / "units/guest-agent.modules-load.conf").read_text().splitlines()
-        if ln.strip() and not ln.startswith(("#", ";"))
-    }
+    unit = unit_lines(REPO / "units/guest-agent.service")
+    classes = {ln.split("=", 1)[1].split()[0] for ln in unit if ln.startswith("DeviceAllow=")}
+    modules = set(unit_lines(REPO / "units/guest-agent.modules-load.conf"))
     assert classes - {"block-blkext"} == set(CLASS_DRIVERS)
     assert modules == {*CLASS_DRIVERS.values(), "tpm_tis", "tpm_crb"}  # and the TPM's own drivers
-    after = " ".join(ln.split("=", 1)[1] for ln in unit.splitlines() if ln.startswith("After=")).split()
+    after = " ".join(ln.split("=", 1)[1] for ln in unit if ln.startswith("After=")).split()
     assert "systemd-modules-load.service" in after
     assert "systemd-udev-trigger.service" not in after
     assert "PrivateTmp=yes" not in unit  # it would order the agent after systemd-tmpfiles-setup.service
