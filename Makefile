@@ -76,7 +76,6 @@ PREFIX  ?= /usr/local
 BINDIR  ?= /usr/local/bin
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 PRESETDIR ?= $(PREFIX)/lib/systemd/system-preset
-MODULESLOADDIR ?= $(PREFIX)/lib/modules-load.d
 # journald's message catalog: `journalctl --update-catalog` (run by systemd's package triggers, or
 # by the image build) compiles it so `journalctl -x` explains each guest-agent MESSAGE_ID.
 CATALOGDIR ?= $(PREFIX)/lib/systemd/catalog
@@ -91,7 +90,6 @@ install:
 	done
 	for f in units/*.d/*.conf; do install -D -m 0644 $$f "$(DESTDIR)$(UNITDIR)/$${f#units/}" || exit 1; done
 	install -D -m 0644 units/10-guest-agent.preset "$(DESTDIR)$(PRESETDIR)/10-guest-agent.preset"
-	install -D -m 0644 units/guest-agent.modules-load.conf "$(DESTDIR)$(MODULESLOADDIR)/guest-agent.conf"
 	install -D -m 0644 catalog/guest-agent.catalog "$(DESTDIR)$(CATALOGDIR)/guest-agent.catalog"
 	install -d "$(DESTDIR)$(MANDIR)/man8"
 	sed 's/@VERSION@/$(VERSION)/' man/guest-agent.8 > "$(DESTDIR)$(MANDIR)/man8/guest-agent.8"

@@ -50,7 +50,6 @@ def test_make_install_layout(tmp_path: Path) -> None:
         [
             "usr/lib/systemd/system-preset/10-guest-agent.preset",
             "usr/lib/systemd/catalog/guest-agent.catalog",
-            "usr/lib/modules-load.d/guest-agent.conf",
             "usr/share/man/man8/guest-agent.8",
             f"{UNITDIR}/guest-agent.service",
             f"{UNITDIR}/guest-agent-imds-nat.service",
@@ -64,25 +63,21 @@ def test_make_install_layout(tmp_path: Path) -> None:
     assert "ExecStart=/usr/local/bin/guest-agent run\n" in unit  # pip's script location by default
 
 
-# The driver that registers each device class guest-agent.service's DeviceAllow= names (blkext is
-# the block layer's own).
-CLASS_DRIVERS = {"char-tpm": "tpm", "block-sd": "sd_mod", "block-sr": "sr_mod", "block-virtblk": "virtio_blk"}
-
-
-def test_device_classes_are_registered_before_the_agent_starts() -> None:
-    """systemd resolves DeviceAllow=<class> through /proc/devices when the unit starts: every
-    class the agent's unit names has its driver in modules-load.d/guest-agent.conf (and so do the
-    TPM's interfaces, for /dev/tpmrm0), and the unit starts after systemd-modules-load.service,
-    not after udev's coldplug."""
+def test_the_agent_starts_before_udev_and_reads_disks_of_any_driver() -> None:
+    """systemd resolves DeviceAllow=<class> through /proc/devices when the unit starts, so the unit
+    names disks by type (`block-*`, no lookup) rather than by the class of a driver that udev's
+    coldplug may load later; the TPM's class is the core's, registered at boot.  The unit starts
+    after systemd-modules-load.service (an image's own lists), not after udev's coldplug, and
+    ships no module list of its own (loading one delayed udevd and the lease)."""
     unit = unit_lines(REPO / "units/guest-agent.service")
-    classes = {ln.split("=", 1)[1].split()[0] for ln in unit if ln.startswith("DeviceAllow=")}
-    modules = set(unit_lines(REPO / "units/guest-agent.modules-load.conf"))
-    assert classes - {"block-blkext"} == set(CLASS_DRIVERS)
-    assert modules == {*CLASS_DRIVERS.values(), "tpm_tis", "tpm_crb"}  # and the TPM's own drivers
+    devices = {ln.split("=", 1)[1] for ln in unit if ln.startswith("DeviceAllow=")}
+    assert devices == {"char-tpm rw", "block-* r"}
+    assert "DevicePolicy=closed" in unit
     after = " ".join(ln.split("=", 1)[1] for ln in unit if ln.startswith("After=")).split()
     assert "systemd-modules-load.service" in after
     assert "systemd-udev-trigger.service" not in after
     assert "PrivateTmp=yes" not in unit  # it would order the agent after systemd-tmpfiles-setup.service
+    assert not list(REPO.glob("units/*modules-load*"))
 
 
 def test_make_install_prefix_and_bindir(tmp_path: Path) -> None:
