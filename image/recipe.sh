@@ -143,14 +143,17 @@ tune_rootfs() {
         # classes; /sys/module).  Kept: buses (pci, acpi, platform, virtio, vmbus: their modalias
         # loads the drivers), block, net, tpm, tpmrm, scsi, cpu.  Devices created later, by a
         # driver udev loads, still get their real events.  Debian's own --prioritized-subsystem
-        # list (module,block,tpmrm,net,tty,input) shrinks to what is left of it.
+        # list (module,block,tpmrm,net,tty,input) shrinks to what is left of it, with net first:
+        # the NIC's event (and its parents') then reaches udevd's workers before the disks', whose
+        # rules probe them (blkid, ata_id, scsi_id), and systemd-networkd, which waits for udev to
+        # have processed the link, gets it sooner (docs/image-tuning.md, step 6).
         mkdir -p "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d"
         local nomatch="" sub
         for sub in module tty vc vtconsole input hid mem machinecheck workqueue event_source clockevents \
             clocksource msr cpuid graphics sound thermal bdi; do nomatch+=" --subsystem-nomatch=$sub"; done
         printf '%s\n' '# image/recipe.sh tune_rootfs: coldplug only what a pod VM needs (docs/image-tuning.md).' \
             '[Service]' 'ExecStart=' \
-            "ExecStart=-udevadm trigger --type=all --action=add --prioritized-subsystem=block,tpmrm,net$nomatch" \
+            "ExecStart=-udevadm trigger --type=all --action=add --prioritized-subsystem=net,block,tpmrm$nomatch" \
             > "$ROOT/etc/systemd/system/systemd-udev-trigger.service.d/10-podvm.conf"
     fi
     if tune_on nokvm; then
