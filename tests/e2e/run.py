@@ -1,6 +1,6 @@
 """End-to-end: boot the pod VM image under QEMU against a fake Azure and check what it did.
 
-    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,caa,byom,byom-early] [--keep]
+    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,cidata-cdrom,caa,byom,byom-early] [--keep]
 
 `caa` and `byom` boot the CAA-layout images (image/variants/build-variant.sh caa|caa-sftp): CAA's
 pod VM unit graph with stand-in binaries that record when they ran and what they saw, and
@@ -110,6 +110,9 @@ class Scenario:
     user_data: bytes
     expected: userdata.Expected | None  # None: provisioning must fail
     azure: bool = True  # fake IMDS + wireserver + Azure DMI; else QEMU's DMI and a cidata ISO (or delivery disk)
+    # How the cidata ISO is attached: "virtio" (virtio_blk, loaded by the initrd), or "cdrom" on the
+    # IDE controller, whose drivers (ata_piix, sr_mod) udev's coldplug loads after the agent started.
+    cidata_drive: str = "virtio"
     layout: str = "own"  # "own": image/build; "caa" / "byom": the CAA-layout variants
     wants: tuple[str, ...] = ()  # test-only guest units pulled in by systemd.wants=
     probes: str = ""  # e2e-dump probes asked for on the kernel command line
@@ -222,7 +225,10 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
         qemu_extra += ["-drive", f"file={disk},if=virtio,format=raw,readonly=on"]
     else:
         iso = make_cidata(workdir, sc.user_data)
-        qemu_extra += ["-drive", f"file={iso},if=virtio,format=raw,readonly=on"]
+        if sc.cidata_drive == "cdrom":
+            qemu_extra += ["-drive", f"file={iso},if=ide,media=cdrom,format=raw,readonly=on"]
+        else:
+            qemu_extra += ["-drive", f"file={iso},if=virtio,format=raw,readonly=on"]
     netdev += f",hostfwd=tcp:127.0.0.1:{HOSTFWD_PORT}-:{APF_PORT}"
 
     tpm_dir = workdir / "tpm"
@@ -613,6 +619,12 @@ def scenarios(names: list[str]) -> list[Scenario]:
         "valid": Scenario("valid", ud, exp, probes="e2e.netns_probe=1 e2e.restart_probe=1 e2e.nat_probe=1"),
         "invalid": Scenario("invalid", userdata.invalid(), None),
         "cidata": Scenario("cidata", *userdata.valid("nginx-cidata"), azure=False),
+        # The ISO behind drivers that udev loads later: the agent's device cgroup allows disks by
+        # type (DeviceAllow=block-* r), so it reads /dev/sr0 although sr_mod was not loaded when
+        # the unit started.
+        "cidata-cdrom": Scenario(
+            "cidata-cdrom", *userdata.valid("nginx-cidata-cdrom"), azure=False, cidata_drive="cdrom"
+        ),
         "caa": Scenario("caa", *userdata.valid("nginx-caa"), layout="caa", probes="e2e.nat_probe=1", settle=CAA_SETTLE),
         # The byom pool VM: the upload (by a test unit in the guest) once the agent waits; and
         # byom-early: the upload under way when the agent first looks (a read lease tells the agent
@@ -652,8 +664,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--boots",
-        default="valid,invalid,cidata,caa,byom,byom-early",
-        help="comma-separated: valid, invalid, cidata, caa, byom, byom-early",
+        default="valid,invalid,cidata,cidata-cdrom,caa,byom,byom-early",
+        help="comma-separated: valid, invalid, cidata, cidata-cdrom, caa, byom, byom-early",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
     ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S, help="per boot, seconds")
