@@ -36,6 +36,14 @@ def test_rejects_config_without_pod_network(tmp_path: Path) -> None:
     assert r.returncode == 1 and "pod-network" in r.stderr
 
 
+def test_rejects_a_config_that_is_not_json(tmp_path: Path) -> None:
+    cfg = tmp_path / "apf.json"
+    for text in ('{"pod-network": {}', '{"pod-network": {}} trailing', "", "\udcff"):
+        cfg.write_text(text, errors="surrogateescape")
+        r = run_apf("-config", str(cfg), "-pod-namespace", "")
+        assert r.returncode == 1 and f"failed to decode {cfg}" in r.stderr, text
+
+
 def test_requires_a_mounted_pod_netns(tmp_path: Path) -> None:
     cfg = tmp_path / "apf.json"
     cfg.write_text(json.dumps({"pod-network": {}}))
