@@ -33,33 +33,25 @@ def test_forks_with_this_boots_command_line_are_not_another_qemu(tmp_path: Path)
             p.wait()
 
 
-ALL_UNITS = """Id=-.slice
-InactiveExitTimestampMonotonic=0
-
-Id=init.scope
-InactiveExitTimestampMonotonic=4059662
-ActiveEnterTimestampMonotonic=4059662
-
-Id=multi-user.target
-InactiveExitTimestampMonotonic=10171000
-ActiveEnterTimestampMonotonic=10171912
-"""
-
-
-def test_unit_times_from_the_boot_report() -> None:
-    assert run.unit_monotonic(ALL_UNITS, "init.scope") == 4.059662
-    assert run.unit_monotonic(ALL_UNITS, "multi-user.target", "ActiveEnterTimestampMonotonic") == 10.171912
-    assert run.unit_monotonic(ALL_UNITS, "-.slice") is None  # never (0): no time
-    assert run.unit_monotonic(ALL_UNITS, "absent.service") is None
-    assert run.unit_monotonic("", "init.scope") is None
+def test_figures_since_systemd_subtract_each_boots_own_start() -> None:
+    fig: dict[str, float | None] = {"systemd": 8.0, "dhcp": 14.25, "ready": None, "multi_user": 16.0}
+    assert run.since_systemd(fig) == {
+        "agent_process_sys": None,
+        "agent_warm_sys": None,
+        "dhcp_sys": 6.25,
+        "ready_sys": None,  # not reached: no figure
+        "apf_sys": None,
+        "multi_user_sys": 8.0,
+    }
+    assert set(run.since_systemd({"dhcp": 14.0}).values()) == {None}  # no init.scope start: none
 
 
-def test_table_since_systemd_subtracts_each_boots_own_start() -> None:
-    boots = [
-        run.Boot("guest-agent", 0, figures={"systemd": 8.0, "dhcp": 14.0, "dhcp_sys": 6.0}),
-        run.Boot("guest-agent", 1, figures={"systemd": 7.0, "dhcp": 12.0, "dhcp_sys": 5.0}),
-        run.Boot("floor-tuned", 0, figures={"systemd": 7.5, "dhcp": 13.0, "dhcp_sys": 5.5}),
-    ]
+def test_table_since_systemd_medians_per_variant() -> None:
+    def boot(variant: str, rnd: int, systemd: float, dhcp: float) -> run.Boot:
+        fig: dict[str, float | None] = {"systemd": systemd, "dhcp": dhcp}
+        return run.Boot(variant, rnd, figures={**fig, **run.since_systemd(fig)})
+
+    boots = [boot("guest-agent", 0, 8.0, 14.0), boot("guest-agent", 1, 7.0, 12.0), boot("floor-tuned", 0, 7.5, 13.0)]
     summary = run.summarise(boots, ["guest-agent", "floor-tuned"])
     text = run.table_since_systemd(summary, ["guest-agent", "floor-tuned"])
     assert "| systemd started (seconds from QEMU start) | 7.5 (7.0-8.0) | 7.5 |" in text

@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,20 +372,16 @@ def ts_mono(props: dict[str, str], key: str = "ActiveEnterTimestampMonotonic") -
     return int(v) / 1e6 if v.isdigit() and int(v) > 0 else None
 
 
-def unit_monotonic(all_units: str, unit: str, key: str = "InactiveExitTimestampMonotonic") -> float | None:
-    """One timestamp of one unit from bench-report's `all_units` (`systemctl show --all` of every
-    unit: blank-line separated blocks of key=value lines), in seconds of guest CLOCK_MONOTONIC."""
-    for block in all_units.split("\n\n"):
-        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if props.get("Id") == unit:
-            return ts_mono(props, key)
-    return None
-
-
 # Figures also given from systemd's start (init.scope's start): the kernel's and the initrd's share,
 # which moves by seconds with the host's load, taken out (docs/benchmarks.md, "Reading the boot
 # figures").  Each is `<figure>_sys`.
 SINCE_SYSTEMD = ("agent_process", "agent_warm", "dhcp", "ready", "apf", "multi_user")
+
+
+def since_systemd(f: dict[str, float | None]) -> dict[str, float | None]:
+    """`<figure>_sys` for each of SINCE_SYSTEMD: the figure minus this boot's `systemd`."""
+    t0 = f.get("systemd")
+    return {f"{k}_sys": None if (v := f.get(k)) is None or t0 is None else round(v - t0, 3) for k in SINCE_SYSTEMD}
 
 
 def figures(b: Boot) -> dict[str, float | None]:
@@ -439,10 +436,8 @@ def figures(b: Boot) -> dict[str, float | None]:
         f["agent_warm"] = rel(g2h(float(tl["agent_start"])))
     if f["dhcp"] is not None and f["ready"] is not None:
         f["gap_dhcp_ready"] = round(f["ready"] - f["dhcp"], 3)
-    f["systemd"] = rel(g2h(unit_monotonic(doc.get("all_units", ""), "init.scope")))
-    for k in SINCE_SYSTEMD:
-        v, t0 = f.get(k), f["systemd"]
-        f[f"{k}_sys"] = None if v is None or t0 is None else round(v - t0, 3)
+    f["systemd"] = rel(g2h(ts_mono(units.get("init.scope", {}), "InactiveExitTimestampMonotonic")))
+    f.update(since_systemd(f))
     # CPU: systemd's per-unit CPUUsageNSec, summed over the variant's provisioning services.
     cpu = 0.0
     for u in PROVISIONING[kind(b.variant)]:
@@ -524,16 +519,7 @@ REFERENCES = (("cloudinit", "cloud-init+waagent"), ("caa-chain", "CAA's chain"),
 
 def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str]) -> str:
     refs = [(v, name) for v, name in REFERENCES if v in variants] if "guest-agent" in variants else []
-    head = ["figure (seconds from QEMU start unless noted)"] + [NAMES.get(v, v) for v in variants]
-    head += [f"guest-agent / {name}" for _, name in refs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label in ROWS:
-        cells = [fmt_cell(summary[v].get(key)) for v in variants]
-        if all(c == "-" for c in cells):
-            continue
-        row = [label, *cells]
-        row += [ratio(summary["guest-agent"].get(key), summary[v].get(key)) for v, _ in refs]
-        lines.append("| " + " | ".join(row) + " |")
+    lines = figure_rows(summary, variants, "figure (seconds from QEMU start unless noted)", ROWS, refs)
     added = added_sizes(sizes)
     row = ["image: rootfs MiB (added over its floor: guest-agent over floor-tuned, the incumbents over floor-stock)"]
     row += [f"{sizes[v]:.1f} ({added[v]:+.1f})" if v in added else f"{sizes[v]:.1f}" for v in variants]
@@ -545,18 +531,31 @@ def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str])
     return "\n".join(lines)
 
 
+def figure_rows(
+    summary: dict[str, Any],
+    variants: list[str],
+    what: str,
+    rows: Sequence[tuple[str, str]],
+    refs: list[tuple[str, str]],
+) -> list[str]:
+    """A markdown table's head and one row per figure some variant has: the medians (min-max) per
+    variant, then guest-agent's ratio to each of `refs`."""
+    head = [what] + [NAMES.get(v, v) for v in variants] + [f"guest-agent / {name}" for _, name in refs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label in rows:
+        cells = [fmt_cell(summary[v].get(key)) for v in variants]
+        if all(c == "-" for c in cells):
+            continue
+        cells += [ratio(summary["guest-agent"].get(key), summary[v].get(key)) for v, _ in refs]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return lines
+
+
 def table_since_systemd(summary: dict[str, Any], variants: list[str]) -> str:
     """The milestones counted from systemd's start, and when systemd started."""
     labels = dict(ROWS)
-    head = ["figure (seconds from systemd's start)"] + [NAMES.get(v, v) for v in variants]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [("systemd", "systemd started (seconds from QEMU start)")]
-    rows += [(f"{k}_sys", labels[k]) for k in SINCE_SYSTEMD]
-    for key, label in rows:
-        cells = [fmt_cell(summary[v].get(key)) for v in variants]
-        if not all(c == "-" for c in cells):
-            lines.append("| " + " | ".join([label, *cells]) + " |")
-    return "\n".join(lines)
+    rows = [("systemd", "systemd started (seconds from QEMU start)")] + [(f"{k}_sys", labels[k]) for k in SINCE_SYSTEMD]
+    return "\n".join(figure_rows(summary, variants, "figure (seconds from systemd's start)", rows, []))
 
 
 def added_sizes(sizes: dict[str, float]) -> dict[str, float]:
