@@ -225,10 +225,8 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
         qemu_extra += ["-drive", f"file={disk},if=virtio,format=raw,readonly=on"]
     else:
         iso = make_cidata(workdir, sc.user_data)
-        if sc.cidata_drive == "cdrom":
-            qemu_extra += ["-drive", f"file={iso},if=ide,media=cdrom,format=raw,readonly=on"]
-        else:
-            qemu_extra += ["-drive", f"file={iso},if=virtio,format=raw,readonly=on"]
+        iface = "if=ide,media=cdrom" if sc.cidata_drive == "cdrom" else "if=virtio"
+        qemu_extra += ["-drive", f"file={iso},{iface},format=raw,readonly=on"]
     netdev += f",hostfwd=tcp:127.0.0.1:{HOSTFWD_PORT}-:{APF_PORT}"
 
     tpm_dir = workdir / "tpm"
