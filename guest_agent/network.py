@@ -24,6 +24,15 @@ Events are not parsed: any address, route or link message is a reason to ask
 the kernel again, which also covers changes that produce no route message
 (carrier coming up under an existing route) and an overrun event queue
 (``ENOBUFS``).  The deadline is the ``poll`` timeout; nothing sleeps.
+
+One wake-up is not announced: the kernel sends ``RTM_NEWADDR`` *before* it updates what
+source-address selection uses (``__inet_insert_ifa`` in net/ipv4/devinet.c: "Send message
+first, then call notifier"; the FIB's cached source per next hop is refreshed only when the
+notifier bumps ``dev_addr_genid``).  A lookup that runs right after the address event, on the
+other CPU, can still see the route without a source address, and nothing else may follow: in
+2 of 11 boots under QEMU (networkd's routes are on-link and exist before the lease) the agent
+then slept until the deadline.  So after a lookup that finds a route but no source address,
+the loop looks once more after ``SOURCE_RECHECK_S`` even if no event comes.
 """
 
 from __future__ import annotations
@@ -78,6 +87,9 @@ IFF_UP = 0x1
 NO_ROUTE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES, errno.EINVAL, errno.EAGAIN})
 
 RECV_BUF = 65536
+# After a route without a source address: look again this soon even without an event (see the
+# module docstring).  The kernel updates source selection microseconds after the address event.
+SOURCE_RECHECK_S = 0.02
 
 
 @record.frozen
@@ -266,16 +278,55 @@ def drain(sock: _socket.socket) -> int:
         count += 1
 
 
-def _lookup(query: RtnlSocket, dst: str, require_prefsrc: bool, *, waited: bool, events: int) -> RouteInfo | None:
+def _lookup(query: RtnlSocket, dst: str, *, waited: bool, events: int) -> RouteInfo | None:
     code, payload = query.route_get(dst)
     if code in NO_ROUTE_ERRNOS:
         return None
     if code:
         raise OSError(code, f"route lookup for {dst} failed: {os.strerror(code)}")
-    info = parse_route(dst, payload, waited=waited, events=events)
-    if require_prefsrc and info.prefsrc is None:
-        return None  # a route but no source address yet: a request could not be sent
-    return info
+    return parse_route(dst, payload, waited=waited, events=events)
+
+
+def await_route(
+    look: Callable[[bool, int], RouteInfo | None],
+    wait: Callable[[float], int | None],
+    *,
+    deadline: float,
+    require_prefsrc: bool,
+    clock: Callable[[], float],
+    on_wait: Callable[[], None] | None = None,
+) -> RouteInfo | None:
+    """The wait loop without the sockets: `look(waited, events)` asks the kernel, `wait(timeout_s)`
+    blocks for events and returns how many it drained (None: the timeout passed).  Returns the
+    usable route, or None at the deadline."""
+
+    def usable(info: RouteInfo | None) -> bool:
+        return info is not None and (info.prefsrc is not None or not require_prefsrc)
+
+    info = look(False, 0)
+    if usable(info):
+        return info
+    if on_wait is not None:
+        on_wait()
+    events = 0
+    recheck = info is not None  # a route without a source address: look again soon (module docstring)
+    while True:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        got = wait(min(remaining, SOURCE_RECHECK_S) if recheck else remaining)
+        if got is None and not recheck:
+            continue
+        events += got or 0
+        info = look(True, events)
+        if usable(info):
+            return info
+        # Only the first look after an event rechecks: a route that has no source address for a
+        # while (on-link routes before the lease) then costs one extra lookup per event, no polling.
+        recheck = got is not None and info is not None
+    # One last look: costs microseconds and closes any gap at the very end.
+    info = look(True, events)
+    return info if usable(info) else None
 
 
 def wait_for_route(
@@ -304,27 +355,23 @@ def wait_for_route(
     events_sock = open_rtnl(groups=groups, netns=netns, timeout=0.0)  # subscribe first ...
     try:
         with RtnlSocket.open(netns=netns) as query:
-            info = _lookup(query, dst, require_prefsrc, waited=False, events=0)  # ... then look
-            if info is not None:
-                return info
-            if on_wait is not None:
-                on_wait()
             poller = select.poll()
             poller.register(events_sock.fileno(), select.POLLIN)
-            events = 0
-            while True:
-                remaining = deadline - clock()
-                if remaining <= 0:
-                    break
+
+            def wait(timeout_s: float) -> int | None:
                 # poll() takes whole milliseconds; round up so we never spin just short of the deadline.
-                if not poller.poll(int(remaining * 1000) + 1):
-                    continue
-                events += drain(events_sock)
-                info = _lookup(query, dst, require_prefsrc, waited=True, events=events)
-                if info is not None:
-                    return info
-            # One last look: costs microseconds and closes any gap at the very end.
-            info = _lookup(query, dst, require_prefsrc, waited=True, events=events)
+                if not poller.poll(int(timeout_s * 1000) + 1):
+                    return None
+                return drain(events_sock)
+
+            info = await_route(
+                lambda waited, events: _lookup(query, dst, waited=waited, events=events),  # ... then look
+                wait,
+                deadline=deadline,
+                require_prefsrc=require_prefsrc,
+                clock=clock,
+                on_wait=on_wait,
+            )
             if info is not None:
                 return info
     finally:

@@ -18,6 +18,68 @@ IMDS = "169.254.169.254"
 
 
 # ---------------------------------------------------------------------------------------------
+# The wait loop with scripted lookups and wake-ups (no sockets)
+
+
+def _route(prefsrc: str | None) -> network.RouteInfo:
+    return network.RouteInfo(IMDS, 2, "10.0.0.1", prefsrc, 254, True)
+
+
+class Script:
+    """`look` answers from `routes` in turn (the last one repeats); `wait` answers from `wakes`
+    (None: the timeout passed) and advances the clock by the timeout it was given when nothing came."""
+
+    def __init__(self, routes: list[network.RouteInfo | None], wakes: list[int | None]) -> None:
+        self.routes, self.wakes = routes, wakes
+        self.now = 0.0
+        self.looks = 0
+        self.timeouts: list[float] = []
+
+    def look(self, waited: bool, events: int) -> network.RouteInfo | None:
+        self.looks += 1
+        return self.routes[min(self.looks, len(self.routes)) - 1]
+
+    def wait(self, timeout_s: float) -> int | None:
+        self.timeouts.append(timeout_s)
+        got = self.wakes.pop(0) if self.wakes else None
+        if got is None:
+            self.now += timeout_s
+        return got
+
+    def run(self, deadline: float = 120.0) -> network.RouteInfo | None:
+        return network.await_route(
+            self.look, self.wait, deadline=deadline, require_prefsrc=True, clock=lambda: self.now
+        )
+
+
+def test_a_source_address_that_comes_without_an_event_is_found_soon() -> None:
+    # The address event woke us while source selection still said "none" (the kernel announces
+    # the address first); no further event comes.  One look after SOURCE_RECHECK_S finds it.
+    s = Script([None, _route(None), _route("10.0.0.5")], wakes=[3, None])
+    info = s.run()
+    assert info is not None and info.prefsrc == "10.0.0.5"
+    assert s.timeouts == [120.0, network.SOURCE_RECHECK_S]
+    assert s.now == pytest.approx(network.SOURCE_RECHECK_S)
+
+
+def test_a_sourceless_route_costs_one_recheck_per_event_not_polling() -> None:
+    # On-link routes before the lease: every event gets one recheck, then the loop waits for events only.
+    s = Script([_route(None)], wakes=[None, 1, None])
+    assert s.run(deadline=5.0) is None
+    # first look sourceless -> recheck (no event) -> wait for events -> event -> recheck -> wait to the deadline
+    r = network.SOURCE_RECHECK_S
+    assert s.timeouts[:4] == [r, pytest.approx(5.0 - r), r, pytest.approx(5.0 - 2 * r)]
+    assert s.looks == 5  # first, recheck, after the event, its recheck, the last look at the deadline
+
+
+def test_no_route_waits_for_events_without_rechecks() -> None:
+    s = Script([None, None, _route("10.0.0.5")], wakes=[1, 2])
+    info = s.run()
+    assert info is not None and info.prefsrc == "10.0.0.5"
+    assert s.timeouts == [120.0, 120.0]
+
+
+# ---------------------------------------------------------------------------------------------
 # Pure build/parse (no privileges)
 
 
