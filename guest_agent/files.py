@@ -53,6 +53,7 @@ import os
 import stat
 
 from guest_agent import record
+from guest_agent.entropy import random_bytes
 from guest_agent.errors import WriteFailed
 from guest_agent.log import logger
 
@@ -119,7 +120,7 @@ def open_parent(root_fd: int, path: str, *, create: bool, dir_mode: int = 0o755)
 
 
 def _token() -> str:
-    return os.urandom(6).hex()
+    return random_bytes(6).hex()
 
 
 def _link_target(name: str) -> str:

@@ -6,10 +6,10 @@ The exchange itself (socket, bounds, faults) is in httpio.py.
 
 from __future__ import annotations
 
-import os
 import time
 
 from guest_agent import record
+from guest_agent.entropy import random_bytes
 from guest_agent.errors import AgentError, MetadataUnavailable
 from guest_agent.log import logger
 
@@ -38,9 +38,10 @@ RETRY_STATUS = frozenset({404, 408, 410, 429, 500, 502, 503, 504})
 
 
 def urandom_unit() -> float:
-    """A uniform float in [0, 1) from the kernel's CSPRNG: no `random` import (~2 ms) on the
-    boot path, and no shared seed between VMs booted from one image."""
-    return int.from_bytes(os.urandom(7), "big") / float(1 << 56)
+    """A uniform float in [0, 1) from the kernel's CRNG: no `random` import (~2 ms) on the
+    boot path, no shared seed between VMs booted from one image, and no wait for the CRNG to be
+    seeded (guest_agent/entropy.py)."""
+    return int.from_bytes(random_bytes(7), "big") / float(1 << 56)
 
 
 class Deadline:

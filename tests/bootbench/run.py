@@ -276,7 +276,12 @@ def boot(variant: str, rnd: int, work: Path, timeout_s: float) -> Boot:
         argv = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
             # No hypervisor CPUID bit: systemd then says "microsoft" (waagent's ConditionVirtualization).
-            "-cpu", "qemu64,-hypervisor",
+            # RDRAND, which every cloud's CPUs have and qemu64 lacks: Debian's kernel trusts it
+            # (CONFIG_RANDOM_TRUST_CPU=y) and seeds its CRNG at once, as on a cloud VM.  Without it
+            # the CRNG is seeded 2-4 s into userspace and the first Python process of the boot waits
+            # for it (docs/boot-placement.md).  tests/e2e keeps qemu64 without it: that path is
+            # tested there.
+            "-cpu", "qemu64,+rdrand,-hypervisor",
             "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"), "-append", cmdline,
             "-drive", f"file={overlay},if=virtio,format=qcow2",
@@ -679,9 +684,10 @@ The variants: *guest-agent* is the product, image/build.sh's tuned pod VM image 
 configure them, on the stock base; *CAA's chain* is CAA's pod VM unit graph with stand-in programs
 for CAA's Go binaries, on the stock base (section "The CAA chain variant" below).
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB, {m["os"]}, kernel {m["kernel"]}; {m["qemu"]}.
-QEMU: TCG (no KVM here), `-m 1024 -smp 2 -cpu qemu64,-hypervisor`, Azure SMBIOS, virtio disk (qcow2 overlay
-per boot: every boot is a first boot), provisioning ISO on IDE CD-ROM, swtpm TPM, restricted user networking
-in a private network namespace, fake IMDS / wireserver / HostGAPlugin (tests/bootbench/fabric.py).
+QEMU: TCG (no KVM here), `-m 1024 -smp 2 -cpu qemu64,+rdrand,-hypervisor` (RDRAND as on every cloud CPU: Debian's
+kernel trusts it and has its random number generator seeded at once; docs/boot-placement.md), Azure SMBIOS, virtio
+disk (qcow2 overlay per boot: every boot is a first boot), provisioning ISO on IDE CD-ROM, swtpm TPM, restricted
+user networking in a private network namespace, fake IMDS / wireserver / HostGAPlugin (tests/bootbench/fabric.py).
 
 Command: `{result["command"]}`
 

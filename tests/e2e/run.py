@@ -254,6 +254,9 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
         cmdline += f" {sc.probes}"
     ttys1 = workdir / "ttyS1.log"
     argv = [
+        # QEMU's default CPU (qemu64) has no RDRAND, unlike the boot benchmark's: the kernel's CRNG is
+        # seeded only seconds into userspace, so these boots also cover an agent that must not wait
+        # for it (guest_agent/entropy.py) and whose interpreter start-up does (docs/boot-placement.md).
         "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2",
         "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"), "-append", cmdline,
