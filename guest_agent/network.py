@@ -30,7 +30,7 @@ source-address selection uses (``__inet_insert_ifa`` in net/ipv4/devinet.c: "Sen
 first, then call notifier"; the FIB's cached source per next hop is refreshed only when the
 notifier bumps ``dev_addr_genid``).  A lookup that runs right after the address event, on the
 other CPU, can still see the route without a source address, and nothing else may follow: in
-2 of 11 boots under QEMU (networkd's routes are on-link and exist before the lease) the agent
+2 of 15 boots under QEMU (networkd's routes are on-link and exist before the lease) the agent
 then slept until the deadline.  So after a lookup that finds a route but no source address,
 the loop looks once more after ``SOURCE_RECHECK_S`` even if no event comes.
 """
