@@ -112,8 +112,23 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
 
     device = root_path(root, cfg.tpm.device)
     if not tpm.tpm_present(device):
-        log.info("no TPM at %s: initdata not measured into a PCR", cfg.tpm.device, extra=fields(stage="measure"))
-        return "absent"
+        if not os.path.exists(root_path(root, tpm.ACPI_TPM2_TABLE)):
+            log.info("no TPM at %s: initdata not measured into a PCR", cfg.tpm.device, extra=fields(stage="measure"))
+            return "absent"
+        # The firmware has a TPM; its driver is still loading.  Skipping would leave initdata
+        # unmeasured on a VM whose attestation expects it: wait for it, or fail.
+        log.info(
+            "the firmware announces a TPM but %s is not there yet: waiting up to %g s for its driver",
+            cfg.tpm.device,
+            cfg.tpm.device_wait_s,
+            extra=fields(stage="measure"),
+        )
+        if not tpm.wait_for_device(device, cfg.tpm.device_wait_s):
+            raise tpm.TpmError(
+                "the firmware announces a TPM but its device did not appear",
+                device=cfg.tpm.device,
+                waited_s=cfg.tpm.device_wait_s,
+            )
     if already:
         return "already"
     with tpm.connect(device) as dev:
@@ -185,7 +200,8 @@ def start_budget_s(cfg: Config) -> float:
     the time until the agent says so)."""
     network = cfg.network.deadline_s if cfg.network.wait else 0.0
     report = min(cfg.azure.failure_deadline_s, cfg.azure.ready_deadline_s) if cfg.azure.report_ready else 0.0
-    return network + cfg.fetch.deadline_s + cfg.cidata.wait_s + report + START_SLACK_S
+    tpm = cfg.tpm.device_wait_s if cfg.tpm.enabled else 0.0
+    return network + cfg.fetch.deadline_s + cfg.cidata.wait_s + tpm + report + START_SLACK_S
 
 
 def warm(provider: str, cfg: Config) -> None:

@@ -85,7 +85,10 @@ class TpmConfig:
     """Measurement of initdata into a TPM PCR (CAA PR #1999 / #2186)."""
 
     enabled: bool = True
-    device: str = "/dev/tpmrm0"  # resource manager; absent device = no TPM (logged, not an error)
+    device: str = "/dev/tpmrm0"  # resource manager; absent device = no TPM (logged, not an error) ...
+    # ... unless the firmware announces one (ACPI TPM2 table): then its driver is still loading, so wait
+    # this long for the device (inotify), and fail (exit 69, NotReady on Azure) if it does not come.
+    device_wait_s: float = 30.0
     pcr: int = 8  # unused by systemd-boot/UKI images; what CAA's verifier replays
 
 
@@ -422,6 +425,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "files.peerpod_dir": _abs_path,
     "tpm.device": _abs_path,
     "tpm.pcr": _between(0, 23),  # a TPM 2.0 PC Client TPM has PCRs 0-23
+    "tpm.device_wait_s": _not_negative,
     "network.deadline_s": _positive,
     "netns.name": _name,
     "netns.run_dir": _abs_path,

@@ -15,8 +15,13 @@ from __future__ import annotations
 import _struct  # struct.py only re-exports it (and importing struct costs the boot path under TCG)
 import os
 import stat
+import time
 
 from guest_agent.errors import EXIT_UNAVAILABLE, AgentError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -141,6 +146,34 @@ def tpm_present(device: str) -> bool:
     except OSError:
         return False
     return stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+
+
+# The firmware's announcement of a TPM 2.0: its ACPI table (the vTPMs of Azure, GCP and AWS's NitroTPM,
+# QEMU's tpm-tis and tpm-crb).  With it, a missing /dev/tpmrm0 means its driver is not bound yet (a
+# kernel whose TPM drivers are modules, loaded by udev), not "no TPM".
+ACPI_TPM2_TABLE = "/sys/firmware/acpi/tables/TPM2"
+
+
+def wait_for_device(device: str, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> bool:
+    """Wait up to `timeout_s` for `device` to appear (inotify on its directory: devtmpfs creates the
+    node when the driver binds); True if it is there."""
+    if tpm_present(device) or timeout_s <= 0:
+        return tpm_present(device)
+    import select
+
+    from guest_agent import inotify  # ctypes: only on this rare path
+
+    deadline = clock() + timeout_s
+    with inotify.DirWatch(os.path.dirname(device), inotify.IN_CREATE | inotify.IN_MOVED_TO) as watch:
+        poller = select.poll()
+        poller.register(watch.fileno(), select.POLLIN)
+        while not tpm_present(device):  # looked at after the watch exists: a node made in between is seen
+            remaining = deadline - clock()
+            if remaining <= 0:
+                return False
+            if poller.poll(int(remaining * 1000) + 1):
+                watch.read()
+    return True
 
 
 class _Connection:

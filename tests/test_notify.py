@@ -106,8 +106,9 @@ def test_agent_sends_status_per_stage_then_ready(notify_socket: tuple[socket.soc
     s, path = notify_socket
     assert run_on_aws(tmp_path, path, Script()) == 0
     msgs = recv_all(s)
-    # First, before any wait: the start timeout from the configured deadlines (defaults here).
-    assert msgs[0] == f"EXTEND_TIMEOUT_USEC={int(boot.start_budget_s(Config()) * 1e6)}"
+    # First, before any wait: the start timeout from the configured deadlines (defaults, TPM off here).
+    no_tpm = Config(tpm=record.replace(Config().tpm, enabled=False))
+    assert msgs[0] == f"EXTEND_TIMEOUT_USEC={int(boot.start_budget_s(no_tpm) * 1e6)}"
     statuses = [m for m in msgs if m.startswith("STATUS=")]
     assert statuses[:6] == [
         "STATUS=detect: reading DMI",
@@ -141,11 +142,14 @@ def test_no_ready_on_failure(notify_socket: tuple[socket.socket, str], tmp_path:
 
 def test_start_budget_follows_the_configured_deadlines() -> None:
     base = boot.start_budget_s(Config())
-    assert base == 120 + 180 + 5 + 300 + boot.START_SLACK_S  # network, fetch, cidata disk, NotReady report
+    # network, fetch, cidata disk, TPM device, NotReady report
+    assert base == 120 + 180 + 5 + 30 + 300 + boot.START_SLACK_S
     longer = Config(fetch=record.replace(Config().fetch, deadline_s=900.0))
     assert boot.start_budget_s(longer) == base + 720
     no_wait = Config(network=record.replace(Config().network, wait=False))
     assert boot.start_budget_s(no_wait) == base - 120
+    no_tpm = Config(tpm=record.replace(Config().tpm, enabled=False))
+    assert boot.start_budget_s(no_tpm) == base - 30
 
 
 def test_status_carries_the_last_retry_reason(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:

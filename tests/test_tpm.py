@@ -183,3 +183,58 @@ def test_swtpm_not_started_reports_rc() -> None:
     assert info.value.supporting_data["rc"] == "0x100"
     assert "TPM_RC_INITIALIZE" in info.value.supporting_data["name"]
     assert info.value.exit_code == 69
+
+
+# ---------------------------------------------------------------------------------------------
+# The device's driver still loading: the firmware announces a TPM, /dev/tpmrm0 comes later
+
+
+def test_wait_for_device_sees_a_node_made_during_the_wait(tmp_path: Path) -> None:
+    device = tmp_path / "tpmrm0"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    timer = threading.Timer(0.2, lambda: sock.bind(str(device)))
+    timer.start()
+    try:
+        assert tpm.wait_for_device(str(device), 30.0)
+    finally:
+        timer.join()
+        sock.close()
+
+
+def test_wait_for_device_gives_up_at_the_timeout(tmp_path: Path) -> None:
+    ticks = iter([0.0, 5.0])  # the deadline is computed at 0 and has passed at the first look
+    assert not tpm.wait_for_device(str(tmp_path / "tpmrm0"), 1.0, clock=lambda: next(ticks))
+    assert not tpm.wait_for_device(str(tmp_path / "tpmrm0"), 0.0)
+
+
+def _root(tmp_path: Path, *, announced: bool) -> Path:
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    if announced:
+        table = root / tpm.ACPI_TPM2_TABLE.lstrip("/")
+        table.parent.mkdir(parents=True)
+        table.write_bytes(b"TPM2")
+    return root
+
+
+def test_measure_without_a_tpm_skips_with_a_log_line(tmp_path: Path) -> None:
+    from guest_agent import boot
+    from guest_agent.config import Config, TpmConfig
+    from guest_agent.initdata import parse
+
+    cfg = Config(tpm=TpmConfig(device_wait_s=5.0))
+    idata = parse(DEFAULT_INITDATA_TOML)
+    assert boot.measure(idata, cfg, str(_root(tmp_path, announced=False)), already=False) == "absent"
+
+
+def test_measure_fails_when_the_announced_tpm_never_appears(tmp_path: Path) -> None:
+    from guest_agent import boot
+    from guest_agent.config import Config, TpmConfig
+    from guest_agent.errors import EXIT_UNAVAILABLE
+    from guest_agent.initdata import parse
+
+    cfg = Config(tpm=TpmConfig(device_wait_s=0.1))
+    with pytest.raises(tpm.TpmError) as exc:
+        boot.measure(parse(DEFAULT_INITDATA_TOML), cfg, str(_root(tmp_path, announced=True)), already=False)
+    assert exc.value.exit_code == EXIT_UNAVAILABLE
+    assert "did not appear" in exc.value.reason
