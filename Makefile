@@ -58,7 +58,7 @@ e2e: image
 	$(PY) tests/e2e/run.py $(if $(BOOTS),--boots $(BOOTS))
 
 # guest-agent on the tuned image vs floor-tuned, floor-stock, cloud-init + waagent and CAA's chain (stand-ins),
-# 3 boots each, interleaved (8 min on a quiet machine with the guest CPU's RDRAND, 19-21 min on a loaded one before it, warm caches);
+# 3 boots each, interleaved (8-9 min on a quiet machine with the guest CPU's RDRAND, 19-21 min on a loaded one before it, warm caches);
 # writes docs/benchmarks.md.
 bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
