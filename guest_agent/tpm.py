@@ -21,11 +21,8 @@ from guest_agent.errors import EXIT_UNAVAILABLE, AgentError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
     import _socket
+    from collections.abc import Callable
     from struct import error as _StructError  # typeshed declares it in struct only
 else:
     from _struct import error as _StructError
@@ -157,14 +154,20 @@ ACPI_TPM2_TABLE = "/sys/firmware/acpi/tables/TPM2"
 def wait_for_device(device: str, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> bool:
     """Wait up to `timeout_s` for `device` to appear (inotify on its directory: devtmpfs creates the
     node when the driver binds); True if it is there."""
-    if tpm_present(device) or timeout_s <= 0:
-        return tpm_present(device)
+    present = tpm_present(device)
+    if present or timeout_s <= 0:
+        return present
     import select
 
     from guest_agent import inotify  # ctypes: only on this rare path
 
     deadline = clock() + timeout_s
-    with inotify.DirWatch(os.path.dirname(device), inotify.IN_CREATE | inotify.IN_MOVED_TO) as watch:
+    directory = os.path.dirname(device)
+    try:
+        watch = inotify.DirWatch(directory, inotify.IN_CREATE | inotify.IN_MOVED_TO)
+    except OSError as exc:
+        raise TpmError("cannot watch for the TPM device", directory=directory, error=exc.strerror) from exc
+    with watch:
         poller = select.poll()
         poller.register(watch.fileno(), select.POLLIN)
         while not tpm_present(device):  # looked at after the watch exists: a node made in between is seen

@@ -238,3 +238,9 @@ def test_measure_fails_when_the_announced_tpm_never_appears(tmp_path: Path) -> N
         boot.measure(parse(DEFAULT_INITDATA_TOML), cfg, str(_root(tmp_path, announced=True)), already=False)
     assert exc.value.exit_code == EXIT_UNAVAILABLE
     assert "did not appear" in exc.value.reason
+
+
+def test_wait_for_device_in_a_directory_it_cannot_watch_is_a_tpm_error(tmp_path: Path) -> None:
+    with pytest.raises(tpm.TpmError, match="cannot watch") as exc:
+        tpm.wait_for_device(str(tmp_path / "no-such-dir" / "tpmrm0"), 1.0)
+    assert exc.value.exit_code == 69
