@@ -9,6 +9,8 @@ unit can act on them (`RestartPreventExitStatus=78`).
 
 from __future__ import annotations
 
+import re
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -33,6 +35,21 @@ EXIT_CODES = {
     EXIT_NOPERM: "missing privilege (netns commands need CAP_SYS_ADMIN and CAP_NET_ADMIN)",
     EXIT_CONFIG: "user-data or configuration invalid; nothing written, the unit does not retry",
 }
+
+
+SHOWN = 40  # characters of untrusted text an error message may carry
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def show(text: str, n: int = SHOWN) -> str:
+    """A short, printable-ASCII prefix of untrusted text for an error message or log field."""
+    shown = ascii(text[:n])[1:-1]
+    return shown + "..." if len(text) > n else shown
+
+
+def field_of(where: str) -> str:
+    """`write_files[3].path` -> `write_files[].path`: reasons stay fixed, the index goes in `where`."""
+    return _INDEX.sub("[]", where)
 
 
 class AgentError(Exception):

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 from guest_agent import record, safetoml, sha2
 from guest_agent.codec import b64decode_strict, gunzip_bounded
-from guest_agent.errors import UserDataInvalid
-from guest_agent.safeyaml import show
+from guest_agent.errors import UserDataInvalid, show
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -29,10 +29,9 @@ import posixpath
 
 from guest_agent import codec, initdata, record, safeyaml
 from guest_agent.config import Config
-from guest_agent.errors import UserDataInvalid
+from guest_agent.errors import UserDataInvalid, field_of, show
 from guest_agent.files import FileSpec
 from guest_agent.log import fields, logger
-from guest_agent.safeyaml import field_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def decode(raw: bytes, cfg: Config) -> str:
     first = text.split("\n", 1)[0].rstrip()
     if first != "#cloud-config" and first.startswith(_OTHER_PARTS):
         reason = "user-data is a cloud-init part the agent does not run, not #cloud-config"
-        raise UserDataInvalid(reason, first_line=safeyaml.show(first, 24))
+        raise UserDataInvalid(reason, first_line=show(first, 24))
     return text
 
 
@@ -103,7 +102,7 @@ def normalise_path(path: str | None, where: str) -> str:
     """A well-formed target path: absolute, normalised, printable, at most PATH_MAX bytes."""
     if not path:
         raise UserDataInvalid(f"{field_of(where)} has no path string", where=where)
-    shown = safeyaml.show(path, 80)
+    shown = show(path, 80)
     if len(path.encode("utf-8", "surrogatepass")) >= PATH_MAX or not path.isprintable():
         raise UserDataInvalid(f"{field_of(where)} is too long or holds control characters", where=where, path=shown)
     if not path.startswith("/"):
@@ -132,7 +131,7 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
         raise UserDataInvalid(
             f"{field_of(where)}.encoding is not supported",
             where=f"{where}.encoding",
-            encoding=safeyaml.show(encoding, 24),
+            encoding=show(encoding, 24),
         )
     data = (content or "").encode("utf-8") if not isinstance(content, bytes) else content
     what = f"{where}.content"
@@ -162,17 +161,7 @@ class Parsed:
 
 
 def parse_document(text: str, cfg: Config) -> Parsed:
-    """The write_files entries of a decoded #cloud-config document, fully validated.
-
-    A document in the shape of CAA's template is read without libyaml (`safeyaml.compose_block`);
-    any other, and any document refused, is read by `safeyaml.compose`, so every refusal, its
-    reason and its line are libyaml's reading."""
-    fast = safeyaml.compose_block(text)
-    if fast is not None:
-        try:
-            return _entries(fast, cfg)
-        except UserDataInvalid:
-            pass
+    """The write_files entries of a decoded #cloud-config document, fully validated."""
     return _entries(safeyaml.compose(text), cfg)
 
 
@@ -181,7 +170,7 @@ def _entries(doc: safeyaml.Node | None, cfg: Config) -> Parsed:
         return Parsed([], [])
     if not isinstance(doc, dict):
         raise UserDataInvalid("user-data must be a YAML mapping", where="(document)")
-    unknown = sorted(safeyaml.show(k, 24) for k in doc if k != "write_files")
+    unknown = sorted(show(k, 24) for k in doc if k != "write_files")
     if unknown:
         raise UserDataInvalid("user-data has keys the agent refuses (only write_files)", keys=",".join(unknown)[:200])
     entries = doc.get("write_files")
@@ -198,7 +187,7 @@ def _entries(doc: safeyaml.Node | None, cfg: Config) -> Parsed:
         where = f"write_files[{i}]"
         if not isinstance(entry, dict):
             raise UserDataInvalid(f"{field_of(where)} must be a mapping", where=where)
-        extra = sorted(safeyaml.show(k, 24) for k in entry if k not in ENTRY_KEYS)
+        extra = sorted(show(k, 24) for k in entry if k not in ENTRY_KEYS)
         if extra:
             raise UserDataInvalid(f"{field_of(where)} has unsupported keys", where=where, keys=",".join(extra)[:200])
         # Every field is validated, also for an entry that is then skipped: malformed is malformed.
@@ -226,7 +215,7 @@ def _entries(doc: safeyaml.Node | None, cfg: Config) -> Parsed:
                 raise UserDataInvalid(
                     f"{field_of(where)}.path is not on the allow-list",
                     where=f"{where}.path",
-                    path=safeyaml.show(path, 80),
+                    path=show(path, 80),
                 )
             skipped.append(path)
             continue
