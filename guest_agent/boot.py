@@ -210,8 +210,7 @@ def warm(provider: str, cfg: Config) -> None:
     present -> Ready").  Under QEMU TCG the agent is still importing when the lease comes
     (docs/benchmarks.md, "Reading the boot figures"): there these imports are on the path either
     way, here they at least run at the unit's start-up priority (`priority.full` follows).
-    PyYAML is not among them: a document in the shape of CAA's template is read without it
-    (`safeyaml.compose_block`), and only any other document pays its import."""
+    PyYAML and tomllib are not among them: `userdata` imports them with this module."""
     clouds.provider_module(provider)
     if cfg.tpm.enabled:
         from guest_agent import tpm  # noqa: F401

@@ -38,9 +38,6 @@ def test_config_error_off_azure_reports_nothing(tmp_path: Path) -> None:
         assert ws.server.requests == []
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def _azure_root(tmp_path: Path, imds_url: str, ws_url: str, extra: str = "") -> tuple[Path, Path]:
     root = tmp_path / "root"
     caa.make_root(str(root), caa.AZURE_DMI)
@@ -103,48 +100,6 @@ def test_report_command_without_a_wireserver_exits_69(tmp_path: Path) -> None:
     root, conf = _azure_root(tmp_path, closed_port(), closed_port(), "")
     conf.write_text(conf.read_text().replace("failure_deadline_s = 10.0", "failure_deadline_s = 1.0"))
     assert cli.main(["report-failure", "--root", str(root), "--config", str(conf), "--reason", "x"]) == EXIT_UNAVAILABLE
-
-
-# The standard library's modules that the boot path must not import, and why (`make bench-imports`,
-# the in-guest TCG probe: each costs the agent 0.1-1.3 s in a cold guest, where it is the boot's
-# first Python process).  Generated source compiled at import (dataclasses, namedtuple/NamedTuple),
-# regular expressions compiled at import (re: json.decoder, tomllib, base64, string, calendar),
-# enum and typing's class machinery, and what they pull in.
-OFF_THE_BOOT_PATH = frozenset({
-    "typing", "dataclasses", "inspect", "ast", "dis", "tokenize", "linecache", "re", "enum", "json",
-    "tomllib", "base64", "contextlib", "datetime", "calendar", "csv", "socket", "collections",
-    "functools", "importlib", "string", "copy", "warnings", "weakref", "struct", "argparse",
-    "logging", "yaml", "requests", "http", "pyroute2", "systemd",
-})  # fmt: skip
-
-
-@pytest.mark.parametrize("json_endpoint", [True, False], ids=["json-flow", "xml-flow"])
-def test_boot_path_imports_no_heavy_module(tmp_path: Path, json_endpoint: bool) -> None:
-    """A real `run` started as the image's launcher starts it (`-ISB`, sys.path spelled out; with a
-    config file and CAA's template carrying initdata) imports nothing from OFF_THE_BOOT_PATH on either
-    wireserver flow; XML is parsed (expat) only when the wireserver lacks the JSON endpoint."""
-    import os
-    import subprocess
-    import sys
-
-    with (
-        FakeWireserver(json_endpoint=json_endpoint) as ws,
-        FakeServer("imds", imds.azure(caa.cloud_config(initdata=caa.initdata_toml()), Script())) as srv,
-    ):
-        root, conf = _azure_root(tmp_path, srv.url, ws.url)
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-        code = f"import sys; sys.path[:0] = [{str(REPO)!r}]; from guest_agent.cli import main; sys.exit(main())"
-        out = subprocess.run(
-            [sys.executable, "-X", "importtime", "-ISB", "-c", code, "run", "--root", str(root), "--config", str(conf)],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert [r.state for r in ws.accepted()] == ["Ready"]
-        assert bool(ws.requests_to("goalstate")) is not json_endpoint  # the goal state only on the XML flow
-    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    heavy = sorted(m for m in imported if m.split(".")[0] in OFF_THE_BOOT_PATH)
-    assert heavy == []
-    assert ("xml.parsers.expat" in imported) is not json_endpoint
 
 
 def test_a_second_run_after_not_ready_never_reports_ready(tmp_path: Path) -> None:

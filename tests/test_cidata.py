@@ -334,38 +334,3 @@ def test_seed_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path: P
     assert isinstance(got, UserDataInvalid), got
     assert got.reason == "the cidata seed is not a regular file"
     assert got.supporting_data["type"] == {"fifo": "p", "symlink": "l", "directory": "d"}[kind]
-
-
-@needs_genisoimage
-def test_cidata_boot_path_does_without_pathlib(tmp_path: Path) -> None:
-    """The boot path joins --root paths as strings (config.root_path): pathlib's import, with
-    urllib.parse's, is CPU on every boot.  -S: the editable install's site hook imports pathlib."""
-    import sys
-
-    root = tmp_path / "root"
-    attach(root, "sr0", plain_iso(tmp_path, SEED))
-    (root / "media/cidata").mkdir(parents=True)
-    code = (
-        "import sys\n"
-        "from guest_agent import boot, record\n"
-        "from guest_agent.clouds import cidata\n"
-        "from guest_agent.config import Config\n"
-        "c = Config()\n"
-        "cd = record.replace(c.cidata, wait_for_delivery=True)\n"
-        "cfg = record.replace(c, provider='cidata', cidata=cd)\n"
-        f"root = {str(root)!r}\n"
-        "assert cidata.read_seed(root, cfg.cidata, 1024) is None\n"
-        "assert not cidata.delivery_pending(root, cfg.cidata)\n"
-        f"assert boot.fetch_user_data('cidata', cfg, root, boot.Deps()) == {USER_DATA!r}\n"
-        "print(sorted(m for m in ('pathlib', 'urllib.parse') if m in sys.modules))\n"
-    )
-    repo = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", code],
-        env={"PYTHONPATH": repo},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]"

@@ -95,8 +95,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from guest_agent import cli, codec, iso9660, userdata
+from guest_agent import cli, codec, iso9660, safeyaml, userdata
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, AgentError, UserDataInvalid
 from tests import caa
@@ -421,3 +422,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_refused_with_pure_python_parser(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyYAML built without libyaml: its own parser feeds the same bounded composer."""
+    monkeypatch.setattr(safeyaml, "_LOADER", yaml.SafeLoader)
+    raw, fragment = CASES[case]
+    with pytest.raises(UserDataInvalid) as ei:
+        userdata.plan(raw, Config())
+    assert fragment in ei.value.describe()

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from guest_agent import record
@@ -127,38 +123,6 @@ def test_a_subclass_extends_the_fields() -> None:
 
     assert [f.name for f in record.fields(Point3)] == ["x", "y", "tags", "inner", "z"]
     assert Point3(1, z=5).z == 5
-
-
-# The agent's own modules of the boot path that import none of the decoders or the HTTP stack.
-BOOT_MODULES = [
-    "config",
-    "cli",
-    "errors",
-    "log",
-    "timeline",
-    "notify",
-    "providers",
-    "clouds",
-    "sha2",
-    "files",
-    "network",
-]
-HEAVY = {"dataclasses", "inspect", "ast", "dis", "tokenize", "re", "typing", "enum", "collections", "contextlib"}
-HEAVY |= {"importlib", "functools", "types", "json", "struct", "string", "copy", "weakref", "warnings", "tomllib"}
-
-
-@pytest.mark.parametrize("module", BOOT_MODULES)
-def test_the_boot_modules_import_no_heavy_module(module: str) -> None:
-    """What the records (and TYPE_CHECKING blocks, slotted classes) are for: importing these modules,
-    and loading the default config, brings no module of the standard library that compiles source,
-    regular expressions or class machinery at import (typing, dataclasses, re, enum...)."""
-    top = os.path.dirname(os.path.dirname(os.path.abspath(record.__file__)))
-    code = (
-        f"import sys; sys.path[:0] = [{top!r}]; import guest_agent.{module}; from guest_agent import config;"
-        "config.load('/nonexistent'); print(' '.join(sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-ISB", "-c", code], capture_output=True, text=True, check=True)
-    assert sorted(HEAVY & set(out.stdout.split())) == []
 
 
 @record.value

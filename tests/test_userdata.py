@@ -13,9 +13,27 @@ import pytest
 from guest_agent import cli, initdata, record, userdata
 from guest_agent import log as agent_log
 from guest_agent.config import Config
-from guest_agent.errors import EXIT_CONFIG, UserDataInvalid
+from guest_agent.errors import EXIT_CONFIG, UserDataInvalid, field_of, show
 from tests import caa
 from tests.conftest import snapshot
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        ("write_files[3].path", "write_files[].path"),
+        ("write_files[12].content (!!binary)", "write_files[].content (!!binary)"),
+        ("a[x][0][]", "a[x][][]"),
+        ("a[\u0663]", "a[]"),  # any Unicode decimal digit, as the index a regex's \d takes
+    ],
+)
+def test_field_of_drops_the_index(where: str, field: str) -> None:
+    assert field_of(where) == field
+
+
+def test_show_is_a_short_ascii_prefix() -> None:
+    assert show("abc") == "abc"
+    assert show("\u00e9\n" + "x" * 50, 4) == "\\xe9\\nxx..."
 
 
 def files_of(plan: userdata.Plan) -> dict[str, bytes]:
