@@ -253,7 +253,7 @@ def load_with_origins(root: str = "/", extra: str | None = None) -> tuple[Config
 
 
 def read_file(path: str) -> dict[str, Any]:
-    """One configuration file's tables, read by safetoml (tomllib only for TOML outside its subset)."""
+    """One configuration file's tables (tomllib, through safetoml)."""
     from guest_agent import safetoml
 
     try:

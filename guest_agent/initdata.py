@@ -19,12 +19,12 @@ is skipped (and reported in `Initdata.skipped`) only when it is a plain file nam
 strict mode.  Names are compared exactly (CAA compares after `filepath.Join`, so it also
 accepts e.g. "./aa.toml").
 
-The document is read by `safetoml`, which reads CAA's simple shape itself and hands any other
-document to `tomllib`.  `tomllib` recurses once per nested array or inline table, spends time
-quadratic in the length of a dotted key, and turns integers with `int()`, so before either runs,
-`structure()` scans the document (outside strings and comments) and refuses more than
-`MAX_DEPTH` levels or `MAX_ITEMS` keys and values; a 5000-digit integer and a nesting the scan
-missed are safetoml's DecodeError like any other, so the same "not valid TOML" refusal.
+The document is read by `tomllib` (through `safetoml`).  `tomllib` recurses once per nested
+array or inline table, spends time quadratic in the length of a dotted key, and turns integers
+with `int()`, so before it runs, `structure()` scans the document (outside strings and comments)
+and refuses more than `MAX_DEPTH` levels or `MAX_ITEMS` keys and values; a 5000-digit integer and
+a nesting the scan missed are safetoml's DecodeError like any other, so the same "not valid TOML"
+refusal.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
     if items > MAX_ITEMS:
         raise UserDataInvalid("initdata TOML has too many lines, keys and values", field="initdata", limit=MAX_ITEMS)
     try:
-        doc = safetoml.loads(text)  # CAA's documents without tomllib; any other through it
+        doc = safetoml.loads(text)
     except safetoml.DecodeError as exc:
         # The message carries only a position ("... (at line 3, column 9)"), no document content.
         raise UserDataInvalid("initdata is not valid TOML", error=str(exc)[:120]) from exc
