@@ -5,19 +5,19 @@ relays them to the host over VMBus (linux tools/hv/hv_kvp_daemon.c).  The host c
 the health report and ignores records written later, so a report must be on disk (fsync'd)
 before the health POST (cloud-init helpers/azure.py `_post_health_report`).
 
-Nothing heavier than `time` is imported here (no datetime, csv or calendar): the fabric
-imports this module before the network wait, and under TCG each of those costs a noticeable
-share of the agent's cold start.
-
 Nothing here may fail provisioning: `append_report` logs and returns False instead of raising.
 """
 
 from __future__ import annotations
 
+import csv
+import datetime
 import errno
 import fcntl
+import io
 import os
 import time
+import uuid
 
 from guest_agent.log import logger
 
@@ -73,30 +73,16 @@ def encode_report(fields: list[str]) -> str:
     cloud-init's `encode_report` (cloudinit/sources/azure/errors.py: csv.writer, delimiter '|',
     quotechar "'", QUOTE_MINIMAL) and azure-init write, for PROVISIONING_REPORT and the NotReady
     description, so the host splits ours the same way.  A field holding the delimiter, the
-    quote or a line break is quoted with inner quotes doubled (the csv module's rule, without
-    its import; tests/test_kvp.py checks the two agree)."""
-    out = []
-    for f in fields:
-        if any(c in f for c in "|'\r\n") or (f == "" and len(fields) == 1):
-            f = "'" + f.replace("'", "''") + "'"
-        out.append(f)
-    return "|".join(out)
+    quote or a line break is quoted with inner quotes doubled."""
+    row = io.StringIO()
+    csv.writer(row, delimiter="|", quotechar="'", quoting=csv.QUOTE_MINIMAL).writerow(fields)
+    return row.getvalue().removesuffix("\r\n")  # the writer's line terminator
 
 
 def iso8601_utc(timestamp: float) -> str:
-    """``2026-01-01T00:00:00.250Z``: what datetime.fromtimestamp(t, UTC).isoformat(timespec=
-    "milliseconds") gives (with Z), without importing datetime.  Like datetime, the timestamp is
-    first rounded to whole microseconds, half to even (CPython Python/pytime.c
-    `_PyTime_DoubleToDenominator`), then the milliseconds are truncated."""
-    whole = float(int(timestamp))  # math.modf's integer part, exactly (t - trunc(t) is exact)
-    micros = round((timestamp - whole) * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1.0, micros - 1_000_000
-    elif micros < 0:
-        whole, micros = whole - 1.0, micros + 1_000_000
-    t = time.gmtime(int(whole))
-    ms = micros // 1000
-    return f"{t.tm_year:04}-{t.tm_mon:02}-{t.tm_mday:02}T{t.tm_hour:02}:{t.tm_min:02}:{t.tm_sec:02}.{ms:03}Z"
+    """``2026-01-01T00:00:00.250Z``: UTC, milliseconds (truncated), `Z` for the offset."""
+    when = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return when.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 def build_provisioning_report(
@@ -134,9 +120,6 @@ def build_provisioning_report(
 
 def parse_provisioning_report(text: str) -> dict[str, str]:
     """The inverse of `build_provisioning_report` (for tests and tools)."""
-    import csv
-    import io
-
     row = next(csv.reader(io.StringIO(text), delimiter="|", quotechar="'"), [])
     return dict(f.split("=", 1) for f in row if "=" in f)
 
@@ -151,10 +134,8 @@ def vm_id_from_dmi(product_uuid: str, gen1: bool) -> str:
     h = product_uuid.strip().lower().replace("-", "")
     if len(h) != 32 or not all(c in "0123456789abcdef" for c in h):
         return ZERO_UUID
-    if gen1:  # the first three fields, little-endian (what uuid.UUID(bytes=u.bytes_le) does)
-        b = bytes.fromhex(h)
-        h = (b[3::-1] + b[5:3:-1] + b[7:5:-1] + b[8:]).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    u = uuid.UUID(hex=h)
+    return str(uuid.UUID(bytes=u.bytes_le) if gen1 else u)
 
 
 # --------------------------------------------------------------------------- pool file
