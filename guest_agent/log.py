@@ -1,28 +1,26 @@
-"""Logging: structured journald entries under systemd, plain lines on stderr otherwise.
+"""Logging: the standard `logging` module, with structured journald entries under systemd and
+plain lines on stderr otherwise.
 
-Each module takes `log = logger("guest_agent.<module>")` and calls `log.info(msg, *args,
-extra=...)` (also debug, warning, error, exception), as with the standard library's loggers.
-Fields are passed with `extra={"GUEST_AGENT_STAGE": ..., "MESSAGE_ID": ...}`; every
-upper-case `extra` key becomes a journal field, so `journalctl GUEST_AGENT_STAGE=fetch`
-and `journalctl MESSAGE_ID=<id>` find them.  User-data content is never logged: only
-sizes and sha256 digests.
-
-Not the standard library's `logging`: one process, one destination and a few dozen entries need
-none of its handlers, locks, filters or formatters, and its import (with `traceback`, `string`,
-`threading`, `weakref`) and records cost ~20 M instructions on every boot, ~7 % of a whole agent
-run (valgrind's callgrind, one `run` against the local fake Azure: 287 M -> 267 M).
+Each module takes `log = logger("guest_agent.<module>")` (a `logging.Logger`) and calls
+`log.info(msg, *args, extra=...)` (also debug, warning, error, exception).  Fields are passed
+with `extra={"GUEST_AGENT_STAGE": ..., "MESSAGE_ID": ...}`; every upper-case `extra` key becomes
+a journal field, so `journalctl GUEST_AGENT_STAGE=fetch` and `journalctl MESSAGE_ID=<id>` find
+them.  `setup` puts one handler on the `guest_agent` logger: `JournalHandler` (journald's native
+protocol, encoded here: no systemd-python build) or `StderrHandler`.  User-data content is never
+logged: only sizes and sha256 digests.
 """
 
 from __future__ import annotations
 
-import _socket
-import _struct
+import logging
 import os
+import socket
+import struct
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, ClassVar
+    from typing import Any, TextIO
 
 IDENTIFIER = "guest-agent"
 
@@ -40,44 +38,27 @@ MSG_TIMELINE = "a96ea9c759f2401680668112294e1001"  # the summary of stage durati
 # stdout, which the unit connects to journal+console.
 CONSOLE_IDS = frozenset({MSG_APPLIED, MSG_FAILED, MSG_READY_REPORTED, MSG_FAILURE_REPORTED})
 
-DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
-_LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error"}
-_PRIORITY = {DEBUG: "7", INFO: "6", WARNING: "4", ERROR: "3"}  # syslog(3) levels
-
-
-class Record:
-    """One log call: its message, level, the caller's place and the journal fields it carries."""
-
-    __slots__ = ("args", "exc_text", "fields", "func", "levelno", "lineno", "msg", "name", "pathname")
-
-    def __init__(self, name: str, levelno: int, msg: str, args: tuple[Any, ...], fields: dict[str, str]) -> None:
-        self.name, self.levelno, self.msg, self.args, self.fields = name, levelno, msg, args, fields
-        self.exc_text = ""  # the traceback of `exception()`
-        self.pathname, self.lineno, self.func = "", 0, ""
-
-    @property
-    def levelname(self) -> str:
-        return _LEVEL_NAMES.get(self.levelno, "info").upper()
-
-    def message(self) -> str:
-        if not self.args:
-            return self.msg
-        try:
-            return self.msg % self.args
-        except (TypeError, ValueError):  # a wrong format is a bug, but logging must not end the run
-            return f"{self.msg} {self.args!r}"
-
-    def text(self) -> str:
-        """The message, and below it the traceback when there is one."""
-        return f"{self.message()}\n{self.exc_text}" if self.exc_text else self.message()
-
-
-def journal_fields(extra: dict[str, Any] | None) -> dict[str, str]:
-    """The journal fields of an `extra=` dict: upper-case keys, stringified."""
-    return {k: str(v) for k, v in extra.items() if k.isupper()} if extra else {}
-
-
+DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+ROOT = "guest_agent"  # the logger every module's logger is a child of; `setup` configures it
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def priority(levelno: int) -> str:
+    """The syslog(3) priority of a logging level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    for floor, prio in ((logging.CRITICAL, "2"), (ERROR, "3"), (WARNING, "4"), (INFO, "6")):
+        if levelno >= floor:
+            return prio
+    return "7"
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, str]:
+    """The journal fields a record carries: the upper-case keys of its `extra=`, as strings.
+    (LogRecord's own attributes are all lower or mixed case.)"""
+    return {k: str(v) for k, v in vars(record).items() if k.isupper()}
 
 
 def encode_journal_entry(fields: dict[str, str]) -> bytes:
@@ -90,161 +71,101 @@ def encode_journal_entry(fields: dict[str, str]) -> bytes:
     for key, value in fields.items():
         data = value.encode("utf-8", "replace")
         if b"\n" in data:
-            out += key.encode() + b"\n" + _struct.pack("<Q", len(data)) + data + b"\n"
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
         else:
             out += key.encode() + b"=" + data + b"\n"
     return bytes(out)
 
 
-class JournalWriter:
-    """Sends each record to journald as one datagram with its structured fields.
-
-    The native protocol is a few lines over the AF_UNIX socket the interpreter already
-    has; `systemd.journal` would cost ~20 ms of imports (~0.5 s under QEMU TCG) on the
-    boot's critical path for the same datagram.
-    """
+class JournalHandler(logging.Handler):
+    """Sends each record to journald as one datagram with its structured fields: MESSAGE (with
+    the traceback of `exception()` below the message), PRIORITY, SYSLOG_IDENTIFIER, CODE_FILE,
+    CODE_LINE and CODE_FUNC from the LogRecord, the `fields` given to every record, and the
+    record's own."""
 
     def __init__(self, fields: dict[str, str], socket_path: str = JOURNAL_SOCKET) -> None:
+        super().__init__()
         self.fields = fields  # added to every record (e.g. GUEST_AGENT_PROVIDER once known)
         self.socket_path = socket_path
-        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
-    def entry(self, record: Record) -> dict[str, str]:
+    def entry(self, record: logging.LogRecord) -> dict[str, str]:
         return {
-            "MESSAGE": record.text(),
-            "PRIORITY": _PRIORITY.get(record.levelno, "6"),
+            "MESSAGE": self.format(record),
+            "PRIORITY": priority(record.levelno),
             "SYSLOG_IDENTIFIER": IDENTIFIER,
             "CODE_FILE": record.pathname,
             "CODE_LINE": str(record.lineno),
-            "CODE_FUNC": record.func,
+            "CODE_FUNC": record.funcName,
             **self.fields,
-            **record.fields,
+            **record_fields(record),
         }
 
-    def write(self, record: Record) -> None:
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.sock.sendto(encode_journal_entry(self.entry(record)), self.socket_path)
-        except OSError:
-            # journald gone or the entry too large for a datagram: never lose the line (nor the
-            # traceback, which the message carries).
-            _write(sys.stderr, f"<{_PRIORITY.get(record.levelno, '6')}>{record.text()}\n")
-        if record.fields.get("MESSAGE_ID") in CONSOLE_IDS:
-            # The outcome as one plain line on stdout (`StandardOutput=journal+console`): journald
-            # forwards the unit's stream, not native entries, to the console.  In the journal it
-            # is a second, field-less copy of the structured entry; `<N>` sets its priority there.
-            _write(sys.stdout, f"<{_PRIORITY.get(record.levelno, '6')}>{record.message()}\n")
+            entry = self.entry(record)
+            prio = entry["PRIORITY"]
+            try:
+                self.sock.sendto(encode_journal_entry(entry), self.socket_path)
+            except OSError:
+                # journald gone or the entry too large for a datagram: never lose the line (nor
+                # the traceback, which the message carries).
+                _write(sys.stderr, f"<{prio}>{entry['MESSAGE']}\n")
+            if entry.get("MESSAGE_ID") in CONSOLE_IDS:
+                # The outcome as one plain line on stdout (`StandardOutput=journal+console`):
+                # journald forwards the unit's stream, not native entries, to the console.  In the
+                # journal it is a second, field-less copy of the entry; `<N>` sets its priority.
+                _write(sys.stdout, f"<{prio}>{record.getMessage()}\n")
+        except Exception:
+            self.handleError(record)  # a bad format is a bug, but logging must not end the run
 
     def close(self) -> None:
         self.sock.close()
+        super().close()
 
 
-class StderrWriter:
-    """Human lines with the structured fields appended, for terminals and tests."""
+class LineFormatter(logging.Formatter):
+    """`guest-agent: info: message [stage=fetch ...]`, the traceback on the lines below."""
 
     def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
         self.fields = fields
 
-    def line(self, record: Record) -> str:
-        extra = {**self.fields, **record.fields}
+    def format(self, record: logging.LogRecord) -> str:
+        extra = {**self.fields, **record_fields(record)}
         extra.pop("MESSAGE_ID", None)
         tail = " ".join(f"{k.removeprefix('GUEST_AGENT_').lower()}={v}" for k, v in extra.items())
-        line = f"guest-agent: {_LEVEL_NAMES.get(record.levelno, 'info')}: {record.message()}"
+        line = f"guest-agent: {record.levelname.lower()}: {record.getMessage()}"
         line = f"{line} [{tail}]" if tail else line
-        if record.exc_text:  # an internal error: the traceback is what a bug report needs
-            line += "\n" + record.exc_text.rstrip("\n")
+        if record.exc_info:  # an internal error: the traceback is what a bug report needs
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
-    def write(self, record: Record) -> None:
-        _write(sys.stderr, self.line(record) + "\n")
 
-    def close(self) -> None:
-        pass
+class StderrHandler(logging.Handler):
+    """Human lines with the structured fields appended, for terminals and tests.  Writes to the
+    `sys.stderr` of the moment (as logging's last-resort handler does), so a test's capture of
+    stderr sees the lines."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
+        self.setFormatter(LineFormatter(fields))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write(sys.stderr, self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
 
 
-def _write(stream: Any, text: str) -> None:
+def _write(stream: TextIO | None, text: str) -> None:
+    if stream is None:  # no such stream (pythonw, or closed by the caller): nothing else to tell
+        return
     try:
         stream.write(text)
         stream.flush()
-    except (OSError, ValueError, AttributeError):
-        pass  # no such stream (closed, or None): nothing else to tell
-
-
-class _State:
-    """Where records go: until `setup`, warnings and errors to stderr (as the standard library's
-    last-resort handler does), so a library caller still sees them."""
-
-    level = WARNING
-    writer: JournalWriter | StderrWriter = StderrWriter({})
-    captured: ClassVar[list[list[Record]]] = []
-
-
-class Logger:
-    """`log.info("wrote %s", path, extra=fields(stage="write"))`: %-formatting happens only for
-    entries that are written."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def debug(self, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
-        self._log(DEBUG, msg, args, extra)
-
-    def info(self, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
-        self._log(INFO, msg, args, extra)
-
-    def warning(self, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
-        self._log(WARNING, msg, args, extra)
-
-    def error(self, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
-        self._log(ERROR, msg, args, extra)
-
-    def exception(self, msg: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
-        """An error with the traceback of the exception being handled."""
-        self._log(ERROR, msg, args, extra, exc=True)
-
-    def _log(
-        self, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None, exc: bool = False
-    ) -> None:
-        if level < _State.level and not _State.captured:
-            return
-        record = Record(self.name, level, msg, args, journal_fields(extra))
-        caller = sys._getframe(2)
-        record.pathname, record.lineno, record.func = caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name
-        if exc:
-            import traceback  # only on this (internal error) path
-
-            record.exc_text = traceback.format_exc()
-        for records in _State.captured:
-            records.append(record)
-        if level >= _State.level:
-            _State.writer.write(record)
-
-
-def logger(name: str) -> Logger:
-    return Logger(name)
-
-
-def capture() -> _Capture:
-    """For tests: every record logged inside the block, whatever the level (and still written)."""
-    return _Capture()
-
-
-class _Capture:
-    """`with capture() as records`.  A class, not @contextlib.contextmanager: the boot path does
-    without contextlib's import."""
-
-    __slots__ = ("records",)
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def __enter__(self) -> list[Record]:
-        _State.captured.append(self.records)
-        return self.records
-
-    def __exit__(self, *exc: object) -> None:
-        _State.captured.remove(self.records)
+    except (OSError, ValueError):
+        pass  # closed, or the other end gone
 
 
 def under_journald() -> bool:
@@ -260,13 +181,18 @@ def under_journald() -> bool:
 
 
 def setup(level: int = INFO, *, journal: bool | None = None, socket_path: str = JOURNAL_SOCKET) -> dict[str, str]:
-    """Where and from which level records go; returns the dict of fields added to every record."""
+    """Where and from which level the agent's records go: one handler on the `guest_agent`
+    logger, replacing the one set before; returns the dict of fields added to every record.
+    Before `setup`, warnings and errors reach stderr through logging's last-resort handler."""
     fields: dict[str, str] = {}
     if journal is None:
         journal = under_journald()
-    _State.writer.close()
-    _State.writer = JournalWriter(fields, socket_path) if journal else StderrWriter(fields)
-    _State.level = level
+    top = logging.getLogger(ROOT)
+    for old in list(top.handlers):
+        top.removeHandler(old)
+        old.close()
+    top.addHandler(JournalHandler(fields, socket_path) if journal else StderrHandler(fields))
+    top.setLevel(level)
     return fields
 
 

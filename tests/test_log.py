@@ -1,9 +1,12 @@
-"""Structured journal entries over journald's native protocol, received on a real socket."""
+"""The logging front end: structured journal entries over journald's native protocol, received on a
+real socket (tests/test_journald.py reads what a real journald stores), and the stderr lines."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +35,11 @@ def parse_entry(data: bytes) -> dict[str, str]:
     return fields
 
 
+Journal = tuple[socket.socket, logging.Logger, dict[str, str]]
+
+
 @pytest.fixture
-def journal(tmp_path: Path) -> Iterator[tuple[socket.socket, agent_log.Logger, dict[str, str]]]:
+def journal(tmp_path: Path) -> Iterator[tuple[socket.socket, logging.Logger, dict[str, str]]]:
     path = str(tmp_path / "journal.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(path)
@@ -44,13 +50,12 @@ def journal(tmp_path: Path) -> Iterator[tuple[socket.socket, agent_log.Logger, d
     s.close()
 
 
-def test_entry_carries_structured_fields(journal: tuple[socket.socket, agent_log.Logger, dict[str, str]]) -> None:
+def test_entry_carries_structured_fields(journal: Journal) -> None:
     s, logger, fields = journal
     fields["GUEST_AGENT_PROVIDER"] = "azure"
-    logger.info(
-        "user-data applied",
-        extra={"MESSAGE_ID": agent_log.MSG_APPLIED, **agent_log.fields(stage="ready", elapsed_ms=1.5)},
-    )
+    extra = {"MESSAGE_ID": agent_log.MSG_APPLIED, **agent_log.fields(stage="ready", elapsed_ms=1.5)}
+    line = sys._getframe().f_lineno + 1
+    logger.info("user-data applied", extra=extra)
     e = parse_entry(s.recv(65536))
     assert e["MESSAGE"] == "user-data applied"
     assert e["MESSAGE_ID"] == agent_log.MSG_APPLIED
@@ -60,10 +65,11 @@ def test_entry_carries_structured_fields(journal: tuple[socket.socket, agent_log
     assert e["GUEST_AGENT_STAGE"] == "ready"
     assert e["GUEST_AGENT_ELAPSED_MS"] == "1.5"
     assert e["CODE_FUNC"] == "test_entry_carries_structured_fields"
+    assert (e["CODE_FILE"], e["CODE_LINE"]) == (__file__, str(line))
 
 
 def test_multiline_values_use_the_length_prefixed_form(
-    journal: tuple[socket.socket, agent_log.Logger, dict[str, str]],
+    journal: Journal,
 ) -> None:
     s, logger, _ = journal
     logger.error("line one\nline two", extra=agent_log.fields(reason="a\nb"))
@@ -82,8 +88,9 @@ def test_journald_gone_falls_back_to_stderr(tmp_path: Path, capsys: pytest.Captu
     assert "<4>still visible" in capsys.readouterr().err
 
 
-def test_lowercase_extra_keys_are_not_fields() -> None:
-    assert agent_log.journal_fields({"GUEST_AGENT_STAGE": "fetch", "private": "no"}) == {"GUEST_AGENT_STAGE": "fetch"}
+def test_lowercase_extra_keys_are_not_fields(caplog: pytest.LogCaptureFixture) -> None:
+    agent_log.logger("guest_agent.test").warning("x", extra={"GUEST_AGENT_STAGE": "fetch", "private": "no", "N": 1})
+    assert agent_log.record_fields(caplog.records[-1]) == {"GUEST_AGENT_STAGE": "fetch", "N": "1"}
 
 
 def test_below_the_level_nothing_is_written(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,9 +103,7 @@ def test_below_the_level_nothing_is_written(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().err == "guest-agent: info: shown 5% [stage=fetch]\n"
 
 
-def test_outcomes_also_go_to_stdout_for_the_console(
-    journal: tuple[socket.socket, agent_log.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_outcomes_also_go_to_stdout_for_the_console(journal: Journal, capsys: pytest.CaptureFixture[str]) -> None:
     """Under journald, the unit's stdout is journal+console: the failure reaches the serial console
     as one line with the reason; ordinary entries stay in the journal only."""
     s, logger, _ = journal
@@ -111,9 +116,7 @@ def test_outcomes_also_go_to_stdout_for_the_console(
     assert capsys.readouterr().out == "<3>provisioning failed: no user-data\n"
 
 
-def test_tracebacks_reach_the_journal_and_stderr(
-    journal: tuple[socket.socket, agent_log.Logger, dict[str, str]], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_tracebacks_reach_the_journal_and_stderr(journal: Journal, capsys: pytest.CaptureFixture[str]) -> None:
     s, logger, _ = journal
     try:
         raise KeyError("boom")
@@ -129,10 +132,37 @@ def test_tracebacks_reach_the_journal_and_stderr(
     assert "KeyError: 'boom'" in err
 
 
-def test_a_bad_format_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
-    agent_log.setup(agent_log.INFO, journal=False)
+@pytest.mark.parametrize("journal", [False, True], ids=["stderr", "journal"])
+def test_a_bad_format_never_raises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, journal: bool
+) -> None:
+    """logging's own report of a handler error: the message and its arguments on stderr.  (Not
+    propagated to pytest's handler, which fails the test on a bad format.)"""
+    monkeypatch.setattr(logging.getLogger(agent_log.ROOT), "propagate", False)
+    agent_log.setup(agent_log.INFO, journal=journal, socket_path=str(tmp_path / "absent.sock"))
     try:
         agent_log.logger("guest_agent.test").info("%d files", "x")
     finally:
         agent_log.setup(agent_log.WARNING, journal=False)
-    assert "%d files ('x',)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Message: '%d files'\nArguments: ('x',)" in err
+
+
+def test_levels_map_to_syslog_priorities() -> None:
+    levels = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL, 5, 25, 45]
+    assert [agent_log.priority(n) for n in levels] == ["7", "6", "4", "3", "2", "7", "6", "3"]
+
+
+def test_the_agents_loggers_are_the_standard_librarys() -> None:
+    """One handler on the `guest_agent` logger serves every module's logger (its children)."""
+    from guest_agent import boot, notify
+
+    assert isinstance(boot.log, logging.Logger) and notify.log.parent is logging.getLogger(agent_log.ROOT)
+    fields = agent_log.setup(agent_log.INFO, journal=False)
+    try:
+        top = logging.getLogger(agent_log.ROOT)
+        assert [type(h) for h in top.handlers] == [agent_log.StderrHandler] and top.level == logging.INFO
+        agent_log.setup(agent_log.DEBUG, journal=False)
+        assert len(top.handlers) == 1 and top.level == logging.DEBUG and fields == {}
+    finally:
+        agent_log.setup(agent_log.WARNING, journal=False)

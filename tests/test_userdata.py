@@ -6,6 +6,7 @@ import base64
 import gzip
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -148,33 +149,35 @@ def test_cloud_config_line_is_optional(cfg: Config) -> None:
     assert files_of(userdata.plan(base64.b64encode(raw), cfg))["/run/peerpod/apf.json"].startswith(b"{")
 
 
-def test_paths_off_the_allow_list_are_skipped_with_a_warning(cfg: Config) -> None:
+def test_paths_off_the_allow_list_are_skipped_with_a_warning(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
     """What older CAA releases sent: logged, counted on the plan, not written; the rest is."""
     extra = (
         "  - path: /run/peerpod/agent-config.toml\n    content: x\n"
         "  - path: /run/peerpod/daemon.json\n    content: '{}'\n"
         "  - path: /run/peerpod/policy.rego\n    content: x\n"
     )
-    with agent_log.capture() as records:
-        plan = userdata.plan(caa.cloud_config(initdata=caa.initdata_toml(), extra_entries=extra), cfg)
+    caplog.set_level(logging.DEBUG, logger=agent_log.ROOT)
+    plan = userdata.plan(caa.cloud_config(initdata=caa.initdata_toml(), extra_entries=extra), cfg)
+    records = caplog.records
     skipped = ("/run/peerpod/agent-config.toml", "/run/peerpod/daemon.json", "/run/peerpod/policy.rego")
     assert plan.skipped_paths == skipped
     assert plan.skipped == 3
     got = files_of(plan)
     assert "/run/peerpod/agent-config.toml" not in got and "/run/peerpod/daemon.json" not in got
     assert got["/run/peerpod/policy.rego"] == caa.POLICY_REGO.encode()  # from initdata, not write_files
-    assert [r.fields["GUEST_AGENT_PATH"] for r in records] == list(skipped)
+    assert [agent_log.record_fields(r)["GUEST_AGENT_PATH"] for r in records] == list(skipped)
     assert all(r.levelname == "WARNING" for r in records)
 
 
-def test_unknown_initdata_keys_are_skipped(cfg: Config) -> None:
+def test_unknown_initdata_keys_are_skipped(cfg: Config, caplog: pytest.LogCaptureFixture) -> None:
     toml = caa.initdata_toml(data={"aa.toml": "x", "kata-agent.toml": "y", "image-policy.json": "{}"})
-    with agent_log.capture() as records:
-        plan = userdata.plan(caa.cloud_config(initdata=toml), cfg)
+    caplog.set_level(logging.DEBUG, logger=agent_log.ROOT)
+    plan = userdata.plan(caa.cloud_config(initdata=toml), cfg)
+    records = caplog.records
     assert plan.skipped_initdata_keys == ("kata-agent.toml", "image-policy.json")
     assert "/run/peerpod/kata-agent.toml" not in files_of(plan)
     assert files_of(plan)["/run/peerpod/initdata.digest"] == hashlib.sha384(toml).hexdigest().encode()
-    assert [r.fields["GUEST_AGENT_INITDATA_KEY"] for r in records if r.levelname == "WARNING"] == [
+    assert [agent_log.record_fields(r)["GUEST_AGENT_INITDATA_KEY"] for r in records if r.levelname == "WARNING"] == [
         "kata-agent.toml",
         "image-policy.json",
     ]
