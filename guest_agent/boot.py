@@ -9,10 +9,11 @@ reason, and nothing after it runs: Ready is never reported after a failed provis
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
-from guest_agent import clouds, files, initdata, priority, providers, sha2, transport, userdata
+from guest_agent import clouds, files, initdata, priority, providers, transport, userdata
 from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import (
@@ -139,7 +140,7 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
 
 def provision(raw: bytes, cfg: Config, root: str, tl: Timeline) -> userdata.Plan:
     """Validate everything, write everything, measure: the part shared with `provision`."""
-    digest = sha2.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
+    digest = hashlib.sha256(raw).hexdigest()  # logged before validation: bad input is identifiable too
     log.info("user-data: %d bytes, sha256 %s", len(raw), digest, extra=fields(size=len(raw), sha256=digest))
     with tl.stage("validate", "validating user-data"):
         plan = userdata.plan(raw, cfg)
@@ -175,7 +176,7 @@ def log_written(plan: userdata.Plan) -> None:
                 stage="write",
                 path=spec.path,
                 size=len(spec.content),
-                sha256=sha2.sha256(spec.content).hexdigest(),
+                sha256=hashlib.sha256(spec.content).hexdigest(),
                 source=spec.source,
             ),
         )

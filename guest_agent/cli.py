@@ -294,14 +294,16 @@ def _dispatch(args: argparse.Namespace | _RunArgs, cfg: Config, log_fields: dict
 
 
 def _check(path: str, cfg: Config) -> int:
-    from guest_agent import sha2, userdata
+    import hashlib
+
+    from guest_agent import userdata
 
     raw = _read(path, cfg.limits.max_user_data_bytes)
     plan = userdata.plan(raw, cfg)
-    print(f"user-data: {len(raw)} bytes, sha256 {sha2.sha256(raw).hexdigest()}")
+    print(f"user-data: {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}")
     print(f"{'path':40} {'mode':>5} {'bytes':>7}  {'sha256':64}  source")
     for f in plan.files:
-        print(f"{f.path:40} {f.mode:05o} {len(f.content):7}  {sha2.sha256(f.content).hexdigest()}  {f.source}")
+        print(f"{f.path:40} {f.mode:05o} {len(f.content):7}  {hashlib.sha256(f.content).hexdigest()}  {f.source}")
     src = "default (none in user-data)" if plan.initdata_is_default else "from user-data"
     print(f"initdata: {src}, {plan.initdata.algorithm} digest {plan.initdata.digest_hex}")
     print(f"PCR extend value (sha256 bank): {plan.initdata.pcr_extend_value.hex()}")

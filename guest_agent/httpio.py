@@ -26,8 +26,8 @@ shared by every client are in transport.py.
 
 from __future__ import annotations
 
-import _socket
 import os
+import socket
 import time
 import zlib
 
@@ -188,14 +188,12 @@ def _fault(exc: OSError) -> Retry:
     return Retry(f"connection failed ({os.strerror(exc.errno) if exc.errno else type(exc).__name__})")
 
 
-def _connect(host: bytes, port: int, timeout: float) -> _socket.socket:
-    """`socket.create_connection` on the C module: each address getaddrinfo gives, in order,
-    until one connects.  The `socket` module's import (its enum classes, `selectors`) is ~12 M
-    instructions on every boot (valgrind's callgrind, against importing `_socket`), and its
-    wrapper class adds nothing an exchange here uses.  Sockets are created close-on-exec."""
+def _connect(host: bytes, port: int, timeout: float) -> socket.socket:
+    """`socket.create_connection` for a host given as bytes: each address getaddrinfo gives, in
+    order, until one connects."""
     err: OSError = OSError("getaddrinfo returned no address")
-    for family, kind, proto, _, addr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
-        sock = _socket.socket(family, kind, proto)
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(timeout)
             sock.connect(addr)
@@ -210,7 +208,7 @@ def _connect(host: bytes, port: int, timeout: float) -> _socket.socket:
 class _Reader:
     """Buffered reads from a socket, each recv bounded by what is left of the deadline."""
 
-    def __init__(self, sock: _socket.socket, end: float) -> None:
+    def __init__(self, sock: socket.socket, end: float) -> None:
         self.sock = sock
         self.end = end
         self.buf = bytearray()
@@ -357,7 +355,7 @@ def exchange(
         raise _fault(exc) from None
     try:
         try:
-            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             left = end - time.monotonic()
             if left <= 0:
                 raise Retry("timed out (the exchange's deadline passed)")

@@ -29,7 +29,9 @@ refusal.
 
 from __future__ import annotations
 
-from guest_agent import record, safetoml, sha2
+import hashlib
+
+from guest_agent import record, safetoml
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid, show
 
@@ -286,7 +288,7 @@ def parse(toml_bytes: bytes, *, strict: bool = False) -> Initdata:
         else:
             skipped.append(name)
 
-    digest = sha2.new(algorithm, toml_bytes).digest()
+    digest = hashlib.new(algorithm, toml_bytes).digest()
     return Initdata(algorithm=algorithm, version=version, digest=digest, files=tuple(files), skipped=tuple(skipped))
 
 
@@ -294,4 +296,4 @@ def expected_pcr(initial: bytes, extend: bytes) -> bytes:
     """TPM2_PCR_Extend on a sha256 bank: new = SHA256(old || value). PCR 8 starts at 32 zero bytes."""
     if len(initial) != PCR_EXTEND_LEN or len(extend) != PCR_EXTEND_LEN:
         raise ValueError("sha256 PCR values and extend values are 32 bytes")
-    return sha2.sha256(initial + extend).digest()
+    return hashlib.sha256(initial + extend).digest()

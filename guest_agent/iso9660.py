@@ -13,7 +13,7 @@ and `OSError` from the device itself.
 
 from __future__ import annotations
 
-import _struct  # struct.py only re-exports it
+import struct
 
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 
@@ -69,7 +69,7 @@ def _records(dev: BinaryIO, extent: int, length: int, limit: int) -> list[tuple[
         rec = data[pos : pos + rlen]
         if len(rec) < 34:
             break
-        ext, size = _struct.unpack_from("<I", rec, 2)[0], _struct.unpack_from("<I", rec, 10)[0]
+        ext, size = struct.unpack_from("<I", rec, 2)[0], struct.unpack_from("<I", rec, 10)[0]
         nlen = rec[32]
         name = rec[33 : 33 + nlen]
         su_start = 33 + nlen + (1 - nlen % 2)  # a pad byte follows an even-length name
@@ -111,7 +111,7 @@ def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
     joliet = [vd for vd in vds if vd[0] == 2 and vd[88:91] in _JOLIET_ESCAPES]
     for vd in joliet[:1] + [vd for vd in vds if vd[0] == 1][:1]:  # the first of each: bounded work
         root = vd[156 : 156 + 34]
-        extent, length = _struct.unpack_from("<I", root, 2)[0], _struct.unpack_from("<I", root, 10)[0]
+        extent, length = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
         for raw, ext, size, flags, su in _records(dev, extent, length, limit=1 << 20):
             if flags & 0x02 or raw in (b"\x00", b"\x01"):
                 continue  # directories, "." and ".."

@@ -37,11 +37,11 @@ the loop looks once more after ``SOURCE_RECHECK_S`` even if no event comes.
 
 from __future__ import annotations
 
-import _socket
-import _struct
 import errno
 import os
 import select
+import socket
+import struct
 import time
 
 from guest_agent import record
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 # <linux/netlink.h>
-NLMSG_HDR = _struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+NLMSG_HDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
@@ -67,8 +67,8 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
-RTMSG = _struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
-RTA_HDR = _struct.Struct("=HH")  # rta_len, rta_type
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTA_HDR = struct.Struct("=HH")  # rta_len, rta_type
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
@@ -77,7 +77,7 @@ RTA_TABLE = 15
 RT_TABLE_MAIN = 254
 
 # <linux/if_link.h>, <linux/if.h>
-IFINFOMSG = _struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
+IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
 IFF_UP = 0x1
 
 # The kernel answers "route get" with these when the lookup ends in no route or in a
@@ -111,9 +111,9 @@ class RouteInfo:
 
 def family_of(address: str) -> int:
     """AF_INET or AF_INET6 for a literal address; ValueError otherwise (no DNS here)."""
-    for family in (_socket.AF_INET, _socket.AF_INET6):
+    for family in (socket.AF_INET, socket.AF_INET6):
         try:
-            _socket.inet_pton(family, address)
+            socket.inet_pton(family, address)
         except OSError:
             continue
         return family
@@ -132,14 +132,14 @@ def nlmsg(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
 def build_route_get(dst: str, seq: int) -> bytes:
     """RTM_GETROUTE for one host address, as `ip route get <dst>` sends it (no NLM_F_DUMP)."""
     family = family_of(dst)
-    raw = _socket.inet_pton(family, dst)
+    raw = socket.inet_pton(family, dst)
     rtm = RTMSG.pack(family, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0)
     return nlmsg(RTM_GETROUTE, NLM_F_REQUEST, seq, rtm + rtattr(RTA_DST, raw))
 
 
 def build_link_up(ifindex: int, seq: int) -> bytes:
     """RTM_NEWLINK that sets IFF_UP on an existing link ("ip link set <dev> up"), with an ACK."""
-    ifi = IFINFOMSG.pack(_socket.AF_UNSPEC, 0, ifindex, IFF_UP, IFF_UP)
+    ifi = IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, IFF_UP, IFF_UP)
     return nlmsg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, ifi)
 
 
@@ -165,7 +165,7 @@ def iter_rtattrs(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
 
 def error_code(payload: bytes) -> int:
     """The positive errno of an NLMSG_ERROR payload; 0 is an ACK."""
-    (err,) = _struct.unpack_from("=i", payload)
+    (err,) = struct.unpack_from("=i", payload)
     return -int(err)
 
 
@@ -176,13 +176,13 @@ def parse_route(dst: str, payload: bytes, *, waited: bool = False, events: int =
     gateway = prefsrc = None
     for rta_type, value in iter_rtattrs(payload, RTMSG.size):
         if rta_type == RTA_OIF:
-            (ifindex,) = _struct.unpack("=I", value[:4])
+            (ifindex,) = struct.unpack("=I", value[:4])
         elif rta_type == RTA_GATEWAY:
-            gateway = _socket.inet_ntop(family, value)
+            gateway = socket.inet_ntop(family, value)
         elif rta_type == RTA_PREFSRC:
-            prefsrc = _socket.inet_ntop(family, value)
+            prefsrc = socket.inet_ntop(family, value)
         elif rta_type == RTA_TABLE:
-            (table,) = _struct.unpack("=I", value[:4])
+            (table,) = struct.unpack("=I", value[:4])
     return RouteInfo(dst, ifindex, gateway, prefsrc, table, waited, events)
 
 
@@ -193,7 +193,7 @@ def parse_route(dst: str, payload: bytes, *, waited: bool = False, events: int =
 class RtnlSocket:
     """A NETLINK_ROUTE socket for request/reply, optionally in another network namespace."""
 
-    def __init__(self, sock: _socket.socket) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.seq = 0
 
@@ -241,14 +241,14 @@ class RtnlSocket:
             raise OSError(code, f"could not set link {ifindex} up: {os.strerror(code)}")
 
 
-def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0) -> _socket.socket:
+def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0) -> socket.socket:
     """A bound NETLINK_ROUTE socket, created in `netns` (a path such as /run/netns/podns) if given.
 
     `timeout` 0 makes it non-blocking (the event socket: poll() waits, recv() drains).
     """
 
-    def make() -> _socket.socket:
-        sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _socket.NETLINK_ROUTE)
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         try:
             sock.settimeout(timeout)
             sock.bind((0, groups))
@@ -264,7 +264,7 @@ def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0
     return run_in_netns(netns, make)
 
 
-def drain(sock: _socket.socket) -> int:
+def drain(sock: socket.socket) -> int:
     """Read every queued datagram from a non-blocking socket; return how many were read."""
     count = 0
     while True:
@@ -349,7 +349,7 @@ def wait_for_route(
     """
     family = family_of(dst)
     groups = RTMGRP_LINK | (
-        RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE if family == _socket.AF_INET else RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+        RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE if family == socket.AF_INET else RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
     )
     deadline = clock() + deadline_s
     events_sock = open_rtnl(groups=groups, netns=netns, timeout=0.0)  # subscribe first ...

@@ -10,8 +10,8 @@ unsupported address (vsock:) or a send error never stops provisioning: log once,
 
 from __future__ import annotations
 
-import _socket
 import os
+import socket
 
 from guest_agent.log import logger
 
@@ -42,7 +42,7 @@ def _stdlib_sender() -> Sender | None:
         if raw:
             log.warning("NOTIFY_SOCKET=%r is not an AF_UNIX address: not notifying systemd", raw[:80])
         return None
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     def send(msg: str) -> bool:
         sock.sendto(msg.encode("utf-8"), addr)

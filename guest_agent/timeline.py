@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from _json import encode_basestring_ascii
+from json.encoder import encode_basestring_ascii
 
 from guest_agent.errors import AgentError
 from guest_agent.log import fields, logger

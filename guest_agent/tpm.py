@@ -12,20 +12,17 @@ serves both, because a TPM char device satisfies it in one read.
 
 from __future__ import annotations
 
-import _struct  # struct.py only re-exports it (and importing struct costs the boot path under TCG)
 import os
+import socket
 import stat
+import struct
 import time
 
 from guest_agent.errors import EXIT_UNAVAILABLE, AgentError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import _socket
     from collections.abc import Callable
-    from struct import error as _StructError  # typeshed declares it in struct only
-else:
-    from _struct import error as _StructError
 
 TPM_ST_NO_SESSIONS = 0x8001
 TPM_ST_SESSIONS = 0x8002
@@ -36,7 +33,7 @@ TPM_ALG_SHA256 = 0x000B
 SHA256_LEN = 32
 PCR_MAX = 23  # a PC-client TPM implements PCRs 0..23 (TCG PC Client Platform TPM Profile)
 
-HEADER = _struct.Struct(">HII")  # tag, size, command code (command) / response code (response)
+HEADER = struct.Struct(">HII")  # tag, size, command code (command) / response code (response)
 MAX_RESPONSE = 4096  # TPM2_PT_MAX_RESPONSE_SIZE is 4096 on common TPMs; our responses are < 100 bytes
 
 # Response codes after which the command was not executed and may simply be sent again.
@@ -77,12 +74,12 @@ def build_pcr_extend(pcr: int, digest32: bytes) -> bytes:
     if len(digest32) != SHA256_LEN:
         raise ValueError(f"a sha256 extend value is {SHA256_LEN} bytes, got {len(digest32)}")
     # TPMS_AUTH_COMMAND: sessionHandle, nonceCaller (TPM2B, empty), sessionAttributes (1 byte), hmac (TPM2B, empty)
-    auth = _struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)
+    auth = struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)
     body = (
-        _struct.pack(">I", pcr)  # TPMI_DH_PCR: a PCR's handle is its index (handle type 0x00)
-        + _struct.pack(">I", len(auth))  # authorizationSize
+        struct.pack(">I", pcr)  # TPMI_DH_PCR: a PCR's handle is its index (handle type 0x00)
+        + struct.pack(">I", len(auth))  # authorizationSize
         + auth
-        + _struct.pack(">IH", 1, TPM_ALG_SHA256)  # TPML_DIGEST_VALUES: count 1, TPMT_HA.hashAlg
+        + struct.pack(">IH", 1, TPM_ALG_SHA256)  # TPML_DIGEST_VALUES: count 1, TPMT_HA.hashAlg
         + digest32
     )
     return HEADER.pack(TPM_ST_SESSIONS, HEADER.size + len(body), TPM_CC_PCR_EXTEND) + body
@@ -93,7 +90,7 @@ def build_pcr_read(pcr: int) -> bytes:
     _check_pcr(pcr)
     select = bytearray(3)  # TPMS_PCR_SELECT: 3 bytes cover PCRs 0..23; bit n of byte n//8 selects PCR n
     select[pcr // 8] |= 1 << (pcr % 8)
-    body = _struct.pack(">IHB", 1, TPM_ALG_SHA256, len(select)) + bytes(select)  # TPML_PCR_SELECTION
+    body = struct.pack(">IHB", 1, TPM_ALG_SHA256, len(select)) + bytes(select)  # TPML_PCR_SELECTION
     return HEADER.pack(TPM_ST_NO_SESSIONS, HEADER.size + len(body), TPM_CC_PCR_READ) + body
 
 
@@ -116,18 +113,18 @@ def parse_pcr_read(resp: bytes) -> bytes:
         raise TpmError("TPM2_PCR_Read failed", rc=f"0x{rc:x}", name=rc_name(rc))
     try:
         off = HEADER.size + 4  # pcrUpdateCounter
-        (count,) = _struct.unpack_from(">I", resp, off)  # TPML_PCR_SELECTION echoing what was read
+        (count,) = struct.unpack_from(">I", resp, off)  # TPML_PCR_SELECTION echoing what was read
         off += 4
         for _ in range(count):
-            _alg, size_of_select = _struct.unpack_from(">HB", resp, off)
+            _alg, size_of_select = struct.unpack_from(">HB", resp, off)
             off += 3 + size_of_select
-        (ndigests,) = _struct.unpack_from(">I", resp, off)  # TPML_DIGEST
+        (ndigests,) = struct.unpack_from(">I", resp, off)  # TPML_DIGEST
         off += 4
         if ndigests != 1:
             raise TpmError("TPM2_PCR_Read returned no value for the PCR", count=ndigests)
-        (dlen,) = _struct.unpack_from(">H", resp, off)
+        (dlen,) = struct.unpack_from(">H", resp, off)
         off += 2
-    except _StructError as exc:
+    except struct.error as exc:
         raise TpmError("TPM2_PCR_Read response is truncated") from exc
     value = resp[off : off + dlen]
     if dlen != SHA256_LEN or len(value) != dlen:
@@ -187,14 +184,12 @@ class _Connection:
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self._sock: _socket.socket | None = None
+        self._sock: socket.socket | None = None
 
     def __enter__(self) -> str | int:
         if not stat.S_ISSOCK(os.stat(self.device).st_mode):
             return self.device
-        import _socket  # the C module: socket.py would pull in enum (and with it re's machinery)
-
-        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.settimeout(10)
             try:
@@ -202,7 +197,7 @@ class _Connection:
             except OSError as exc:
                 raise TpmError("cannot connect to the TPM socket", device=self.device, error=str(exc)) from exc
             s.setblocking(True)
-            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _struct.pack("ll", 10, 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
         except BaseException:
             s.close()
             raise

@@ -14,8 +14,8 @@ Nothing here does I/O except `wireserver_address`, which reads networkd's lease 
 
 from __future__ import annotations
 
+import json
 import os
-from _json import encode_basestring_ascii
 
 from guest_agent import __version__, record
 from guest_agent.errors import FabricError
@@ -203,14 +203,10 @@ def build_health_xml(gs: GoalState, state: str, substatus: str | None = None, de
 def build_health_json(state: str, substatus: str | None = None, description: str | None = None) -> bytes:
     """The body for POST /provisioning/health."""
     _check_state(state, substatus, description)
-    # Built by hand, strings through the C encoder `json.dumps` itself uses (ensure_ascii): the
-    # same bytes as json.dumps(doc, separators=(",", ":")) (tests/test_wireserver.py compares),
-    # without importing json, whose decoder compiles regular expressions at import.
-    doc = '{"state":' + encode_basestring_ascii(state)
+    doc: dict[str, object] = {"state": state}
     if substatus is not None:
-        desc = encode_basestring_ascii(clean_description(description or ""))
-        doc += ',"details":{"subStatus":' + encode_basestring_ascii(substatus) + ',"description":' + desc + "}"
-    return (doc + "}").encode("ascii")
+        doc["details"] = {"subStatus": substatus, "description": clean_description(description or "")}
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 def parse_option_245(value: str) -> str | None:

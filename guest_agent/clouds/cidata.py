@@ -23,11 +23,12 @@ CAP_LEASE, which the unit grants.
 
 from __future__ import annotations
 
-import _socket  # the C module: socket.py builds enums (so do signal.py, threading pulls in more)
 import errno
 import fcntl
 import os
 import select
+import signal
+import socket
 import stat
 import time
 
@@ -40,10 +41,7 @@ from guest_agent.notify import Notifier
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import signal as _signal  # typeshed has no stub for the C module
     from collections.abc import Callable
-else:
-    import _signal
 
 log = logger("guest_agent.cidata")
 NETLINK_KOBJECT_UEVENT = 15
@@ -106,7 +104,7 @@ def being_written(path: str) -> bool:
     # process: ignore it for the microseconds the lease is held (main thread only: elsewhere
     # signal() raises ValueError).
     try:
-        old = _signal.signal(_signal.SIGIO, _signal.SIG_IGN)
+        old = signal.signal(signal.SIGIO, signal.SIG_IGN)
     except ValueError:
         old = None
     try:
@@ -127,7 +125,7 @@ def being_written(path: str) -> bool:
     finally:
         os.close(fd)
         if old is not None:
-            _signal.signal(_signal.SIGIO, old)
+            signal.signal(signal.SIGIO, old)
 
 
 def delivery_pending(root: str, cfg: CidataConfig) -> bool:
@@ -227,9 +225,9 @@ def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
     return None
 
 
-def _uevent_socket() -> _socket.socket | None:
+def _uevent_socket() -> socket.socket | None:
     try:
-        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT)
         s.bind((0, 1))  # group 1: kernel uevents
         return s
     except OSError:
