@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 
-from guest_agent import clouds, files, initdata, priority, providers, transport, userdata
+from guest_agent import clouds, files, initdata, providers, transport, userdata
 from guest_agent.config import Config, root_path
 from guest_agent.errors import EXIT_OK, AgentError, UnhandledError
 from guest_agent.log import (
@@ -208,9 +208,7 @@ def start_budget_s(cfg: Config) -> float:
 def warm(provider: str, cfg: Config) -> None:
     """Import now, before the network wait, what the stages after it need (the provider's
     module, the TPM's), so that none sits between the route and Ready (`make bench`: "route
-    present -> Ready").  Under QEMU TCG the agent is still importing when the lease comes
-    (docs/benchmarks.md, "Reading the boot figures"): there these imports are on the path either
-    way, here they at least run at the unit's start-up priority (`priority.full` follows).
+    present -> Ready").
     PyYAML and tomllib are not among them: `userdata` imports them with this module."""
     clouds.provider_module(provider)
     if cfg.tpm.enabled:
@@ -248,7 +246,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             )
         addr = clouds.metadata_address(provider, cfg)
         warm(provider, cfg)
-        priority.full()
         if addr is not None and cfg.network.wait:
             from guest_agent import network
 
@@ -282,8 +279,6 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
             status = f"done; Ready not acknowledged: {err.reason}"
     # After the report: nothing here is needed for Ready.
-    if priority.raised_at is not None:
-        tl.marks["priority_raised"] = priority.raised_at
     log_written(plan)
     write_timeline(tl, cfg, root)
     summary(tl)
