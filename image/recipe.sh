@@ -67,20 +67,29 @@ agent_venv() {
     # pip and setuptools are only needed to install; the image never installs anything at run time.
     in_root /opt/guest-agent/bin/pip uninstall --quiet --yes pip setuptools
     rm -rf "$ROOT/tmp/wheels"
-    # The launcher replaces pip's console script: `python3 -ISB` with the venv's site-packages named
-    # in the script (no `site` scan at boot, nothing written at boot), after compiling the bytecode
-    # of everything it imports at the level it runs with (guest_agent/launcher.py; `make bench`).
-    in_root /opt/guest-agent/bin/python3 -m guest_agent.launcher /opt/guest-agent/bin/guest-agent
+    # pip's console script becomes agent_entry's (below), and every module gets its bytecode.
+    in_root /bin/bash -c "$(declare -f agent_entry); agent_entry /opt/guest-agent"
     ln -sf /opt/guest-agent/bin/guest-agent "$ROOT/usr/local/bin/guest-agent"
-    # Every module of the agent and its dependencies has its bytecode: -B would otherwise hide a
-    # compile on every boot (in memory, nothing written, but paid each time).
-    local tag missing
-    tag=$(in_root /opt/guest-agent/bin/python3 -c 'import sys; print(sys.implementation.cache_tag)')
-    missing=$(cd "$ROOT/opt/guest-agent/lib" && find . -name '*.py' ! -path '*/__pycache__/*' | while read -r f; do
-        [ -f "$(dirname "$f")/__pycache__/$(basename "$f" .py).$tag.pyc" ] || echo "$f"
-    done)
-    [ -z "$missing" ] || { echo "agent_venv: no bytecode for: $missing" >&2; return 1; }
     in_root /usr/local/bin/guest-agent --version >/dev/null
+}
+
+# agent_entry VENV: VENV/bin/guest-agent as `#!VENV/bin/python3 -I` (isolated: PYTHON* variables,
+# the user's site and the script's own directory are ignored; `site` runs, so a .pth file or a
+# package installed later is seen), then the bytecode of every module in VENV compiled at the level
+# that line runs with (no -O), and checked: a module without it would be compiled on every boot,
+# in memory only (the units' ProtectSystem=strict keeps /opt read-only).  Run where VENV lives (in
+# the image: chrooted, with the image's interpreter); tests/test_image_entry.py runs it on a venv.
+agent_entry() {
+    local venv=$1 py=$1/bin/python3 tag missing
+    printf '%s\n' "#!$py -I" 'import sys' 'from guest_agent.cli import main' 'sys.exit(main())' \
+        > "$venv/bin/guest-agent.new" && chmod 0755 "$venv/bin/guest-agent.new" &&
+        mv -f "$venv/bin/guest-agent.new" "$venv/bin/guest-agent" || return 1
+    "$py" -I -m compileall -q -o 0 "$venv/lib" || { echo "agent_entry: compileall failed" >&2; return 1; }
+    tag=$("$py" -I -c 'import sys; print(sys.implementation.cache_tag)') || return 1
+    missing=$(find "$venv/lib" -name '*.py' ! -path '*/__pycache__/*' | while read -r f; do
+        [ -f "${f%/*}/__pycache__/$(basename "$f" .py).$tag.pyc" ] || echo "$f"
+    done)
+    [ -z "$missing" ] || { echo "agent_entry: no bytecode for: $missing" >&2; return 1; }
 }
 
 # ---------------------------------------------------------------- the tuned image

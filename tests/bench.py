@@ -6,27 +6,33 @@ For N runs each (medians, with min-max):
   flavours (JSON /provisioning/health, and the goal-state + XML fallback): wall time,
   CPU time and peak RSS of the agent process; agent start -> the fake wireserver
   receiving Ready; HTTP round trips on the critical path;
-- the JSON run again step by step towards what the image runs: `-I`; then the launcher
-  (guest_agent/launcher.py: `#!python -ISB`, the site directories spelled out, bytecode
-  compiled beforehand), written for this venv and started through its `#!` line as systemd
-  does; and the same launcher over a copy of the package without bytecode (what every boot
-  would pay if the image shipped none);
+- the JSON run again towards what the image runs: `-I`; then the image's `guest-agent` script
+  (image/recipe.sh agent_entry: `#!python -I`, bytecode compiled by it) in a venv laid out as
+  the image's, started through its `#!` line as systemd does, against that venv's
+  `python3 -I -c pass`; and the same over a copy of the package without bytecode, kept so by
+  `-B` (what every boot would pay if the image shipped none);
 - with `--baseline DIR`, the JSON run of another checkout of the agent (e.g. the main
-  branch) for a before/after in one run, as `python -m guest_agent` and through the launcher;
-  its package is copied and its bytecode compiled first, as this tree's is;
+  branch) for a before/after in one run, as `python -m guest_agent` and as that checkout's
+  image started it: through its launcher (`#!python -ISB`, sys.path written in) when the
+  checkout has guest_agent/launcher.py, else through the image's script; its package is copied
+  and its bytecode compiled first, as this tree's is;
 - as root, in a private network namespace: route to IMDS appears -> Ready received;
 - `python -X importtime` of one agent run: the modules on the critical path;
-- with `--callgrind`, the instructions one launcher run and `python -c pass` execute (valgrind):
+- with `--callgrind`, the instructions one run of the script and `python -c pass` execute (valgrind):
   the same every time, however loaded the shared machine is.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
+import glob
+import importlib.util
 import os
 import re
 import shutil
+import site
 import socket
 import statistics
 import struct
@@ -107,10 +113,11 @@ class Setup:
             self.rtnl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
             self.rtnl.bind((0, 0))
 
-    def argv(self, *pre: str, launcher: str | None = None) -> list[str]:
+    def argv(self, *pre: str, script: list[str] | None = None) -> list[str]:
+        """script: the command that starts the agent instead of `python -m guest_agent`."""
         tail = ["run", "--root", self.root, "--config", self.conf]
-        if launcher:
-            return [launcher, *tail]
+        if script:
+            return [*script, *tail]
         return [PY, *pre, "-m", "guest_agent", *tail]
 
     @staticmethod
@@ -119,13 +126,13 @@ class Setup:
         return env.get("PYTHONPATH") or REPO
 
     def runner(
-        self, *pre: str, baseline: str | None = None, launcher: str | None = None
+        self, *pre: str, baseline: str | None = None, script: list[str] | None = None
     ) -> Callable[[], dict[str, float]]:
         env = {**self.env, "PYTHONPATH": baseline} if baseline else self.env
-        return lambda: self.run_once(pre, env, launcher)
+        return lambda: self.run_once(pre, env, script)
 
     def run_once(
-        self, pre: tuple[str, ...] = (), env: dict[str, str] | None = None, launcher: str | None = None
+        self, pre: tuple[str, ...] = (), env: dict[str, str] | None = None, script: list[str] | None = None
     ) -> dict[str, float]:
         self.imds.requests.clear()
         self.ws.server.requests.clear()
@@ -163,7 +170,7 @@ class Setup:
 
             waiter = threading.Thread(target=bring_up)
             waiter.start()
-        t0, wall, cpu, rss, rc = spawn(self.argv(*pre, launcher=launcher), env, cwd=self.cwd(env))
+        t0, wall, cpu, rss, rc = spawn(self.argv(*pre, script=script), env, cwd=self.cwd(env))
         if waiter is not None:
             waiter.join()
             nsock.close()
@@ -198,52 +205,56 @@ KEY_MODULES = (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_launchers(tmp: str) -> tuple[str, str]:
-    """(launcher, launcher over a bytecode-free copy of the package), both for this venv.
-
-    The first is what `python -m guest_agent.launcher` writes (its bytecode compile included);
-    the second imports guest_agent from a copy without __pycache__, and -B keeps it so."""
-    from guest_agent import launcher
-
-    launcher.compile_all()
-    paths = {}
-    for name, dirs in (
-        ("launcher", launcher.site_dirs()),
-        ("launcher-nopyc", [tmp, *[d for d in launcher.site_dirs() if d != REPO]]),
-    ):
-        paths[name] = os.path.join(tmp, name)
-        with open(paths[name], "w") as f:
-            f.write(launcher.script(PY, dirs))
-        os.chmod(paths[name], 0o755)
-    shutil.copytree(
-        os.path.join(REPO, "guest_agent"),
-        os.path.join(tmp, "guest_agent"),
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    return paths["launcher"], paths["launcher-nopyc"]
+def image_venv(path: str, src: str, *, bytecode: bool = True) -> str:
+    """A venv at path laid out as the image's /opt/guest-agent, for src's guest_agent package, and
+    its `guest-agent` script.  The package is copied into its site-packages; the dependencies are
+    this venv's, reached through a .pth line naming its site-packages (whose own .pth files, the
+    editable install's finder among them, are not read: the image has none); then
+    image/recipe.sh agent_entry writes the script and compiles the bytecode, which is removed
+    again from the package's copy with bytecode=False."""
+    subprocess.run([PY, "-m", "venv", "--without-pip", path], check=True)
+    (site_dir,) = glob.glob(os.path.join(path, "lib", "python3*", "site-packages"))
+    package = os.path.join(site_dir, "guest_agent")
+    shutil.copytree(os.path.join(src, "guest_agent"), package, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(os.path.join(site_dir, "dependencies.pth"), "w") as f:
+        f.write("".join(f"{d}\n" for d in site.getsitepackages() if os.path.isdir(d)))
+    recipe = os.path.join(REPO, "image", "recipe.sh")
+    subprocess.run(["bash", "-c", 'source "$0" && agent_entry "$1"', recipe, path], check=True)
+    if not bytecode:
+        for cache in glob.glob(os.path.join(package, "**", "__pycache__"), recursive=True):
+            shutil.rmtree(cache)
+    return os.path.join(path, "bin", "guest-agent")
 
 
 def compiled_copy(src: str, dst: str) -> str:
-    """dst, holding a copy of src/guest_agent with its bytecode compiled, as write_launchers compiles
-    this tree's: without it a baseline would compile its modules on every run (-B in the launcher,
-    PYTHONDONTWRITEBYTECODE or a read-only tree) and lose by ~50 ms for that alone."""
-    import compileall
-
+    """dst, holding a copy of src/guest_agent with its bytecode compiled, as the image's venv has
+    it: without it a baseline would compile its modules on every run (-B in the old
+    launcher, PYTHONDONTWRITEBYTECODE or a read-only tree) and lose by ~50 ms for that alone."""
     shutil.copytree(
         os.path.join(src, "guest_agent"), os.path.join(dst, "guest_agent"), ignore=shutil.ignore_patterns("__pycache__")
     )
-    compileall.compile_dir(dst, quiet=1)
+    compileall.compile_dir(dst, quiet=1, optimize=0)
     return dst
 
 
-def launcher_over(package_dir: str, path: str) -> str:
-    """A launcher for this venv that imports guest_agent from package_dir instead of this tree."""
-    from guest_agent import launcher
-
+def baseline_script(src: str, package_dir: str, tmp: str) -> tuple[str, list[str]]:
+    """(how, command): the checkout src started as its image started it.  One from before issue 22
+    has guest_agent/launcher.py, whose script() wrote `#!python -ISB` with sys.path spelled out
+    (here: package_dir, the compiled copy, then this venv's site-packages); a later one runs the
+    image's script in a venv of its own."""
+    old = os.path.join(src, "guest_agent", "launcher.py")
+    if not os.path.exists(old):
+        return "script", [image_venv(os.path.join(tmp, "venv-baseline"), src)]
+    spec = importlib.util.spec_from_file_location("baseline_launcher", old)
+    assert spec is not None and spec.loader is not None
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    dirs = [package_dir, *[d for d in site.getsitepackages() if os.path.isdir(d)]]
+    path = os.path.join(tmp, "launcher-baseline")
     with open(path, "w") as f:
-        f.write(launcher.script(PY, [package_dir, *[d for d in launcher.site_dirs() if d != REPO]]))
+        f.write(launcher.script(PY, dirs))
     os.chmod(path, 0o755)
-    return path
+    return "launcher", [path]
 
 
 def importtime(argv: list[str], env: dict[str, str]) -> tuple[int, list[tuple[int, str]]]:
@@ -293,7 +304,7 @@ def main() -> int:
     p.add_argument(
         "--callgrind",
         action="store_true",
-        help="also count the instructions of one run of each launcher and of `python -c pass` (valgrind)",
+        help="also count the instructions of one run of each script and of `python -c pass` (valgrind)",
     )
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -316,28 +327,34 @@ def main() -> int:
         return f
 
     flavours = {"json": Setup(json_endpoint=True), "xml": Setup(json_endpoint=False)}
-    launcher_dir = tempfile.mkdtemp(prefix="guest-agent-bench-launcher-")
-    launcher, launcher_nopyc = write_launchers(launcher_dir)
+    script_dir = tempfile.mkdtemp(prefix="guest-agent-bench-script-")
+    script = [image_venv(os.path.join(script_dir, "venv"), REPO)]
+    # The same without the package's bytecode; -B keeps it so from run to run.
+    nopyc_venv = os.path.join(script_dir, "venv-nopyc")
+    script_nopyc = [os.path.join(nopyc_venv, "bin", "python3"), "-IB", image_venv(nopyc_venv, REPO, bytecode=False)]
     series_fns: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("python -c pass", base("pass")),
-        ("python -I -S -c pass", base("pass", "-I", "-S")),
+        ("python -I -c pass", base("pass", "-I")),
         ("base python3 -c pass", base("pass", exe=BASE_PY)),
         ("base python3 -I -c pass", base("pass", "-I", exe=BASE_PY)),
-        ("base python3 -I -S -c pass", base("pass", "-I", "-S", exe=BASE_PY)),
-        ("base python3 -ISB -c pass", base("pass", "-ISB", exe=BASE_PY)),
+        (
+            "image-like venv python3 -I -c pass",
+            base("pass", "-I", exe=os.path.join(script_dir, "venv", "bin", "python3")),
+        ),
         ("guest-agent run (JSON health)", flavours["json"].runner()),
         ("guest-agent run (XML fallback)", flavours["xml"].runner()),
         ("guest-agent run (JSON, -I)", flavours["json"].runner("-I")),
-        ("guest-agent run (JSON, launcher)", flavours["json"].runner(launcher=launcher)),
-        ("  same, guest_agent without bytecode", flavours["json"].runner(launcher=launcher_nopyc)),
+        ("guest-agent run (JSON, script)", flavours["json"].runner(script=script)),
+        ("  same, guest_agent without bytecode", flavours["json"].runner(script=script_nopyc)),
     ]
-    baseline = compiled_copy(args.baseline, os.path.join(launcher_dir, "baseline")) if args.baseline else None
+    baseline = compiled_copy(args.baseline, os.path.join(script_dir, "baseline")) if args.baseline else None
     if baseline:
         # A root of its own: another version may leave /run/peerpod in a shape this one refuses.
         flavours["json-baseline"] = Setup(json_endpoint=True)
         series_fns.append(("baseline run (JSON health)", flavours["json-baseline"].runner(baseline=baseline)))
-        base_launcher = launcher_over(baseline, os.path.join(launcher_dir, "launcher-baseline"))
-        series_fns.append(("baseline run (JSON, launcher)", flavours["json-baseline"].runner(launcher=base_launcher)))
+        how, base_script = baseline_script(args.baseline, baseline, script_dir)
+        base_name = f"baseline run (JSON, {how})"
+        series_fns.append((base_name, flavours["json-baseline"].runner(script=base_script)))
     if args.in_netns:
         flavours["late"] = Setup(json_endpoint=True, late_network=True)
         series_fns.append(("guest-agent run (network late)", flavours["late"].runner()))
@@ -357,21 +374,28 @@ def main() -> int:
             counted.append(("python -c pass", instructions([PY, "-c", "pass"], flavours["json"].env)))
             counted.append(
                 (
-                    "guest-agent run (JSON, launcher)",
-                    instructions(flavours["json"].argv(launcher=launcher), flavours["json"].env),
+                    "guest-agent run (JSON, script)",
+                    instructions(flavours["json"].argv(script=script), flavours["json"].env),
                 )
             )
             if baseline:
                 b = flavours["json-baseline"]
-                counted.append(("baseline run (JSON, launcher)", instructions(b.argv(launcher=base_launcher), b.env)))
-        # As the image starts it: the launcher's flags, its sys.path.
+                counted.append((base_name, instructions(b.argv(script=base_script), b.env)))
+        # As the image starts it: the script's flags.
         imports = importtime(
-            [PY, "-X", "importtime", "-ISB", *flavours["json"].argv(launcher=launcher)], flavours["json"].env
+            [
+                os.path.join(script_dir, "venv", "bin", "python3"),
+                "-X",
+                "importtime",
+                "-I",
+                *flavours["json"].argv(script=script),
+            ],
+            flavours["json"].env,
         )
     finally:
         for s in flavours.values():
             s.stop()
-        shutil.rmtree(launcher_dir, ignore_errors=True)
+        shutil.rmtree(script_dir, ignore_errors=True)
 
     floor = statistics.median(results["python -c pass"]["wall"])
     cpu_floor = statistics.median(results["python -c pass"]["cpu"])

@@ -39,15 +39,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LOCK = "/tmp/guest-agent-qemu.lock"
 
-# The agent's own imports up to `warm` (guest_agent.boot.run before the route wait, Azure), through
-# the image's launcher's sys.path; @DIRS@ is read from /usr/local/bin/guest-agent in the guest.
+# The agent's own imports up to `warm` (guest_agent.boot.run before the route wait, Azure), with the
+# venv's interpreter and flags as /usr/local/bin/guest-agent starts them (image/recipe.sh agent_entry).
 AGENT_WARM = (
-    "import sys; sys.path.extend(@DIRS@); from guest_agent.cli import main; "
+    "from guest_agent.cli import main; "
     "from guest_agent import boot, clouds, initdata, userdata; from guest_agent.azure import fabric; "
     "clouds.provider_module('azure'); from guest_agent import tpm, network"
 )
 
-PY = "/usr/bin/python3 -ISB -c"
+PY = "/usr/bin/python3 -I -c"
 CASES: dict[str, str] = {
     "true": "/bin/true",
     "pass": f"{PY} pass",
@@ -65,7 +65,7 @@ CASES: dict[str, str] = {
     "datetime": f"{PY} 'import datetime'",
     "socket": f"{PY} 'import socket'",
     "C modules": f"{PY} 'import _json, binascii, _struct, _socket, select, fcntl, zlib, _sha256'",
-    "agent warm": '/opt/guest-agent/bin/python3 -ISB -c "$AGENT"',
+    "agent warm": '/opt/guest-agent/bin/python3 -I -c "$AGENT"',
 }
 
 RUNNER_C = r"""
@@ -92,8 +92,6 @@ int main(int argc, char **argv) {
 PROBE_SH = r"""#!/bin/bash
 exec >/dev/ttyS0 2>&1
 . /usr/local/lib/probe-cases.sh
-DIRS=$(sed -n 's/^sys.path.extend(\(.*\))$/\1/p' /usr/local/bin/guest-agent)
-AGENT=${AGENT_TEMPLATE//@DIRS@/$DIRS}
 echo "PROBE-BEGIN"
 for mode in warm cold; do
   for ((r = 0; r < RUNS; r++)); do
@@ -122,7 +120,7 @@ def _sh_quote(s: str) -> str:
 
 def cases_sh(names: list[str], runs: int) -> str:
     keys = {n: f"c{i}" for i, n in enumerate(names)}
-    lines = ["declare -A ARGS", f"RUNS={runs}", f"AGENT_TEMPLATE={_sh_quote(AGENT_WARM)}"]
+    lines = ["declare -A ARGS", f"RUNS={runs}", f"AGENT={_sh_quote(AGENT_WARM)}"]
     lines.append("CASES=(" + " ".join(keys[n] for n in names) + ")")
     lines += [f"ARGS[{keys[n]}]={_sh_quote(CASES[n])}" for n in names]
     return "\n".join(lines) + "\n"
