@@ -95,59 +95,42 @@ class Retry(Exception):
         self.immediate = immediate  # our own decision (e.g. refetch a stale goal state), not a server's
 
 
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-RETRY_AFTER_MAX_DIGITS = 9  # ~31 years of seconds: anything longer is not a delay anyone means
-# IMF-fixdate, fixed width: "Sun, 06 Nov 1994 08:49:37 GMT".  The separators by offset, and the
-# (start, end) of each number: day, year, hour, minute, second.
-_FIXDATE_LEN = 29
-_FIXDATE_SEPARATORS = ((3, ", "), (7, " "), (11, " "), (16, " "), (19, ":"), (22, ":"), (25, " GMT"))
-_FIXDATE_NUMBERS = ((5, 7), (12, 16), (17, 19), (20, 22), (23, 25))
-
-
-def _ascii_digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    """Days since 1970-01-01 of a proleptic Gregorian date; an out-of-range day runs on into the
-    next month, as calendar.timegm does (Howard Hinnant, "chrono-Compatible Low-Level Date
-    Algorithms", days_from_civil)."""
-    y = year - (month <= 2)
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468 + day - 1
+# ~31 years of seconds: a longer delay (more digits, or a date that far away) is not one anyone means.
+RETRY_AFTER_MAX_DIGITS = 9
+RETRY_AFTER_MAX_S = 10**RETRY_AFTER_MAX_DIGITS - 1
+RETRY_AFTER_MAX_DATE_CHARS = 64  # an HTTP-date is 24-30 characters; longer text is not parsed
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After (RFC 9110 §10.2.3): delta-seconds (ASCII digits only) or an IMF-fixdate.
+    """Retry-After (RFC 9110 §10.2.3): delta-seconds (ASCII digits only) or an HTTP-date.
 
-    `now` is wall-clock time (an HTTP-date is absolute).  Anything else, including the obsolete
-    RFC 850 and asctime date forms and digits `str.isdigit` accepts but `int` refuses ('²'),
-    is ignored (None): the caller's own backoff applies.  Scanned by offset, not by a regular
-    expression: `re` is not imported on the boot path.
+    The date is read by `email.utils.parsedate_to_datetime` (RFC 5322 dates: IMF-fixdate, and
+    the obsolete RFC 850 and asctime forms RFC 9110 asks a recipient to accept); one without a
+    zone counts as GMT, as HTTP-dates are.  `now` is wall-clock time (an HTTP-date is absolute);
+    a date in the past is no wait.  Anything else, including digits `str.isdigit` accepts but
+    `int` refuses ('²') and delays past RETRY_AFTER_MAX_S, is ignored (None): the caller's own
+    backoff applies, and Backoff caps what is honoured.
     """
     if not value:
         return None
-    if now is None:
-        now = time.time()
     value = value.strip()
-    if _ascii_digits(value):
+    if value.isascii() and value.isdigit():
         return float(value) if len(value) <= RETRY_AFTER_MAX_DIGITS else None
-    if len(value) != _FIXDATE_LEN or value[:3] not in _DAYS or value[8:11] not in _MONTHS:
+    if len(value) > RETRY_AFTER_MAX_DATE_CHARS:
         return None
-    if not all(value.startswith(sep, at) for at, sep in _FIXDATE_SEPARATORS):
+    # Imported here: a date is rare (IMDS and the wireserver send seconds, if anything), and the
+    # email package stays off the boot path.
+    import datetime
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (ValueError, TypeError, OverflowError):
         return None
-    texts = [value[a:b] for a, b in _FIXDATE_NUMBERS]
-    if not all(map(_ascii_digits, texts)):
-        return None
-    day, year, hh, mm, ss = map(int, texts)
-    if not (1 <= day <= 31 and hh <= 23 and mm <= 59 and ss <= 60 and year >= 1970):
-        return None
-    days = _days_from_civil(year, _MONTHS.index(value[8:11]) + 1, day)
-    return max(0.0, days * 86400 + hh * 3600 + mm * 60 + ss - now)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    wait = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return wait if wait <= RETRY_AFTER_MAX_S else None
 
 
 def retry_until(

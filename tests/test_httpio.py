@@ -46,6 +46,10 @@ def test_every_fault_is_a_retry(faults: FaultServer, name: str) -> None:
         resp = exchange(f"{faults.url}/fault/{name}")
         assert (resp.status, parse_retry_after(resp.header("retry-after"), 0.0)) == (503, None)
         return
+    if name == "folded-header":  # RFC 9112 §5.2: a user agent replaces obs-fold with a space (h11 does)
+        resp = exchange(f"{faults.url}/fault/{name}")
+        assert (resp.status, resp.header("x-a"), resp.body) == (200, "1 folded", b"")
+        return
     with pytest.raises(Retry) as ei:
         exchange(f"{faults.url}/fault/{name}")
     assert ei.value.reason
@@ -73,11 +77,23 @@ def test_a_plain_answer_still_works(faults: FaultServer) -> None:
         ("1.5", None),
         ("1e3", None),
         ("9" * 400, None),  # past int's digit limit, and past any sane delay
-        ("Thu, 01 Jan 1970 00:01:40 GMT", 100.0),
+        ("999999999", 999999999.0),
+        ("1000000000", None),
+        ("Thu, 01 Jan 1970 00:01:40 GMT", 100.0),  # IMF-fixdate
+        ("Thursday, 01-Jan-70 00:01:40 GMT", 100.0),  # the obsolete RFC 850 form (RFC 9110 §5.6.7)
+        ("Thu Jan  1 00:01:40 1970", 100.0),  # the obsolete asctime form: no zone, GMT
+        ("Thu, 01 Jan 1970 01:01:40 +0100", 100.0),
         ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),  # in the past: no wait
+        ("Wed, 31 Dec 1969 23:59:59 GMT", 0.0),
+        ("Sat, 01 Jan 2000 00:00:00 GMT", 946684800.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", None),  # past RETRY_AFTER_MAX_S: not a delay anyone means
         ("Thu, 32 Jan 1970 00:00:00 GMT", None),
+        ("Mon, 31 Feb 2031 00:00:00 GMT", None),
+        ("Thu, 01 Jan 1970 24:00:00 GMT", None),
         ("Thu, 01 Foo 1970 00:00:00 GMT", None),
-        ("Thursday, 01-Jan-70 00:00:00 GMT", None),  # obsolete form: our own backoff applies
+        ("Thu, 01 Jan 1970 00:00:00 +9999", None),  # an offset of days
+        ("Thu, 01 Jan 1970 00:00:00 GMT" + " " * 40 + "x", None),  # longer than any HTTP-date
+        ("soon", None),
         ("", None),
         (None, None),
     ],
@@ -175,8 +191,9 @@ def test_a_misbehaving_wireserver_cannot_hold_the_reports(faults: FaultServer, t
     assert (tmp_path / "ok/run/peerpod/apf.json").exists()
 
 
-def test_well_formed_chunked_gzip_and_read_to_close_answers() -> None:
-    """Hand-written good cases (the generated ones: tests/test_fuzz_http.py): parsed exactly."""
+def test_well_formed_chunked_and_read_to_close_answers_and_a_compressed_one() -> None:
+    """Hand-written good cases (the generated ones: tests/test_fuzz_http.py): parsed exactly.  A
+    gzip body is refused as a fault: we ask for identity (Accept-Encoding) and decode nothing."""
     import socket
     import threading
 
@@ -186,8 +203,9 @@ def test_well_formed_chunked_gzip_and_read_to_close_answers() -> None:
         + bytes.fromhex("1f8b0800000000000203cb48cdc9c95728cf2fca49e102002d3b08af0c000000"),
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Slow down\r\nRetry-After: 1\r\nContent-Length: 2\r\n\r\nno",
         b"HTTP/1.0 200 OK\r\n\r\nread to the end",
+        b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n",  # no body to decode: answered
     ]
-    got = []
+    got: list[tuple[int, bytes] | str] = []
     for answer in answers:
         srv = socket.create_server(("127.0.0.1", 0))
 
@@ -199,10 +217,19 @@ def test_well_formed_chunked_gzip_and_read_to_close_answers() -> None:
 
         threading.Thread(target=serve, daemon=True).start()
         url = f"http://127.0.0.1:{srv.getsockname()[1]}/"
-        resp = httpio.exchange("GET", url, budget_s=5, connect_timeout_s=1, max_body=4096)
-        got.append((resp.status, resp.body))
+        try:
+            resp = httpio.exchange("GET", url, budget_s=5, connect_timeout_s=1, max_body=4096)
+            got.append((resp.status, resp.body))
+        except Retry as r:
+            got.append(r.reason)
         srv.close()
-    assert got == [(200, b"hello world"), (200, b"hello world\n"), (429, b"no"), (200, b"read to the end")]
+    assert got == [
+        (200, b"hello world"),
+        "unsupported Content-Encoding (gzip)",
+        (429, b"no"),
+        (200, b"read to the end"),
+        (204, b""),
+    ]
 
 
 def test_a_non_ascii_host_is_a_config_error() -> None:
