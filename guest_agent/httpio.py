@@ -126,10 +126,11 @@ def _request_bytes(conn: h11.Connection, method: str, t: Target, headers: dict[s
     try:
         # Header values come from config and from earlier answers (session tokens): h11 refuses
         # a line break, a control character or (a str it cannot encode as ASCII) anything else.
-        out = conn.send(h11.Request(method=method, target=t.path, headers=fields))
+        events: list[h11.Event] = [h11.Request(method=method, target=t.path, headers=fields)]
         if body:
-            out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        out = b"".join(conn.send(e) or b"" for e in events)  # (h11 0.14 types send() as bytes | None)
     except (h11.LocalProtocolError, UnicodeEncodeError):
         raise Retry(
             "refusing to send header fields or a path that HTTP/1.1 does not allow (control or non-ASCII)"
@@ -218,9 +219,10 @@ def exchange(
             # RFC 9112 §6.1, §6.3: h11 lets Transfer-Encoding win; the pair "ought to be handled as an
             # error", and so must Transfer-Encoding in an HTTP/1.0 answer.
             raise Retry("Transfer-Encoding with Content-Length or in HTTP/1.0 (a smuggling attempt or a broken server)")
-        length = fields.get("content-length")  # digits only, one value: h11 checked
-        if length is not None and int(length) > max_body and method != "HEAD" and head.status_code not in (204, 304):
-            raise ResponseTooLarge("the answer is larger than the size limit", limit_bytes=max_body, length=int(length))
+        length = fields.get("content-length", "")  # digits only, one value: h11 checked (not their count)
+        has_body = method != "HEAD" and head.status_code not in (204, 304)
+        if has_body and length and (len(length) > 18 or int(length) > max_body):
+            raise ResponseTooLarge("the answer is larger than the size limit", limit_bytes=max_body, length=length[:24])
         raw = bytearray()
         while True:
             event = _next_event(conn, sock, end)
