@@ -7,15 +7,13 @@ The exchange itself (socket, bounds, faults) is in httpio.py.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from guest_agent import record
 from guest_agent.entropy import random_bytes
 from guest_agent.errors import AgentError, MetadataUnavailable
 from guest_agent.log import logger
 
-# typing, collections.abc and re stay out of the boot path: under TCG each costs 0.2-0.5 s of a
-# cold start (typing's class machinery, the sre compiler), and nothing here needs them at run time.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Protocol, TypeVar
