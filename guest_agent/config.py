@@ -1,4 +1,4 @@
-"""Agent configuration: frozen records whose defaults are the documentation, validated at load.
+"""Agent configuration: frozen dataclasses whose defaults are the documentation, validated at load.
 
 Load order (later wins, key by key):
   1. the defaults below;
@@ -8,30 +8,19 @@ Load order (later wins, key by key):
 The two ``/etc`` locations are read under ``--root``.  Unknown sections or keys
 and wrongly typed values are errors (exit 78): a typo must not silently fall
 back to a default on a machine nobody can log in to.
-
-The sections are `record.frozen` classes, not dataclasses: `import dataclasses` brings inspect,
-ast, dis, tokenize and re, and each frozen class's methods are generated source compiled with
-exec().  In the pod VM under QEMU TCG, where the agent is the first Python process of the boot,
-dataclasses and 10 frozen classes cost 0.45-0.9 s warm and 1.7-2.5 s cold, against ~0.18 s for a
-whole `python3 -ISB -c pass` (in-guest TCG probe, see docs/benchmarks.md).  A record has what the
-dataclasses had (typed fields, the defaults, keyword or positional construction, no __eq__ or
-__repr__; mypy checks the constructors) and builds no source.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from guest_agent.errors import ConfigError
 from guest_agent.providers import NAMES
-from guest_agent.record import asdict, field, fields, frozen, is_record, replace
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from pathlib import Path
-    from typing import Any
 
 PROVIDERS = ("auto", *NAMES)  # the registry's clouds (guest_agent/providers.py)
 
@@ -46,7 +35,7 @@ DEFAULT_ALLOWED_PATHS = (
 )
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class FetchConfig:
     """How user-data is fetched from any metadata service."""
 
@@ -58,7 +47,7 @@ class FetchConfig:
     retry_after_max_s: float = 30.0  # a server's Retry-After is honoured up to this (and the deadline)
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Size caps on untrusted input (the host is untrusted)."""
 
@@ -67,7 +56,7 @@ class LimitsConfig:
     max_file_bytes: int = 512 * 1024  # one write_files entry, decoded
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class FilesConfig:
     """Which files user-data may write, and where the pod VM keeps them."""
 
@@ -80,7 +69,7 @@ class FilesConfig:
     strict: bool = False
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class TpmConfig:
     """Measurement of initdata into a TPM PCR (CAA PR #1999 / #2186)."""
 
@@ -92,7 +81,7 @@ class TpmConfig:
     pcr: int = 8  # unused by systemd-boot/UKI images; what CAA's verifier replays
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class NetworkConfig:
     """Waiting for a route to the metadata address by netlink events."""
 
@@ -100,7 +89,7 @@ class NetworkConfig:
     deadline_s: float = 120.0  # no route by then: exit 69 (and NotReady on Azure)
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class NetnsConfig:
     """The pod network namespace and the pod's path to IMDS."""
 
@@ -113,7 +102,7 @@ class NetnsConfig:
     nft_table: str = "guest_agent"
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class AzureConfig:
     """Azure: user-data from IMDS, the KVP record and the Ready/NotReady report to the wireserver."""
 
@@ -132,7 +121,7 @@ class AzureConfig:
     wireserver_read_timeout_s: float = 10.0  # WALinuxAgent uses 10 s per request
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class AwsConfig:
     """AWS: user-data from IMDSv2 (token first)."""
 
@@ -140,7 +129,7 @@ class AwsConfig:
     token_ttl_s: int = 21600  # IMDSv2 token lifetime (1..21600)
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class GcpConfig:
     """GCP: user-data from the metadata server."""
 
@@ -148,7 +137,7 @@ class GcpConfig:
     metadata_url: str = "http://169.254.169.254"
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class AlibabaConfig:
     """Alibaba Cloud: user-data from the metadata service (token first)."""
 
@@ -156,7 +145,7 @@ class AlibabaConfig:
     token_ttl_s: int = 21600
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class IbmCloudConfig:
     """IBM Cloud VPC: user-data from the instance metadata service (token first)."""
 
@@ -165,7 +154,7 @@ class IbmCloudConfig:
     token_expires_s: int = 300
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class CidataConfig:
     """cidata: user-data from a NoCloud/cidata volume or an existing seed file (byom, docker)."""
 
@@ -183,7 +172,7 @@ class CidataConfig:
             raise ConfigError("cidata.delivery_deadline_s must be >= 0 (0 = no deadline)")
 
 
-@frozen
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration, one section per TOML table."""
 
@@ -209,14 +198,11 @@ SYSTEM_CONFIG_DIR = "/etc/guest-agent/config.d"
 
 def under_root(root: str, path: str) -> Path:
     """Prefix a guest path with --root (``/`` leaves it unchanged)."""
-    from pathlib import Path
-
     return Path(root) / path.lstrip("/")
 
 
 def root_path(root: str, path: str) -> str:
-    """under_root as a string: the boot path does without pathlib (its import, with urllib.parse's,
-    is ~5 ms of CPU on every boot: `make bench`)."""
+    """under_root as a string, for the os functions the boot path calls."""
     return posixpath.join(root, path.lstrip("/"))
 
 
@@ -265,21 +251,21 @@ def read_file(path: str) -> dict[str, Any]:
 
 
 # The annotations a configuration value may have, as written (`from __future__ import annotations`
-# keeps them as strings): looked up here instead of typing.get_type_hints, which compiles and
-# evaluates every annotation of the class on each load.  tests/test_config.py checks every field.
+# keeps them as strings), and the type a TOML value must have for each.  tests/test_config.py
+# checks every field.
 VALUE_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
 
 
 def merge(obj: Any, data: dict[str, Any], *, where: str) -> Any:
-    """Return a copy of record `obj` with `data` applied, checking names and types."""
-    annotations = {f.name: f.type for f in fields(obj)}
+    """Return a copy of section `obj` with `data` applied, checking names and types."""
+    annotations = {f.name: str(f.type) for f in fields(obj)}
     names = set(annotations)
     changes: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError("unknown key in agent configuration", key=key, file=where)
         current = getattr(obj, key)
-        if is_record(current):
+        if is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError("configuration key must be a table", key=key, file=where)
             changes[key] = merge(current, value, where=where)
@@ -462,7 +448,7 @@ def items(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if is_record(value):
+        if is_dataclass(value):
             out.extend(items(value, f"{prefix}{f.name}."))
         else:
             out.append((prefix + f.name, value))

@@ -51,8 +51,8 @@ import errno
 import fcntl
 import os
 import stat
+from dataclasses import dataclass, field
 
-from guest_agent import record
 from guest_agent.entropy import random_bytes
 from guest_agent.errors import WriteFailed
 from guest_agent.log import logger
@@ -73,12 +73,12 @@ WRITTEN = "..written"  # inside a generation: the names the agent wrote, one per
 _WRITTEN_MAX = 64 * 1024
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class FileSpec:
     """One file to write."""
 
     path: str  # absolute, normalised guest path
-    content: bytes
+    content: bytes = field(repr=False)  # TLS keys, registry credentials: never in a repr
     mode: int = 0o600
     uid: int | None = None  # None: leave as created (the agent's own user)
     gid: int | None = None

@@ -30,14 +30,12 @@ refusal.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from guest_agent import record, safetoml
+from guest_agent import safetoml
 from guest_agent.codec import b64decode_strict, gunzip_bounded
 from guest_agent.errors import UserDataInvalid, show
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 # CAA writes this when user-data carries no initdata (no trailing newline), so the digest and
 # PCR 8 are still defined; sha256 = adb48cc1...66478d.
@@ -55,7 +53,7 @@ NAME_MAX = 255
 PCR_EXTEND_LEN = 32  # the sha256 bank: CAA passes `head -c64` of the hex digest to tpm2_pcrextend
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Initdata:
     """A parsed, digested initdata document."""
 

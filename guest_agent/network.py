@@ -43,13 +43,10 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from guest_agent import record
 from guest_agent.errors import NetworkUnavailable
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
 
 # <linux/netlink.h>
 NLMSG_HDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
@@ -92,7 +89,7 @@ RECV_BUF = 65536
 SOURCE_RECHECK_S = 0.02
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class RouteInfo:
     """The kernel's answer to "ip route get <dst>"."""
 

@@ -12,7 +12,7 @@ The entries are data and small pure functions, not the cloud modules themselves:
 on every boot and must not import every cloud's fetch code (each costs 2-60 ms to import on the
 development host, all six 50-130 ms, 5 interleaved runs with time.perf_counter around the imports;
 noisy, shared machine), so only the module of the cloud in use is imported.  This module imports
-only guest_agent.record of the agent, so config.py can read it.
+nothing of the agent, so config.py can read it.
 
 DMI rules follow cloud-init's ds-identify (canonical/cloud-init tools/ds-identify:
 dscheck_Azure/Ec2/GCE/AliYun/IBMCloud); CAA's own heuristics are in cloud-api-adaptor
@@ -21,21 +21,17 @@ src/cloud-api-adaptor/pkg/userdata/provision.go.
 
 from __future__ import annotations
 
-from guest_agent import record
+from collections.abc import Callable
+from dataclasses import dataclass
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    Dmi = Callable[[str], str]  # DMI field name ("sys_vendor") -> its value, "" if absent
+Dmi = Callable[[str], str]  # DMI field name ("sys_vendor") -> its value, "" if absent
 
 AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"  # cloud-init ds-identify is_azure_chassis
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Provider:
-    """One cloud (a frozen record, guest_agent/record.py: a NamedTuple would import typing and
-    eval() generated source for its __new__ on every boot)."""
+    """One cloud."""
 
     name: str
     matches: Callable[[Dmi], bool]  # pure: these DMI strings identify the cloud

@@ -7,9 +7,9 @@ The exchange itself (socket, bounds, faults) is in httpio.py.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from guest_agent import record
 from guest_agent.entropy import random_bytes
 from guest_agent.errors import AgentError, MetadataUnavailable
 from guest_agent.log import logger
@@ -55,7 +55,7 @@ class Deadline:
         return self.clock() >= self.at
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Backoff:
     """Retry delays: the first cap, the largest cap, and the most of a server's Retry-After we honour."""
 

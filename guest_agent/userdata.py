@@ -26,14 +26,15 @@ file belongs to the agent's user (root), mode 0600.
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from guest_agent import codec, initdata, record, safeyaml
+from guest_agent import codec, initdata, safeyaml
 from guest_agent.config import Config
 from guest_agent.errors import UserDataInvalid, field_of, show
 from guest_agent.files import FileSpec
 from guest_agent.log import fields, logger
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from guest_agent.initdata import Initdata
 
@@ -61,7 +62,7 @@ _ENCODINGS: dict[str, tuple[str, ...]] = {
 _OTHER_PARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#upstart-job", "#cloud-config-")
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Everything a run will write, decided before anything is written."""
 
@@ -154,7 +155,7 @@ def _content(entry: dict[str, safeyaml.Node], where: str, cfg: Config) -> bytes:
     return data
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Parsed:
     files: list[FileSpec]
     skipped: list[str]  # well-formed paths not on the allow-list (files.strict = false)

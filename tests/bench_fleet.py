@@ -12,6 +12,7 @@ with the jitter on and, for comparison, off (rand = 0: what every agent did befo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import threading
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from guest_agent import boot, record, transport
+from guest_agent import boot, transport
 from guest_agent import log as agent_log
 from guest_agent.clouds import FetchContext
 from guest_agent.clouds.http import request, require_body, retry_or_fail
@@ -74,11 +75,11 @@ def run_fleet(agents: int, rate: float, rand: Callable[[], float] = urandom_unit
         srv = FakeServer("imds", limiter).start()
         try:
             c = Config()
-            cfg = record.replace(
+            cfg = dataclasses.replace(
                 c,
                 provider="azure",
-                azure=record.replace(c.azure, imds_url=srv.url),
-                fetch=record.replace(c.fetch, deadline_s=120.0),
+                azure=dataclasses.replace(c.azure, imds_url=srv.url),
+                fetch=dataclasses.replace(c.fetch, deadline_s=120.0),
             )
             done: list[bytes] = []
 

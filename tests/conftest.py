@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -7,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from guest_agent import record
 from guest_agent.config import Config
 from tests.fakecloud.wireserver import FakeWireserver
 from tests.swtpm import Swtpm
@@ -34,7 +34,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
 def cfg() -> Config:
     """Defaults, with the steps that need root (netns, TPM) off."""
     c = Config()
-    return record.replace(c, netns=record.replace(c.netns, enabled=False), tpm=record.replace(c.tpm, enabled=False))
+    return dataclasses.replace(
+        c, netns=dataclasses.replace(c.netns, enabled=False), tpm=dataclasses.replace(c.tpm, enabled=False)
+    )
 
 
 @pytest.fixture

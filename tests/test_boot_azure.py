@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from guest_agent import boot, cli, record
+from guest_agent import boot, cli
 from guest_agent.azure import kvp
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
@@ -20,7 +21,7 @@ def test_config_error_is_reported_as_not_ready(tmp_path: Path) -> None:
     caa.make_root(str(tmp_path), caa.AZURE_DMI)
     with FakeWireserver() as ws:
         cfg = Config()
-        cfg = record.replace(cfg, azure=record.replace(cfg.azure, wireserver_url=ws.url))
+        cfg = dataclasses.replace(cfg, azure=dataclasses.replace(cfg.azure, wireserver_url=ws.url))
         err = ConfigError("unknown key in agent configuration", key="fetch.deadline")
         assert boot.fail_early(err, cfg, str(tmp_path)) == EXIT_CONFIG
         reports = ws.accepted()
@@ -33,7 +34,7 @@ def test_config_error_off_azure_reports_nothing(tmp_path: Path) -> None:
     caa.make_root(str(tmp_path), {"sys_vendor": "Amazon EC2"})
     with FakeWireserver() as ws:
         cfg = Config()
-        cfg = record.replace(cfg, azure=record.replace(cfg.azure, wireserver_url=ws.url))
+        cfg = dataclasses.replace(cfg, azure=dataclasses.replace(cfg.azure, wireserver_url=ws.url))
         assert boot.fail_early(ConfigError("bad"), cfg, str(tmp_path)) == EXIT_CONFIG
         assert ws.server.requests == []
 

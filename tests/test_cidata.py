@@ -7,6 +7,7 @@ The provider is driven through `boot.fetch_user_data` with a scratch root laid o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import boot, iso9660, record
+from guest_agent import boot, iso9660
 from guest_agent.clouds import cidata
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, MetadataUnavailable, UserDataInvalid
@@ -91,12 +92,12 @@ def attach(root: Path, name: str, image: Path | bytes | None) -> None:
 
 def cidata_cfg(*, wait_s: float = 0.0, limit: int | None = None, deadline_s: float = 3.0) -> Config:
     c = Config()
-    return record.replace(
+    return dataclasses.replace(
         c,
         provider="cidata",
-        fetch=record.replace(c.fetch, deadline_s=deadline_s),
-        cidata=record.replace(c.cidata, wait_s=wait_s),
-        limits=record.replace(c.limits, max_user_data_bytes=limit or c.limits.max_user_data_bytes),
+        fetch=dataclasses.replace(c.fetch, deadline_s=deadline_s),
+        cidata=dataclasses.replace(c.cidata, wait_s=wait_s),
+        limits=dataclasses.replace(c.limits, max_user_data_bytes=limit or c.limits.max_user_data_bytes),
     )
 
 
@@ -302,7 +303,7 @@ def test_ibmcloud_prefers_the_cidata_disk(tmp_path: Path) -> None:
     attach(root, "vdb", plain_iso(tmp_path, SEED))
     with FakeServer("imds", imds.ibmcloud(b"#cloud-config\n# from the metadata service\n", Script())) as server:
         c = Config()
-        cfg = record.replace(c, ibmcloud=record.replace(c.ibmcloud, metadata_url=server.url))
+        cfg = dataclasses.replace(c, ibmcloud=dataclasses.replace(c.ibmcloud, metadata_url=server.url))
         assert fetch(root, cfg, provider="ibmcloud")[0] == USER_DATA
         assert server.requests == []
 
@@ -313,7 +314,7 @@ def test_ibmcloud_without_a_cidata_disk_uses_the_metadata_service(tmp_path: Path
     attach(root, "vdb", plain_iso(tmp_path, SEED, label="config-2"))
     with FakeServer("imds", imds.ibmcloud(USER_DATA, Script())) as server:
         c = Config()
-        cfg = record.replace(c, ibmcloud=record.replace(c.ibmcloud, metadata_url=server.url))
+        cfg = dataclasses.replace(c, ibmcloud=dataclasses.replace(c.ibmcloud, metadata_url=server.url))
         assert fetch(root, cfg, provider="ibmcloud")[0] == USER_DATA
         assert [r.method for r in server.requests] == ["PUT", "GET"]
 

@@ -9,6 +9,7 @@ without waiting.  Only per-request socket timeouts (0.3 s) use wall time.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent import boot, record
+from guest_agent import boot
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, MetadataUnavailable, UserDataInvalid
 from tests import caa
@@ -63,15 +64,15 @@ class FakeTime:
 
 def make_cfg(cloud: str, url: str, *, deadline_s: float = 3.0, timeout_s: float = 0.3) -> Config:
     c = Config()
-    fetch = record.replace(c.fetch, deadline_s=deadline_s, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
+    fetch = dataclasses.replace(c.fetch, deadline_s=deadline_s, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
     section: Any = {
-        "azure": record.replace(c.azure, imds_url=url),
-        "aws": record.replace(c.aws, imds_url=url),
-        "gcp": record.replace(c.gcp, metadata_url=url),
-        "alibaba": record.replace(c.alibaba, metadata_url=url),
-        "ibmcloud": record.replace(c.ibmcloud, metadata_url=url),
+        "azure": dataclasses.replace(c.azure, imds_url=url),
+        "aws": dataclasses.replace(c.aws, imds_url=url),
+        "gcp": dataclasses.replace(c.gcp, metadata_url=url),
+        "alibaba": dataclasses.replace(c.alibaba, metadata_url=url),
+        "ibmcloud": dataclasses.replace(c.ibmcloud, metadata_url=url),
     }[cloud]
-    return record.replace(c, provider=cloud, fetch=fetch, **{cloud: section})
+    return dataclasses.replace(c, provider=cloud, fetch=fetch, **{cloud: section})
 
 
 def fetch(cloud: str, url: str, root: Path, ft: FakeTime, **kw: float) -> bytes:

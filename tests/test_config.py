@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from guest_agent import config, record
+from guest_agent import config, files
 from guest_agent.errors import ConfigError
 
 
@@ -127,10 +128,36 @@ def test_every_value_has_a_type_the_loader_knows() -> None:
     work: list[object] = [config.Config()]
     while work:
         obj = work.pop()
-        for f in record.fields(obj):
+        for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if record.is_record(value):
+            if dataclasses.is_dataclass(value):
                 work.append(value)
             else:
                 assert f.type in config.VALUE_TYPES, f.name
                 assert isinstance(value, config.VALUE_TYPES[f.type]), f.name
+
+
+def test_the_configuration_and_the_boot_paths_records_are_frozen() -> None:
+    """Every section, and the records the boot path hands between stages, are frozen dataclasses:
+    a stage cannot change what an earlier one decided."""
+    from guest_agent import clouds, files, initdata, network, providers, safeyaml, transport, userdata
+    from guest_agent.azure import health, wire
+    from guest_agent.clouds import tokenflow
+
+    sections = [type(getattr(config.Config(), f.name)) for f in dataclasses.fields(config.Config)]
+    classes = (
+        config.Config, *(c for c in sections if dataclasses.is_dataclass(c)),
+        health.ReportResult, wire.GoalState, clouds.Facts, files.FileSpec, initdata.Initdata, network.RouteInfo,
+        providers.Provider, safeyaml.Scalar, transport.Backoff, userdata.Plan, userdata.Parsed, tokenflow.Flavour,
+    )  # fmt: skip
+    assert [c.__name__ for c in classes if not (dataclasses.is_dataclass(c) and c.__dataclass_params__.frozen)] == []  # type: ignore[attr-defined]
+    route = network.RouteInfo("169.254.169.254", 2, None, "10.0.0.5", 254, waited=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        route.ifindex = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.Config().fetch.deadline_s = 1.0  # type: ignore[misc]
+
+
+def test_a_file_spec_never_shows_its_content() -> None:
+    spec = files.FileSpec("/run/peerpod/auth.json", b"registry-password")
+    assert "registry-password" not in repr(spec) and "/run/peerpod/auth.json" in repr(spec)

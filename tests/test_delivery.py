@@ -8,6 +8,7 @@ mount namespace), in pieces, the way sshd's internal-sftp does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import boot, inotify, record
+from guest_agent import boot, inotify
 from guest_agent.clouds import cidata
 from guest_agent.config import CidataConfig, Config
 from guest_agent.errors import EXIT_OK, EXIT_UNAVAILABLE, MetadataUnavailable
@@ -61,7 +62,7 @@ def write_in_pieces(path: Path, data: bytes, *, before_close: threading.Event | 
 
 
 def delivery_cfg(deadline_s: float = 0.0) -> CidataConfig:
-    return record.replace(Config().cidata, wait_for_delivery=True, delivery_deadline_s=deadline_s)
+    return dataclasses.replace(Config().cidata, wait_for_delivery=True, delivery_deadline_s=deadline_s)
 
 
 # -- the wait itself, in-process, on a plain directory
@@ -198,10 +199,10 @@ def test_being_written_answers_from_the_lease(tmp_path: Path) -> None:
 def test_pending_only_on_a_mount_point_without_user_data(tmp_path: Path) -> None:
     (tmp_path / "media/cidata").mkdir(parents=True)
     assert not cidata.delivery_pending(str(tmp_path), delivery_cfg())  # a plain directory
-    assert not cidata.delivery_pending("/", record.replace(delivery_cfg(), wait_for_delivery=False))
+    assert not cidata.delivery_pending("/", dataclasses.replace(delivery_cfg(), wait_for_delivery=False))
     mounted = delivery_cfg()
-    assert cidata.delivery_pending("/", record.replace(mounted, mount_dir="/proc/self/fdinfo")) is False
-    assert cidata.delivery_pending("/", record.replace(mounted, mount_dir="/proc"))  # a mount point
+    assert cidata.delivery_pending("/", dataclasses.replace(mounted, mount_dir="/proc/self/fdinfo")) is False
+    assert cidata.delivery_pending("/", dataclasses.replace(mounted, mount_dir="/proc"))  # a mount point
 
 
 def test_inotify_parse_drops_a_truncated_record() -> None:
@@ -219,7 +220,7 @@ def test_the_iso_disk_path_is_unchanged(tmp_path: Path, cfg: Config, seed_dir: s
     attach(root, "sr0", plain_iso(tmp_path, SEED))
     if seed_dir == "plain directory":
         (root / "media/cidata").mkdir(parents=True)
-    cfg = record.replace(cfg, cidata=record.replace(delivery_cfg(), wait_s=0.0))
+    cfg = dataclasses.replace(cfg, cidata=dataclasses.replace(delivery_cfg(), wait_s=0.0))
     sent = Sent()
     rc = boot.run(cfg, str(root), boot.Deps(notifier=Notifier(sent)))
     assert rc == EXIT_OK

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
-from guest_agent import clouds, record
+from guest_agent import clouds
 from guest_agent.clouds import Facts
 from guest_agent.config import Config
 from tests import caa
@@ -124,7 +125,7 @@ def test_read_facts_seed_follows_the_configured_mount_dir(tmp_path: Path) -> Non
     (seed / "user-data").write_bytes(b"#cloud-config\n")
     cfg = Config()
     assert not clouds.read_facts(str(tmp_path), cfg).cidata_seed
-    cfg = record.replace(cfg, cidata=record.replace(cfg.cidata, mount_dir="/srv/seed"))
+    cfg = dataclasses.replace(cfg, cidata=dataclasses.replace(cfg.cidata, mount_dir="/srv/seed"))
     assert clouds.read_facts(str(tmp_path), cfg).cidata_seed
 
 

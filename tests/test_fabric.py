@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from guest_agent import __version__, record
+from guest_agent import __version__
 from guest_agent.azure import kvp
 from guest_agent.azure.fabric import AzureFabric, read_vm_id, wireserver_base_url
 from guest_agent.config import AzureConfig
@@ -60,7 +61,7 @@ class KvpAtPost:
 
 def fabric(url: str, root: Path, sleep: Callable[[float], None] | None = None, **cfg: Any) -> AzureFabric:
     base: dict[str, Any] = {"ready_deadline_s": 30.0, "wireserver_connect_timeout_s": 1.0}
-    c = record.replace(AzureConfig(wireserver_url=url), **{"wireserver_read_timeout_s": 2.0, **base, **cfg})
+    c = dataclasses.replace(AzureConfig(wireserver_url=url), **{"wireserver_read_timeout_s": 2.0, **base, **cfg})
     return AzureFabric(c, root=str(root), sleep=sleep or Sleeps())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import gzip
 import io
 import json
@@ -28,14 +29,14 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from guest_agent import codec, initdata, iso9660, record, safetoml, safeyaml, userdata
+from guest_agent import codec, initdata, iso9660, safetoml, safeyaml, userdata
 from guest_agent.config import Config
 from guest_agent.errors import AgentError, UserDataInvalid
 from tests import caa
 from tests.fuzzing import EDITS, FUZZ, mutate, only_agent_errors
 
 CFG = Config()
-STRICT = record.replace(CFG, files=record.replace(CFG.files, strict=True))
+STRICT = dataclasses.replace(CFG, files=dataclasses.replace(CFG.files, strict=True))
 YAML_ALPHABET = st.sampled_from([*"[]{}:,-?&*!|>'\"#%@`~ \n\t\\/.0123456789abexyz<=+_", "!!", "<<", "---", "..."])
 YAML_TEXT = st.lists(YAML_ALPHABET, max_size=200).map("".join)
 CAA_DOC = caa.cloud_config(initdata=caa.initdata_toml())

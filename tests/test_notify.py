@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import boot, record
+from guest_agent import boot
 from guest_agent.config import Config
 from guest_agent.notify import Notifier
 from tests import caa
@@ -107,7 +108,7 @@ def test_agent_sends_status_per_stage_then_ready(notify_socket: tuple[socket.soc
     assert run_on_aws(tmp_path, path, Script()) == 0
     msgs = recv_all(s)
     # First, before any wait: the start timeout from the configured deadlines (defaults, TPM off here).
-    no_tpm = Config(tpm=record.replace(Config().tpm, enabled=False))
+    no_tpm = Config(tpm=dataclasses.replace(Config().tpm, enabled=False))
     assert msgs[0] == f"EXTEND_TIMEOUT_USEC={int(boot.start_budget_s(no_tpm) * 1e6)}"
     statuses = [m for m in msgs if m.startswith("STATUS=")]
     assert statuses[:6] == [
@@ -144,11 +145,11 @@ def test_start_budget_follows_the_configured_deadlines() -> None:
     base = boot.start_budget_s(Config())
     # network, fetch, cidata disk, TPM device, NotReady report
     assert base == 120 + 180 + 5 + 30 + 300 + boot.START_SLACK_S
-    longer = Config(fetch=record.replace(Config().fetch, deadline_s=900.0))
+    longer = Config(fetch=dataclasses.replace(Config().fetch, deadline_s=900.0))
     assert boot.start_budget_s(longer) == base + 720
-    no_wait = Config(network=record.replace(Config().network, wait=False))
+    no_wait = Config(network=dataclasses.replace(Config().network, wait=False))
     assert boot.start_budget_s(no_wait) == base - 120
-    no_tpm = Config(tpm=record.replace(Config().tpm, enabled=False))
+    no_tpm = Config(tpm=dataclasses.replace(Config().tpm, enabled=False))
     assert boot.start_budget_s(no_tpm) == base - 30
 
 

@@ -4,6 +4,7 @@ IMDS NAT) and the fabric reporter."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import clouds, config, providers, record
+from guest_agent import clouds, config, providers
 from guest_agent.clouds import Facts
 from guest_agent.config import Config
 from tests.test_detect import CASES
@@ -36,8 +37,8 @@ def test_each_entry_resolves(p: providers.Provider) -> None:
     else:
         # The address comes from the configured URL: change the URL and the address follows.
         section, _, key = p.metadata_url_key.partition(".")
-        cfg = record.replace(
-            Config(), **{section: record.replace(getattr(Config(), section), **{key: "http://127.0.0.9:8080"})}
+        cfg = dataclasses.replace(
+            Config(), **{section: dataclasses.replace(getattr(Config(), section), **{key: "http://127.0.0.9:8080"})}
         )
         assert clouds.metadata_address(p.name, cfg) == "127.0.0.9"
 

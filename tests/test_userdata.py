@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import cli, initdata, record, userdata
+from guest_agent import cli, initdata, userdata
 from guest_agent import log as agent_log
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, UserDataInvalid, field_of, show
@@ -184,7 +185,7 @@ def test_unknown_initdata_keys_are_skipped(cfg: Config, caplog: pytest.LogCaptur
 
 
 def strict(cfg: Config) -> Config:
-    return record.replace(cfg, files=record.replace(cfg.files, strict=True))
+    return dataclasses.replace(cfg, files=dataclasses.replace(cfg.files, strict=True))
 
 
 STRICT_REJECTIONS: dict[str, tuple[bytes, str]] = {
@@ -304,14 +305,14 @@ def test_rejections_write_nothing(tmp_path: Path, case: str, capsys: pytest.Capt
 
 
 def test_size_limits_come_from_config(cfg: Config) -> None:
-    small = record.replace(cfg, limits=record.replace(cfg.limits, max_user_data_bytes=100))
+    small = dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_user_data_bytes=100))
     with pytest.raises(UserDataInvalid, match="size limit"):
         userdata.plan(caa.cloud_config(), small)
     # The decoded limit binds a body with no encoding layer too (a config may set it below the raw one).
     doc = caa.cloud_config()
 
     def decoded_limit(n: int) -> Config:
-        return record.replace(cfg, limits=record.replace(cfg.limits, max_decoded_bytes=n))
+        return dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_decoded_bytes=n))
 
     with pytest.raises(UserDataInvalid, match="size limit") as ei:
         userdata.decode(doc, decoded_limit(len(doc) - 1))
@@ -320,8 +321,8 @@ def test_size_limits_come_from_config(cfg: Config) -> None:
 
 
 def test_allow_list_comes_from_config(cfg: Config) -> None:
-    extended = record.replace(
-        cfg, files=record.replace(cfg.files, allowed_paths=(*cfg.files.allowed_paths, "/run/peerpod/extra"))
+    extended = dataclasses.replace(
+        cfg, files=dataclasses.replace(cfg.files, allowed_paths=(*cfg.files.allowed_paths, "/run/peerpod/extra"))
     )
     doc = b"#cloud-config\nwrite_files:\n  - path: /run/peerpod/extra\n    content: x\n"
     assert "/run/peerpod/extra" in files_of(userdata.plan(doc, extended))

@@ -12,8 +12,10 @@ round trip), but the JSON flow, which every current host offers, gains nothing (
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from guest_agent import httpio, record
+from guest_agent import httpio
 from guest_agent.azure.wire import (
     DEFAULT_AGENT_NAME,
     GOAL_STATE_PATH,
@@ -31,10 +33,6 @@ from guest_agent.azure.wire import (
 from guest_agent.errors import FabricError
 from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, Retry, budget_s, retry_or_raise, retry_until, urandom_unit
-
-TYPE_CHECKING = False  # typing and collections.abc only for mypy: neither is imported at boot
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 log = logger("guest_agent.azure.health")
 
@@ -56,7 +54,7 @@ MAX_BODY_BYTES = 256 * 1024  # a goal state is ~2 KiB; never buffer an unbounded
 DEFAULT_BACKOFF = Backoff(initial_s=0.25, max_s=2.0, retry_after_max_s=30.0)
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class ReportResult:
     """An acknowledged report."""
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
-from guest_agent import __version__, record
+from guest_agent import __version__
 from guest_agent.errors import FabricError
 
 # "used in all regions and all national clouds ... will not change" (Microsoft Learn,
@@ -44,7 +45,7 @@ GOAL_STATE_MAX_ELEMENTS = 10_000
 GOAL_STATE_MAX_ID_CHARS = 4096  # an id is short; a longer one is cut there, never buffered whole
 
 
-@record.value
+@dataclass(frozen=True, slots=True)
 class GoalState:
     """The three values a health report echoes."""
 

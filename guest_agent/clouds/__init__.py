@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from guest_agent import record
 from guest_agent.config import Config, root_path
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from types import ModuleType
-    from typing import Any
-
     from guest_agent.transport import Backoff, Deadline
 
 DMI_FIELDS = (
@@ -34,7 +32,7 @@ DMI_FIELDS = (
 )
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Facts:
     """What detection reads."""
 

@@ -11,14 +11,15 @@
 
 from __future__ import annotations
 
-from guest_agent import record
+from dataclasses import dataclass
+
 from guest_agent.clouds import FetchContext
 from guest_agent.clouds.http import Response, is_token, request, require_body, retry_or_fail
 from guest_agent.errors import MetadataUnavailable
 from guest_agent.transport import RETRY_STATUS, Retry, http_retry_reason
 
 
-@record.frozen
+@dataclass(frozen=True, slots=True)
 class Flavour:
     """One cloud's paths and header names."""
 
