@@ -7,17 +7,14 @@ figures line up with `journalctl -o short-monotonic` and `systemd-analyze`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from json.encoder import encode_basestring_ascii
+from collections.abc import Callable
+from typing import Any
 
 from guest_agent.errors import AgentError
 from guest_agent.log import fields, logger
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any
 
 log = logger("guest_agent.timeline")
 
@@ -96,33 +93,7 @@ class Timeline:
         }
 
     def to_json(self) -> bytes:
-        """What json.dumps(to_dict(), indent=2) writes, without the json module: timeline.json is
-        written after Ready, while APF starts, and importing json there (json.decoder compiles its
-        regular expressions: re, enum) costs the guest's CPU for nothing (`make bench-imports`)."""
-        return (dumps(self.to_dict()) + "\n").encode()
-
-
-def dumps(value: object, pad: str = "\n") -> str:
-    """JSON text of the timeline's own values (str, int, finite float, bool, None, and lists and
-    dicts of them; our data, a few levels deep), indented by two spaces like json.dumps(indent=2)."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, str):
-        return encode_basestring_ascii(value)
-    if isinstance(value, int):
-        return int.__repr__(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"not a finite number: {value!r}")
-        return float.__repr__(value)  # what json writes for a float
-    inner = pad + "  "
-    if isinstance(value, dict):
-        items = [inner + encode_basestring_ascii(str(k)) + ": " + dumps(v, inner) for k, v in value.items()]
-        return "{" + ",".join(items) + pad + "}" if items else "{}"
-    if isinstance(value, (list, tuple)):
-        items = [inner + dumps(v, inner) for v in value]
-        return "[" + ",".join(items) + pad + "]" if items else "[]"
-    raise TypeError(f"not JSON: {type(value).__name__}")
+        return (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode()
 
 
 class Running:
