@@ -6,8 +6,12 @@ failure prints a one-line reason.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import textwrap
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from guest_agent import __version__
 from guest_agent.config import Config, under_root
@@ -23,12 +27,6 @@ from guest_agent.errors import (
 )
 from guest_agent.log import logger
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import argparse
-    from collections.abc import Sequence
-    from typing import Any, NoReturn
-
 log = logger("guest_agent.cli")
 
 EPILOG = (
@@ -40,10 +38,6 @@ EPILOG = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    # Imported here: `run` as the unit starts it does not need argparse (_run_args).
-    import argparse
-    import textwrap
-
     class _Parser(argparse.ArgumentParser):
         """Usage errors exit 64 (EX_USAGE), not argparse's 2."""
 
@@ -178,52 +172,9 @@ def _read(path: str, limit: int) -> bytes:
         raise InputMissing("cannot read the user-data file", path=path, error=exc.strerror) from exc
 
 
-_RUN_OPTIONS = {"--root": "root", "--config": "config"}
-
-
-class _RunArgs:
-    """What the parser would return for `run`, attributes in a __dict__ as in argparse's Namespace
-    (a plain class: `types` is not imported for its SimpleNamespace on the boot path)."""
-
-    def __init__(self) -> None:
-        self.verbose = False
-        self.command: str | None = None
-        self.root = "/"
-        self.config: str | None = None
-
-    if TYPE_CHECKING:  # typed as argparse.Namespace is: _dispatch reads other commands' options
-
-        def __getattr__(self, name: str) -> Any: ...
-
-
-def _run_args(argv: Sequence[str]) -> _RunArgs | None:
-    """The arguments of `[-v] run [--root DIR] [--config FILE]` in the plain spelling the unit
-    uses, as the parser would return them; None for anything else (the parser handles it).
-    Building the parser costs ~10 ms of CPU on every boot (argparse, gettext, its help
-    formatter's terminal size lookup): `make bench`."""
-    out = _RunArgs()
-    seen: set[str] = set()
-    it = iter(argv)
-    for arg in it:
-        if arg == "run" and out.command is None:
-            out.command = "run"
-        elif arg in ("-v", "--verbose") and out.command is None and "v" not in seen:
-            seen.add("v")
-            out.verbose = True
-        elif arg in _RUN_OPTIONS and out.command == "run" and arg not in seen:
-            seen.add(arg)
-            value = next(it, None)
-            if value is None or value.startswith("-"):
-                return None
-            setattr(out, _RUN_OPTIONS[arg], value)
-        else:
-            return None
-    return out if out.command == "run" else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _run_args(argv) or _parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     from guest_agent import log as agent_log
 
     log_fields = agent_log.setup(agent_log.DEBUG if args.verbose else agent_log.INFO)
@@ -252,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SOFTWARE
 
 
-def _dispatch(args: argparse.Namespace | _RunArgs, cfg: Config, log_fields: dict[str, str]) -> int:
+def _dispatch(args: argparse.Namespace, cfg: Config, log_fields: dict[str, str]) -> int:
     root: str = args.root
     if args.command == "run":
         from guest_agent import boot
@@ -371,7 +322,7 @@ def _timeline(cfg: Config, root: str, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _netns(args: argparse.Namespace | _RunArgs, cfg: Config, root: str) -> int:
+def _netns(args: argparse.Namespace, cfg: Config, root: str) -> int:
     from guest_agent import clouds, netns
 
     run_dir = str(under_root(root, cfg.netns.run_dir))

@@ -114,6 +114,9 @@ def test_run_with_an_invalid_value_exits_78_before_writing(tmp_path: Path) -> No
         (["nosuch"], 64),
         (["check"], 64),
         (["run", "--bogus"], 64),
+        (["run", "--root"], 64),
+        (["run", "run"], 64),
+        (["--root", "/r", "run"], 64),
         (["netns"], 64),
     ],
 )
@@ -124,44 +127,20 @@ def test_usage_errors_exit_64(argv: list[str], code: int, capsys: pytest.Capture
     assert "usage: guest-agent" in capsys.readouterr().err
 
 
-FAST_RUN_ARGV = [
-    ["run"],
-    ["-v", "run"],
-    ["--verbose", "run", "--root", "/r", "--config", "/c.toml"],
-    ["run", "--config", "", "--root", "/r"],
-]
-
-
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "expected"),
     [
-        *FAST_RUN_ARGV,
-        # not the unit's spelling: left to the parser, which accepts or refuses them
-        ["run", "--root=/r"],
-        ["run", "--ro", "/r"],
-        ["run", "-v"],
-        ["run", "--root", "/a", "--root", "/b"],
-        ["run", "--root", "-x"],
-        ["run", "--root"],
-        ["run", "run"],
-        ["--root", "/r", "run"],
-        ["-vv", "run"],
-        ["run", "--help"],
-        ["check", "run"],
+        (["run"], {"verbose": False, "root": "/", "config": None}),
+        (["-v", "run"], {"verbose": True, "root": "/", "config": None}),
+        (
+            ["--verbose", "run", "--root", "/r", "--config", "/c.toml"],
+            {"verbose": True, "root": "/r", "config": "/c.toml"},
+        ),
+        (["run", "--root=/r", "--config", ""], {"verbose": False, "root": "/r", "config": ""}),
     ],
 )
-def test_run_without_the_parser_reads_what_the_parser_reads(argv: list[str]) -> None:
-    """The unit's `run` skips building the parser (CPU on every boot): same arguments, and
-    anything else goes to the parser."""
-    fast = cli._run_args(argv)
-    try:
-        parsed = vars(cli._parser().parse_args(argv))
-    except SystemExit:
-        parsed = None
-    if argv in FAST_RUN_ARGV:
-        assert fast is not None and vars(fast) == parsed
-    else:
-        assert fast is None
+def test_run_arguments(argv: list[str], expected: dict[str, object]) -> None:
+    assert vars(cli._parser().parse_args(argv)) == {"command": "run", **expected}
 
 
 def test_missing_inputs_exit_66(tmp_path: Path) -> None:
