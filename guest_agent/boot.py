@@ -207,9 +207,8 @@ def start_budget_s(cfg: Config) -> float:
 
 def warm(provider: str, cfg: Config) -> None:
     """Import now, before the network wait, what the stages after it need (the provider's
-    module, the TPM's), so that none sits between the route and Ready (`make bench`: "route
-    present -> Ready").
-    PyYAML and tomllib are not among them: `userdata` imports them with this module."""
+    module, the TPM's), so that no import sits between the route and Ready: the agent's rule,
+    held by tests/test_boot_imports.py on a real run."""
     clouds.provider_module(provider)
     if cfg.tpm.enabled:
         from guest_agent import tpm  # noqa: F401

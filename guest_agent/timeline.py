@@ -3,12 +3,18 @@
 `time.monotonic()` is CLOCK_MONOTONIC on Linux: seconds since boot (minus suspend), the
 same clock as the kernel's log timestamps and systemd's *TimestampMonotonic, so the
 figures line up with `journalctl -o short-monotonic` and `systemd-analyze`.
+
+Each stage's start and end and each mark is also raised as the audit event AUDIT_EVENT
+(`sys.audit`, PEP 578): ("start" | "end" | "mark", name).  Nothing listens in the agent; a hook
+(`sys.addaudithook`) sees the run from inside, e.g. which modules are loaded when the route
+appears (tests/test_boot_imports.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +24,11 @@ from guest_agent.log import fields, logger
 
 log = logger("guest_agent.timeline")
 
+AUDIT_EVENT = "guest_agent.timeline"
+
 
 class Stage:
-    """One stage of a run (a plain class: boot.py's `Deps` says why)."""
+    """One stage of a run."""
 
     __slots__ = ("end", "error", "name", "ok", "start")
 
@@ -74,6 +82,7 @@ class Timeline:
     def mark(self, name: str) -> None:
         """A point event (e.g. READY=1 sent)."""
         self.marks[name] = self.clock()
+        sys.audit(AUDIT_EVENT, "mark", name)
 
     def count(self, name: str, n: int) -> None:
         """A tally for the run (kept in timeline.json beside the stages)."""
@@ -97,8 +106,7 @@ class Timeline:
 
 
 class Running:
-    """One stage while its block runs.  A class, not @contextlib.contextmanager: the boot path does
-    without contextlib's import."""
+    """One stage while its block runs (the context manager `Timeline.stage` returns)."""
 
     __slots__ = ("doing", "name", "stage", "timeline")
     stage: Stage  # from __enter__ on
@@ -112,6 +120,7 @@ class Running:
         tl, name = self.timeline, self.name
         st = self.stage = Stage(name, tl.clock())
         tl.stages.append(st)
+        sys.audit(AUDIT_EVENT, "start", name)
         what = f"{name}: {self.doing}" if self.doing else name
         if tl.status is not None:
             tl.status(what)
@@ -121,6 +130,7 @@ class Running:
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         st, name = self.stage, self.name
         st.end, st.ok = self.timeline.clock(), exc is None
+        sys.audit(AUDIT_EVENT, "end", name)
         if exc is None:
             log.info("[finished] %s (%.1f ms)", name, st.ms, extra=fields(stage=name, elapsed_ms=st.ms))
             return

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import json
+import re
+
 from guest_agent import httpio
 from guest_agent.clouds import FetchContext
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
@@ -53,17 +57,11 @@ def is_token(value: str) -> bool:
 
 
 JSON_MAX_DEPTH = 32  # a metadata answer is a flat object or two deep
+_UTF8_SIG = codecs.lookup("utf-8-sig")  # looked up now: its module would load after the route
 
 
 def json_depth(body: bytes) -> int:
-    """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped).
-
-    `re` is imported here, not with the module: only the JSON answers of IBM Cloud come here, and
-    they import json (which imports re) anyway; Azure's boot path imports this module but never
-    calls it.
-    """
-    import re
-
+    """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped)."""
     depth = deepest = 0
     for m in re.finditer(rb"[\[\]{}]", re.sub(rb'"(?:[^"\\]|\\.)*"', b"", body)):
         depth += 1 if m.group() in (b"[", b"{") else -1
@@ -74,12 +72,10 @@ def json_depth(body: bytes) -> int:
 def parse_json(body: bytes, what: str) -> object:
     """A metadata JSON answer, bounded in depth first: `json.loads` recurses and would raise
     RecursionError on a few thousand brackets.  Anything unusable is a `Retry`."""
-    import json
-
     # UTF-8 only (RFC 8259 §8.1), decoded here: json.loads would detect UTF-16/32 in bytes, whose
     # code units can hold a 0x22 byte that json_depth takes for a quote, hiding real brackets.
     try:
-        text = body.decode("utf-8-sig")
+        text = _UTF8_SIG.decode(body)[0]
     except UnicodeDecodeError:
         raise Retry(f"{what} is not UTF-8 JSON") from None
     if json_depth(body) > JSON_MAX_DEPTH:
