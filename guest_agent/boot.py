@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from guest_agent import clouds, files, initdata, providers, transport, userdata
 from guest_agent.config import Config, root_path
@@ -28,38 +31,22 @@ from guest_agent.log import (
 from guest_agent.notify import Notifier
 from guest_agent.timeline import Timeline
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from guest_agent.azure.fabric import AzureFabric
     from guest_agent.azure.health import ReportResult
 
 log = logger("guest_agent.boot")
 
 
+@dataclass(slots=True, eq=False)
 class Deps:
-    """The edges of the world, injectable for tests.
+    """The edges of the world, injectable for tests."""
 
-    A plain class, like the other mutable records of the boot path (timeline.Stage,
-    clouds.FetchContext, files._SetDir): a dataclass exec()-compiles its generated methods at every
-    import, ~1.5 M instructions per class on each boot (valgrind's callgrind)."""
-
-    __slots__ = ("clock", "log_fields", "notifier", "rand", "sleep")
-
-    def __init__(
-        self,
-        notifier: Notifier | None = None,
-        rand: Callable[[], float] = transport.urandom_unit,  # backoff jitter
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-        log_fields: dict[str, str] | None = None,  # added to every journal entry
-    ) -> None:
-        self.notifier = notifier if notifier is not None else Notifier()
-        self.rand = rand
-        self.clock = clock
-        self.sleep = sleep
-        self.log_fields = log_fields if log_fields is not None else {}
+    notifier: Notifier = field(default_factory=Notifier)
+    rand: Callable[[], float] = transport.urandom_unit  # backoff jitter
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    log_fields: dict[str, str] = field(default_factory=dict)  # added to every journal entry
 
 
 def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:

@@ -7,9 +7,9 @@ returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 
 from __future__ import annotations
 
+import importlib
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -66,26 +66,22 @@ def detect(facts: Facts) -> str:
     return next(p.name for p in providers.REGISTRY if p.matches(facts.get))
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class FetchContext:
-    """What a provider's fetch() gets (a plain class: boot.py's `Deps` says why)."""
+    """What a provider's fetch() gets."""
 
-    __slots__ = ("backoff", "cfg", "deadline", "root", "state")
-
-    def __init__(self, *, cfg: Config, root: str, deadline: Deadline, backoff: Backoff) -> None:
-        self.cfg = cfg
-        self.root = root
-        self.deadline = deadline
-        self.backoff = backoff
-        self.state: dict[str, Any] = {}  # per-provider state across attempts (tokens)
+    cfg: Config
+    root: str
+    deadline: Deadline
+    backoff: Backoff
+    state: dict[str, Any] = field(default_factory=dict)  # per-provider state across attempts (tokens)
 
 
 def provider_module(name: str) -> ModuleType:
     """Import only the provider in use (each pulls in its own helpers)."""
     from guest_agent import providers
 
-    module = providers.get(name).fetch_module
-    __import__(module)  # importlib.import_module, without importing importlib
-    return sys.modules[module]
+    return importlib.import_module(providers.get(name).fetch_module)
 
 
 def metadata_address(name: str, cfg: Config) -> str | None:
