@@ -51,17 +51,14 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guest_agent.entropy import random_bytes
 from guest_agent.errors import WriteFailed
 from guest_agent.log import logger
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    Step = Callable[[str], None]
+Step = Callable[[str], None]
 
 log = logger("guest_agent.files")
 

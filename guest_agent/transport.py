@@ -7,26 +7,26 @@ The exchange itself (socket, bounds, faults) is in httpio.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from guest_agent.entropy import random_bytes
 from guest_agent.errors import AgentError, MetadataUnavailable
 from guest_agent.log import logger
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Protocol, TypeVar
+T = TypeVar("T")
 
-    T = TypeVar("T")
 
-    class Answer(Protocol):
-        @property
-        def status(self) -> int: ...
-        @property
-        def headers(self) -> dict[str, str]: ...
-        @property
-        def body(self) -> bytes: ...
+class Answer(Protocol):
+    """What the retry classification reads of an HTTP answer (httpio.Response)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    @property
+    def body(self) -> bytes: ...
 
 
 log = logger("guest_agent.transport")
