@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from collections.abc import Callable
 
 GRND_INSECURE = 0x0004  # <linux/random.h>; Python's os module does not name it
 

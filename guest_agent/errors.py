@@ -10,10 +10,7 @@ unit can act on them (`RestartPreventExitStatus=78`).
 from __future__ import annotations
 
 import re
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 EXIT_OK = 0
 EXIT_USAGE = 64  # EX_USAGE: bad command line (argparse)

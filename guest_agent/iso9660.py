@@ -14,12 +14,9 @@ and `OSError` from the device itself.
 from __future__ import annotations
 
 import struct
+from typing import BinaryIO
 
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import BinaryIO
 
 SECTOR = 2048
 _JOLIET_ESCAPES = (b"%/@", b"%/C", b"%/E")

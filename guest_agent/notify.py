@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from guest_agent.log import logger
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    Sender = Callable[[str], bool]
+Sender = Callable[[str], bool]
 
 log = logger("guest_agent.notify")
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from guest_agent import __version__
 from guest_agent.azure import kvp
@@ -30,10 +32,7 @@ from guest_agent.errors import AgentError, FabricError
 from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, urandom_unit
 
-TYPE_CHECKING = False  # typing and collections.abc only for mypy: neither is imported at boot
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from guest_agent.config import AzureConfig
 
 log = logger("guest_agent.azure.fabric")
