@@ -16,11 +16,13 @@ import os
 import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guest_agent.errors import ConfigError
 from guest_agent.providers import NAMES
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROVIDERS = ("auto", *NAMES)  # the registry's clouds (guest_agent/providers.py)
 
@@ -197,7 +199,10 @@ SYSTEM_CONFIG_DIR = "/etc/guest-agent/config.d"
 
 
 def under_root(root: str, path: str) -> Path:
-    """Prefix a guest path with --root (``/`` leaves it unchanged)."""
+    """Prefix a guest path with --root (``/`` leaves it unchanged); for the commands other than
+    `run`, which joins strings (root_path) and so never imports pathlib."""
+    from pathlib import Path
+
     return Path(root) / path.lstrip("/")
 
 
