@@ -17,10 +17,7 @@ import os
 import socket
 import struct
 import sys
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, TextIO
+from typing import Any, TextIO
 
 IDENTIFIER = "guest-agent"
 

@@ -11,10 +11,7 @@ internal error.  Bounds on the document's size and structure are the caller's:
 from __future__ import annotations
 
 import tomllib
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 
 class DecodeError(ValueError):

@@ -17,12 +17,9 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 
 from guest_agent.errors import EXIT_UNAVAILABLE, AgentError
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 TPM_ST_NO_SESSIONS = 0x8001
 TPM_ST_SESSIONS = 0x8002

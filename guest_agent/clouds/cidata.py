@@ -31,6 +31,7 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 
 from guest_agent import inotify, iso9660
 from guest_agent.clouds import FetchContext
@@ -38,10 +39,6 @@ from guest_agent.config import CidataConfig, root_path
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 from guest_agent.log import fields, logger
 from guest_agent.notify import Notifier
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 log = logger("guest_agent.cidata")
 NETLINK_KOBJECT_UEVENT = 15
