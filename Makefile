@@ -40,9 +40,9 @@ fuzz: venv pytest-deps
 	GUEST_AGENT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz_decoders.py tests/test_fuzz_http.py
 
 bench: venv
-	$(PY) -m tests.bench $(if $(N),--runs $(N))
-	$(PY) -m tests.bench_fabric
-	$(PY) -m tests.bench_fleet
+	$(PY) -m bench.agent $(if $(N),--runs $(N))
+	$(PY) -m bench.report
+	$(PY) -m bench.fleet
 
 # The pod VM image (root: mmdebstrap in root mode); rebuilt only when its inputs changed.
 image: venv
@@ -63,12 +63,12 @@ e2e: image
 bench-boot: image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
 	for v in guest-agent floor-tuned floor-stock cloudinit caa-chain; do image/variants/build-variant.sh $$v || exit 1; done
-	$(PY) -m tests.bootbench.run $(if $(N),--runs $(N))
+	$(PY) -m bench.boot.run $(if $(N),--runs $(N))
 
-# What a Python process and each import cost inside the pod VM under TCG (tests/bootbench/probe.py,
+# What a Python process and each import cost inside the pod VM under TCG (bench/boot/probe.py,
 # one quiet boot of the product image, ~1.5 min).
 bench-imports: image
-	$(PY) -m tests.bootbench.probe $(if $(N),--runs $(N))
+	$(PY) -m bench.boot.probe $(if $(N),--runs $(N))
 
 # The systemd side, the journal catalog and the man page, laid out for an image builder (mkosi,
 # packer, mmdebstrap); the Python package installs with pip.  BINDIR: where `pip install` put the guest-agent script (written into the units).

@@ -75,7 +75,7 @@ def _always(dmi: Dmi) -> bool:
 
 
 REGISTRY: tuple[Provider, ...] = (
-    Provider("azure", _azure, "guest_agent.azure.imds", "azure.imds_url", reporter_module="guest_agent.azure.fabric"),
+    Provider("azure", _azure, "guest_agent.clouds.azure", "azure.imds_url", reporter_module="guest_agent.azure.fabric"),
     Provider("aws", _aws, "guest_agent.clouds.aws", "aws.imds_url"),
     Provider("gcp", _gcp, "guest_agent.clouds.gcp", "gcp.metadata_url"),
     Provider("alibaba", _alibaba, "guest_agent.clouds.alibaba", "alibaba.metadata_url"),

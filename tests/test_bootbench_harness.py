@@ -1,4 +1,4 @@
-"""The boot benchmark's harness (tests/bootbench/run.py): its contention check (another QEMU process
+"""The boot benchmark's harness (bench/boot/run.py): its contention check (another QEMU process
 during a boot makes it measure the boot again; this boot's own forks, guestfwd relays before they
 exec, must not count, whoever their parent is), and the figures counted from systemd's start."""
 
@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.bootbench import run
+from bench.boot import run
 
 
 def test_forks_with_this_boots_command_line_are_not_another_qemu(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import yaml
 
-from tests.bootbench.fabric import BenchWireserver
+from bench.boot.fabric import BenchWireserver
 from tests.e2e import userdata
 
 STANDINS = Path(__file__).resolve().parents[1] / "image/variants/overlay-caa-chain/usr/local/libexec/caa-chain"

@@ -1,11 +1,11 @@
 """A fleet of agents against one rate-limited fake IMDS: every agent provisions, retries spread.
 
-The figures for 200 agents (with and without jitter) come from `python -m tests.bench_fleet`.
+The figures for 200 agents (with and without jitter) come from `python -m bench.fleet`.
 """
 
 from __future__ import annotations
 
-from tests.bench_fleet import run_fleet
+from bench.fleet import run_fleet
 
 
 def test_a_throttled_fleet_provisions_with_spread_retries() -> None:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Build the comparison images for the boot benchmark (tests/bootbench, `make bench-boot`):
+# Build the comparison images for the boot benchmark (bench/boot, `make bench-boot`):
 #
 #   image/variants/build-variant.sh floor-stock the base of image/build.sh, no agent at all, booted as
 #                                               Debian configures it (initramfs-tools, every unit)

@@ -66,7 +66,7 @@ class Script:
 
 
 class _Server(ThreadingHTTPServer):
-    request_queue_size = 512  # listen() backlog: a fleet of agents connects at once (tests/bench_fleet.py)
+    request_queue_size = 512  # listen() backlog: a fleet of agents connects at once (bench/fleet.py)
 
 
 class Lifecycle:

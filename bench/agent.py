@@ -314,7 +314,7 @@ def main() -> int:
         # address there, and nothing can leave the machine.
         extra = ["--baseline", os.path.abspath(args.baseline)] if args.baseline else []
         extra += ["--callgrind"] if args.callgrind else []
-        argv = [PY, "-m", "tests.bench", "--runs", str(n), "--in-netns", *extra]
+        argv = [PY, "-m", "bench.agent", "--runs", str(n), "--in-netns", *extra]
         return subprocess.call(["unshare", "--net", "--", *argv])
     if args.in_netns:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)

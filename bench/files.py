@@ -1,6 +1,6 @@
 """Cost of files.apply(): a CAA-sized set written over a previous set, on tmpfs (like /run).
 
-    python -m tests.bench_files [--runs N] [--baseline REV]
+    python -m bench.files [--runs N] [--baseline REV]
 
 Each run lays CAA's tmpfiles defaults and a previous agent set in a fresh directory
 (untimed), then times one apply() of the new set.  With --baseline, the files.py of git

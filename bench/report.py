@@ -1,6 +1,6 @@
 """Time-to-Ready on the critical path, against the fake wireserver on 127.0.0.1.
 
-    .venv/bin/python -m tests.bench_fabric [--iterations 30] [--rtt-ms 0 2]
+    .venv/bin/python -m bench.report [--iterations 30] [--rtt-ms 0 2]
 
 For each endpoint flavour, measures the wall time from calling `AzureFabric.report_ready()`
 (KVP record written and fsync'd, then the report) until the fake wireserver receives the
@@ -87,7 +87,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.bench_fabric", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0, 2.0])
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """In-guest start-up probe: what a Python process and each import cost inside the pod VM under TCG.
 
-    python -m tests.bootbench.probe [--image DIR ...] [--runs 5] [--cases NAME,...]   (`make bench-imports`)
+    python -m bench.boot.probe [--image DIR ...] [--runs 5] [--cases NAME,...]   (`make bench-imports`)
 
 `make bench` counts the agent's CPU natively; this asks the question the boot benchmark raises: what
 does the same process cost in the emulated guest, where the agent is the first Python process of the
@@ -106,7 +106,7 @@ systemctl poweroff -f
 """
 
 UNIT = """[Unit]
-Description=start-up cost probe (tests/bootbench/probe.py)
+Description=start-up cost probe (bench/boot/probe.py)
 After=multi-user.target
 [Service]
 Type=oneshot
@@ -196,7 +196,7 @@ def table(results: dict[str, Runs], names: list[str]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.bootbench.probe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.boot.probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", action="append", help="image dir (disk.raw, vmlinuz, initrd.img, cmdline); repeatable")
     ap.add_argument("--runs", type=int, default=5, help="runs of each case per mode (default 5)")
     ap.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
@@ -207,7 +207,7 @@ def main() -> int:
         return 2
     if os.environ.get("PROBE_NETNS") != "1":
         env = {**os.environ, "PROBE_NETNS": "1"}
-        return subprocess.call(["unshare", "--net", "--", sys.executable, "-m", "tests.bootbench.probe", *sys.argv[1:]],
+        return subprocess.call(["unshare", "--net", "--", sys.executable, "-m", "bench.boot.probe", *sys.argv[1:]],
                                env=env, cwd=REPO)  # fmt: skip
     names = args.cases.split(",") if args.cases else list(CASES)
     unknown = [n for n in names if n not in CASES]

@@ -1,6 +1,6 @@
 """Many agents against one rate-limited fake IMDS on 127.0.0.1: are the retries spread?
 
-    .venv/bin/python -m tests.bench_fleet [--agents 200] [--rate 40]
+    .venv/bin/python -m bench.fleet [--agents 200] [--rate 40]
 
 Each agent is a thread running the real fetch loop (`boot.fetch_user_data`, the real clock
 and sleep).  The fake Azure IMDS serves `--rate` requests per second (a token bucket) and
@@ -111,7 +111,7 @@ def run_fleet(agents: int, rate: float, rand: Callable[[], float] = urandom_unit
 
 def _fetch_tagged(cfg: Config, root: str, deps: boot.Deps, headers: dict[str, str]) -> bytes:
     """boot.fetch_user_data with an extra request header (the fleet's agent id)."""
-    from guest_agent.azure import imds as azure_imds
+    from guest_agent.clouds import azure as azure_imds
 
     ctx = FetchContext(
         cfg=cfg,

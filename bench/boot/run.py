@@ -27,7 +27,7 @@ so it never overlaps another QEMU boot on the machine (the e2e suite takes the s
 The caa-chain variant is CAA's pod VM unit graph with stand-in programs that send the requests CAA's
 process-user-data and azure-ready send (image/variants/overlay-caa-chain); see docs/benchmarks.md.
 
-    python -m tests.bootbench.run [--runs 3] [--variants V1,V2,...] [--no-docs]   (default: all five)
+    python -m bench.boot.run [--runs 3] [--variants V1,V2,...] [--no-docs]   (default: all five)
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bootbench.fabric import BenchFabric, ovf_env_xml
+from bench.boot.fabric import BenchFabric, ovf_env_xml
 from tests.e2e import userdata
 from tests.fakecloud.wireserver import HealthReport
 
@@ -670,7 +670,7 @@ def machine() -> dict[str, str]:
 
 def write_docs(result: dict[str, Any], tbl: str, tbl_sys: str, goal_lines: str, path: Path) -> None:
     m = result["machine"]
-    body = f"""<!-- bench-boot:begin (written by `make bench-boot`, tests/bootbench/run.py; do not edit by hand) -->
+    body = f"""<!-- bench-boot:begin (written by `make bench-boot`, bench/boot/run.py; do not edit by hand) -->
 ## Boot benchmark: guest-agent vs cloud-init + waagent vs CAA's chain vs no agent
 
 Run on {result["date"]}: {result["runs"]} boots of each variant, interleaved
@@ -687,7 +687,7 @@ Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB, {m["os"]}, kerne
 QEMU: TCG (no KVM here), `-m 1024 -smp 2 -cpu qemu64,+rdrand,-hypervisor` (RDRAND as on every cloud CPU: Debian's
 kernel trusts it and has its random number generator seeded at once; docs/boot-placement.md), Azure SMBIOS, virtio
 disk (qcow2 overlay per boot: every boot is a first boot), provisioning ISO on IDE CD-ROM, swtpm TPM, restricted
-user networking in a private network namespace, fake IMDS / wireserver / HostGAPlugin (tests/bootbench/fabric.py).
+user networking in a private network namespace, fake IMDS / wireserver / HostGAPlugin (bench/boot/fabric.py).
 
 Command: `{result["command"]}`
 
@@ -708,7 +708,7 @@ Goals (issue 12; the lease rows are issue 10's), from the medians of the first t
 
 ![boot timeline](boot-timeline.png)
 
-How each figure is taken (tests/bootbench/run.py):
+How each figure is taken (bench/boot/run.py):
 - *DHCP lease*: the first lease in the guest: systemd-networkd's journal line, or for cloud-init
   the ephemeral DHCP it runs itself in cloud-init-local (cloud-init.log), whichever is first.
 - *user-data fetched*: host arrival of the first IMDS request answered with the user-data
@@ -826,7 +826,7 @@ def inner(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.bootbench.run", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.boot.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="boots of each variant (default 3)")
     ap.add_argument("--variants", default="guest-agent,floor-tuned,floor-stock,cloudinit,caa-chain")
     ap.add_argument("--timeout", type=float, default=240.0, help="per boot, seconds")
@@ -845,7 +845,7 @@ def main() -> int:
     if os.environ.get("BOOTBENCH_NETNS") != "1":
         # Everything (fakes, relays, QEMU) in a network namespace of its own with only lo.
         env = {**os.environ, "BOOTBENCH_NETNS": "1"}
-        return subprocess.call(["unshare", "--net", "--", sys.executable, "-m", "tests.bootbench.run", *sys.argv[1:]],
+        return subprocess.call(["unshare", "--net", "--", sys.executable, "-m", "bench.boot.run", *sys.argv[1:]],
                                env=env, cwd=REPO)  # fmt: skip
     return inner(args)
 
