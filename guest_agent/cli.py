@@ -323,7 +323,8 @@ def _timeline(cfg: Config, root: str, *, as_json: bool) -> int:
 
 
 def _netns(args: argparse.Namespace, cfg: Config, root: str) -> int:
-    from guest_agent import clouds, netns
+    from guest_agent import clouds
+    from guest_agent.podnet import netns
 
     run_dir = str(under_root(root, cfg.netns.run_dir))
     if args.netns_command == "ensure":

@@ -15,7 +15,7 @@ the standard library instead of pyroute2.  Measured with ``python -X importtime`
 What is needed here is small: one ``RTM_GETROUTE`` request ("ip route get"),
 its reply (``RTM_NEWROUTE`` or ``NLMSG_ERROR``) and "something changed"
 wake-ups from the multicast groups.  pyroute2 stays the tool for the pod
-network namespace and the IMDS NAT (:mod:`guest_agent.netns`), which run after
+network namespace and the IMDS NAT (:mod:`guest_agent.podnet`), which run after
 READY=1.
 
 Race-free order: the event socket joins the groups *before* the route lookup,
@@ -256,7 +256,7 @@ def open_rtnl(*, groups: int = 0, netns: str | None = None, timeout: float = 5.0
 
     if netns is None:
         return make()
-    from guest_agent.netns import run_in_netns  # ctypes only when a namespace is involved
+    from guest_agent.podnet.nsenter import run_in_netns  # ctypes only when a namespace is involved
 
     return run_in_netns(netns, make)
 

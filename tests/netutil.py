@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent import netns
+from guest_agent.podnet import netns
 
 MNT_DETACH = 0x2
 

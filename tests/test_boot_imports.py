@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.netns import run_in_netns
+from guest_agent.podnet.nsenter import run_in_netns
 from guest_agent.timeline import AUDIT_EVENT
 from tests import caa
 from tests.fakecloud import imds

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import pytest
 
-from guest_agent import netns
 from guest_agent.errors import NetworkUnavailable
 from guest_agent.network import RtnlSocket
+from guest_agent.podnet import netns
 from tests.netutil import Namespaces, host_snapshot, namespaces
 
 IMDS = "169.254.169.254"

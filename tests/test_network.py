@@ -11,7 +11,7 @@ import pytest
 
 from guest_agent import network
 from guest_agent.errors import NetworkUnavailable
-from guest_agent.netns import run_in_netns
+from guest_agent.podnet.nsenter import run_in_netns
 from tests.netutil import Namespaces, namespaces
 
 IMDS = "169.254.169.254"

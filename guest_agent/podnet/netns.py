@@ -4,17 +4,6 @@
 ``ip netns exec podns ip link set lo up``) and `setup_imds_nat` replaces
 cloud-api-adaptor's ``setup-nat-for-imds.sh``.
 
-Namespaces without fork: a network namespace is a per-thread attribute in
-Linux, so `unshare(CLONE_NEWNET)` and `setns()` are done by a short-lived
-helper thread (through ctypes: ``os.unshare``/``os.setns`` only arrived in
-Python 3.12).  Sockets keep the namespace they were created in, and
-``/proc/sys/net`` shows the namespace of the thread that opens it, so the
-helper thread creates what it needs and ends; the calling thread never changes
-namespace.  This is what ``ip netns add`` does, minus the fork: pyroute2's
-``netns.create`` and ``IPRoute(netns=...)`` fork a child process, which is slower
-(about 30 ms) and unsafe once the agent has started threads.  Nothing here forks,
-so every function may be called from any thread at any time.
-
 Threads and the caller's namespace: everything that is "host side" happens in
 the namespace of the *calling thread*, which is the VM's root namespace in the
 agent.  Tests call it from a thread that joined a test namespace instead.
@@ -22,7 +11,6 @@ agent.  Tests call it from a thread that joined a test namespace instead.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -30,81 +18,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from guest_agent.errors import NetworkUnavailable
 from guest_agent.network import RtnlSocket, family_of, wait_for_route
+from guest_agent.podnet.nsenter import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_REC,
+    MS_SHARED,
+    in_thread,
+    mount,
+    run_in_netns,
+    umount,
+    unshare_net,
+)
 
-T = TypeVar("T")
-
-# <sched.h>, <sys/mount.h>
-CLONE_NEWNET = 0x40000000
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_SHARED = 1 << 20
-MNT_DETACH = 0x2
 LOOPBACK_IFINDEX = 1  # the kernel gives `lo` ifindex 1 in every network namespace
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-
-
-def _check(ret: int, what: str, path: str = "") -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", path or None)
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int) -> None:
-    _check(
-        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags, None),
-        "mount",
-        target,
-    )
-
-
-def _setns(fd: int) -> None:
-    _check(_libc.setns(fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
-
-
-def _in_thread(fn: Callable[[], T], name: str) -> T:
-    """Run `fn` in a new thread and return its result (or raise its exception) here."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    result: T = box["result"]
-    return result
-
-
-def run_in_netns(path: str, fn: Callable[[], T]) -> T:
-    """Call `fn` in a helper thread that has joined the network namespace file `path`.
-
-    Whatever `fn` creates there (sockets, pyroute2 objects used inside `fn`) lives in
-    that namespace; the calling thread's namespace is not changed.
-    """
-
-    def enter_and_run() -> T:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(fd)
-        finally:
-            os.close(fd)
-        return fn()
-
-    return _in_thread(enter_and_run, f"netns:{os.path.basename(path)}")
 
 
 def netns_path(name: str, run_dir: str) -> str:
@@ -136,12 +65,12 @@ def _prepare_run_dir(run_dir: str) -> None:
     """
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
     try:
-        _mount("none", run_dir, "none", MS_SHARED | MS_REC)
+        mount("none", run_dir, "none", MS_SHARED | MS_REC)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        _mount(run_dir, run_dir, "none", MS_BIND | MS_REC)
-        _mount("none", run_dir, "none", MS_SHARED | MS_REC)
+        mount(run_dir, run_dir, "none", MS_BIND | MS_REC)
+        mount("none", run_dir, "none", MS_SHARED | MS_REC)
 
 
 def ensure_netns(name: str, *, run_dir: str = "/run/netns") -> bool:
@@ -159,13 +88,13 @@ def ensure_netns(name: str, *, run_dir: str = "/run/netns") -> bool:
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0))
 
     def create() -> None:
-        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        unshare_net()
         # This thread is now alone in a new namespace; pin it to the file so it outlives the thread.
-        _mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, "none", MS_BIND)
+        mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, "none", MS_BIND)
         _lo_up()
 
     try:
-        _in_thread(create, f"netns-create:{name}")
+        in_thread(create, f"netns-create:{name}")
     except BaseException:
         if not is_netns(path):
             try:
@@ -181,9 +110,11 @@ def remove_netns(name: str, *, run_dir: str = "/run/netns") -> bool:
     path = netns_path(name, run_dir)
     if not os.path.lexists(path):
         return False
-    ret = _libc.umount2(path.encode(), MNT_DETACH)
-    if ret != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted
-        _check(ret, "umount2", path)
+    try:
+        umount(path, MNT_DETACH)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted
+            raise
     try:
         os.unlink(path)
     except FileNotFoundError:
