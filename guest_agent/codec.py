@@ -7,15 +7,15 @@ oversized body is reported as too large, not as whatever its first bad byte look
 
 from __future__ import annotations
 
+import base64
 import binascii
+import re
 import zlib
 
 from guest_agent.errors import UserDataInvalid
 
 GZIP_MAGIC = b"\x1f\x8b"
-# ASCII whitespace as bytes.split() and a bytes regex's \s see it: space, \t, \n, \v, \f, \r.
-_WS = b" \t\n\x0b\x0c\r"
-_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_B64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")  # \s: ASCII whitespace, what bytes.split() splits on
 _CHUNK = 4096
 
 
@@ -42,26 +42,18 @@ def b64decode_strict(data: bytes, *, what: str, limit: int | None = None) -> byt
     if limit is not None:
         _refuse_oversized_b64(stripped, limit=limit, what=what)
     try:
-        return _a2b_strict(stripped)
+        return base64.b64decode(stripped, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise UserDataInvalid(f"{what} is not valid base64", error=str(exc)[:80]) from exc
 
 
 def _strip_ws(data: bytes) -> bytes:
-    return bytes(data).translate(None, _WS)
-
-
-def _a2b_strict(stripped: bytes) -> bytes:
-    """`base64.b64decode(stripped, validate=True)` without importing base64 (which pulls in re and
-    struct): on Python 3.11+ that call is exactly `binascii.a2b_base64(s, strict_mode=True)`, which
-    refuses non-alphabet bytes, bad padding, data after padding and a leading `=`."""
-    return binascii.a2b_base64(stripped, strict_mode=True)
+    return b"".join(data.split())
 
 
 def looks_like_base64(data: bytes) -> bool:
     stripped = _strip_ws(data)
-    # Nothing but the alphabet, `=` and whitespace (what a fullmatch of [A-Za-z0-9+/=\s]+ allowed).
-    return len(stripped) >= 4 and len(stripped) % 4 == 0 and not stripped.translate(None, _B64_ALPHABET)
+    return len(stripped) >= 4 and len(stripped) % 4 == 0 and _B64_TEXT.fullmatch(data) is not None
 
 
 def gunzip_bounded(data: bytes, *, limit: int, what: str) -> bytes:
@@ -112,7 +104,7 @@ def unwrap_layers(data: bytes, *, limit: int, what: str, max_layers: int = 4) ->
             stripped = _strip_ws(data)
             _refuse_oversized_b64(stripped, limit=limit, what=what)
             try:
-                decoded = _a2b_strict(stripped)
+                decoded = base64.b64decode(stripped, validate=True)
             except (binascii.Error, ValueError):
                 return data
             if not decoded.startswith(GZIP_MAGIC):
