@@ -12,8 +12,11 @@ back to a default on a machine nobody can log in to.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import posixpath
+import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -341,16 +344,23 @@ def _abs_paths(v: tuple[str, ...]) -> str | None:
 
 def _http_url(v: str) -> str | None:
     """http://host[:port][/path]: the metadata services are plain HTTP on link-local addresses."""
-    scheme, sep, rest = v.partition("://")
-    hostport = rest.split("/", 1)[0]
-    if hostport.startswith("["):  # an IPv6 literal, e.g. EC2's [fd00:ec2::254]
-        host, _, after = hostport[1:].partition("]")
-        port = after.removeprefix(":") if after.startswith(":") or not after else "x"
-    else:
-        host, _, port = hostport.partition(":")
-    if scheme != "http" or not sep or not host or any(c in v for c in " \t\r\n?#@"):
-        return "must be an http:// URL with a host (no credentials, query or fragment)"
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
+    bad = "must be an http:// URL with a host (no credentials, query or fragment)"
+    # Refused before urlsplit reads it: it drops tabs and newlines, and forgets an empty ? or #.
+    if not v.startswith("http://") or any(c in v for c in " \t\r\n?#@"):
+        return bad
+    try:
+        url = urllib.parse.urlsplit(v)  # refuses an unclosed or invalid [IPv6] literal
+    except ValueError:
+        return bad
+    if not url.hostname or not url.hostname.isascii():
+        return bad
+    try:
+        port = url.port
+    except ValueError:  # not ASCII digits, or past 65535
+        return "has an invalid port"
+    # After an [IPv6] literal comes a port or nothing ([fd00::1]x: newer urlsplit releases refuse it).
+    after_literal = url.netloc.partition("]")[2]
+    if port == 0 or (after_literal and not after_literal.startswith(":")):
         return "has an invalid port"
     return None
 
@@ -359,27 +369,28 @@ def _optional(check: Callable[[str], str | None]) -> Callable[[str], str | None]
     return lambda v: None if v == "" else check(v)
 
 
-# Character sets instead of regular expressions: each pattern would be compiled on every load.
-_IDENT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-_NAME_CHARS = _IDENT_CHARS | {".", "-"}
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _name(v: str) -> str | None:
     # A file name under /run/netns (`ip netns add` refuses "/" and the dot names too).
-    if not (1 <= len(v) <= 64 and _NAME_CHARS.issuperset(v)) or v in (".", ".."):
+    if not _NAME.fullmatch(v) or v in (".", ".."):
         return "must be 1-64 characters of A-Z a-z 0-9 _ . - (not . or ..)"
     return None
 
 
 def _nft_name(v: str) -> str | None:
-    ok = 1 <= len(v) <= 64 and _IDENT_CHARS.issuperset(v) and not v[0].isdigit()
-    return None if ok else "must be an nftables identifier"
+    return None if _NFT_NAME.fullmatch(v) else "must be an nftables identifier"
 
 
 def _ipv4(v: str) -> str | None:
-    parts = v.split(".")
-    ok = len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
-    return None if ok else "must be an IPv4 address"
+    try:
+        ipaddress.IPv4Address(v)  # dotted decimal, no leading zeros
+    except ValueError:
+        return "must be an IPv4 address"
+    return None
 
 
 def _labels(v: tuple[str, ...]) -> str | None:
@@ -389,9 +400,7 @@ def _labels(v: tuple[str, ...]) -> str | None:
 
 
 def _date(v: str) -> str | None:
-    digits = v[:4] + v[5:7] + v[8:]
-    ok = len(v) == 10 and v[4] == v[7] == "-" and digits.isascii() and digits.isdigit()
-    return None if ok else "must be a date YYYY-MM-DD"
+    return None if _DATE.fullmatch(v) else "must be a date YYYY-MM-DD"
 
 
 def _query_path(v: str) -> str | None:

@@ -79,8 +79,29 @@ def test_bad_config_is_an_error(tmp_path: Path, text: str, fragment: str) -> Non
         ('[azure]\nwireserver_url = "http://"\n', "azure.wireserver_url"),
         ('[aws]\nimds_url = "169.254.169.254"\n', "aws.imds_url"),
         ('[gcp]\nmetadata_url = "http://a:99999"\n', "gcp.metadata_url"),
+        ('[gcp]\nmetadata_url = "http://a:\u00b2"\n', "gcp.metadata_url"),  # isdigit(), but int() refuses it
+        ('[gcp]\nmetadata_url = "http://a:\u0663"\n', "gcp.metadata_url"),  # an Arabic-Indic 3
+        ('[gcp]\nmetadata_url = "http://a:0"\n', "gcp.metadata_url"),
+        ('[aws]\nimds_url = "http://[fd00:ec2::254"\n', "aws.imds_url"),
+        ('[aws]\nimds_url = "http://[fd00:ec2::254]x"\n', "aws.imds_url"),
+        ('[aws]\nimds_url = "http://[not-an-address]"\n', "aws.imds_url"),
+        ('[aws]\nimds_url = "http://169.254.169.254/?"\n', "aws.imds_url"),
+        ('[aws]\nimds_url = "http://u@169.254.169.254"\n', "aws.imds_url"),
+        ('[aws]\nimds_url = "http://169.254.169.254\t"\n', "aws.imds_url"),
+        ('[aws]\nimds_url = "http://m\u00e9tadata"\n', "aws.imds_url"),  # httpio needs an ASCII host
+        ('[aws]\nimds_url = "HTTP://169.254.169.254"\n', "aws.imds_url"),  # httpio's spelling only
         ("[aws]\ntoken_ttl_s = 0\n", "aws.token_ttl_s"),
         ('[netns]\nimds_addr = "300.1.1.1"\n', "netns.imds_addr"),
+        ('[netns]\nimds_addr = "1.2.3.\u00b2"\n', "netns.imds_addr"),
+        ('[netns]\nimds_addr = "169.254.169.0254"\n', "netns.imds_addr"),
+        ('[netns]\nimds_addr = "010.1.1.1"\n', "netns.imds_addr"),  # octal to some tools: refused
+        ('[netns]\nname = ""\n', "netns.name"),
+        ('[netns]\nname = "n\u00e4me"\n', "netns.name"),
+        ('[netns]\nname = "' + "n" * 65 + '"\n', "netns.name"),
+        ('[netns]\nnft_table = "1table"\n', "netns.nft_table"),
+        ('[netns]\nnft_table = "t\u0131"\n', "netns.nft_table"),
+        ('[ibmcloud]\napi_version = "2022-03-0\u0663"\n', "ibmcloud.api_version"),
+        ('[ibmcloud]\napi_version = "2022-03-01\\n"\n', "ibmcloud.api_version"),
         ('[netns]\nnft_table = "a b"\n', "netns.nft_table"),
         ("[cidata]\nlabels = []\n", "cidata.labels"),
         ('[ibmcloud]\napi_version = "latest"\n', "ibmcloud.api_version"),
@@ -99,10 +120,13 @@ def test_good_values_load(tmp_path: Path) -> None:
     f = write(
         tmp_path / "c.toml",
         '[aws]\nimds_url = "http://[fd00:ec2::254]:80"\n[azure]\nwireserver_url = "http://127.0.0.1:8080/x"\n'
-        '[netns]\nname = "pod-ns_1.a"\nimds_addr = "169.254.169.254"\n[tpm]\npcr = 23\n',
+        '[netns]\nname = "pod-ns_1.a"\nimds_addr = "169.254.169.254"\nnft_table = "_t1"\n[tpm]\npcr = 23\n'
+        '[gcp]\nmetadata_url = "http://metadata:65535/"\n[alibaba]\nmetadata_url = "http://[fd00::1]"\n'
+        '[ibmcloud]\nmetadata_url = "http://h:"\napi_version = "2024-11-12"\n',
     )
     cfg = config.load(str(tmp_path), str(f))
     assert cfg.tpm.pcr == 23
+    assert cfg.alibaba.metadata_url == "http://[fd00::1]"
 
 
 def test_every_value_but_booleans_has_a_check() -> None:
