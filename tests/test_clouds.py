@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 
 from guest_agent import boot
+from guest_agent.clouds import http
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, MetadataUnavailable, UserDataInvalid
+from guest_agent.transport import Retry
 from tests import caa
 from tests.fakecloud import imds
 from tests.fakecloud.server import FakeServer, Handler, Reply, Request, Script
@@ -610,3 +612,32 @@ def test_an_oversized_answer_is_refused_as_too_large(
         fetch(cloud, server.url, tmp_path, ft)
     assert ei.value.exit_code == EXIT_CONFIG
     assert ft.sleeps == []
+
+
+# --------------------------------------------------------------------------- metadata JSON depth
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (b'{"a": [1, {"b": "[[["}]}', 3),
+        (b'["\\"]]]", "\\\\", [[]]]', 3),  # escaped quotes and backslashes stay inside their strings
+        (b'[[["x', 3),  # an unterminated string hides nothing json.loads would parse
+        (b'"\\', 0),
+        (b"[] [[]] {}", 2),
+    ],
+)
+def test_json_depth(body: bytes, depth: int) -> None:
+    assert http.json_depth(body) == depth
+
+
+def test_json_depth_of_escaped_quotes_is_linear() -> None:
+    """Regression: the string pattern failed at each quote of an unterminated string of escaped
+    quotes and was tried again at the next one, so this answer cost time quadratic in its size
+    (80 KB: 19 s of CPU; a 512 KiB metadata answer would have been about 15 minutes)."""
+    body = b'[ "' + b'\\"' * (256 * 1024)
+    assert http.json_depth(body) == 1
+    with pytest.raises(Retry, match="not JSON"):
+        http.parse_json(body, "x")
+    with pytest.raises(Retry, match="nested deeper"):
+        http.parse_json(b"[" * 33 + body, "x")

@@ -58,12 +58,17 @@ def is_token(value: str) -> bool:
 
 JSON_MAX_DEPTH = 32  # a metadata answer is a flat object or two deep
 _UTF8_SIG = codecs.lookup("utf-8-sig")  # looked up now: its module would load after the route
+# A JSON string, or an unterminated one to the end (json.loads refuses the text there, so nothing
+# after it is parsed).  Possessive over disjoint classes and matching at every quote, so the
+# search never backtracks nor restarts: linear time, whatever the escapes and quotes.
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 def json_depth(body: bytes) -> int:
     """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped)."""
     depth = deepest = 0
-    for m in re.finditer(rb"[\[\]{}]", re.sub(rb'"(?:[^"\\]|\\.)*"', b"", body)):
+    for m in _BRACKET.finditer(_JSON_STRING.sub(b"", body)):
         depth += 1 if m.group() in (b"[", b"{") else -1
         deepest = max(deepest, depth)
     return deepest
