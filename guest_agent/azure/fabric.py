@@ -54,9 +54,8 @@ def wireserver_base_url(cfg: AzureConfig, root: str) -> str:
 def read_vm_id(root: str) -> str:
     """vmId from DMI (Gen1 = no /sys/firmware/efi: byte-swapped); the all-zero UUID if unreadable."""
     try:
-        # Bytes, decoded here: a text-mode open would look up (import) the ascii codec.
-        with open(_under(root, "/sys/class/dmi/id/product_uuid"), "rb") as f:
-            raw = f.read(128).decode("ascii", "replace")
+        with open(_under(root, "/sys/class/dmi/id/product_uuid"), encoding="ascii", errors="replace") as f:
+            raw = f.read(128)
     except OSError:
         return kvp.ZERO_UUID
     return kvp.vm_id_from_dmi(raw, gen1=not os.path.isdir(_under(root, "/sys/firmware/efi")))

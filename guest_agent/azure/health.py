@@ -3,10 +3,8 @@
 The client tries JSON first; 400, 404 or 405 means this host has no JSON endpoint, so it falls
 back to the goal state + XML flow and remembers which flavour worked for later reports.
 
-There is no goal-state prefetch.  Measured before it was removed (`python -m bench.report`,
-30 iterations, medians): it took the XML report from 7.8 to 3.7 ms (2.4 ms less with a 2 ms
-round trip), but the JSON flow, which every current host offers, gains nothing (one POST,
-3.1 ms) and paid a wasted GET, a thread, and a lock, two events and three flags.
+There is no goal-state prefetch: only the XML flow gained from it, not the JSON flow every
+current host offers (docs/benchmarks.md, `python -m bench.report`).
 """
 
 from __future__ import annotations
