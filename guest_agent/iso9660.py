@@ -13,6 +13,7 @@ and `OSError` from the device itself.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import BinaryIO
 
@@ -20,7 +21,7 @@ from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 
 SECTOR = 2048
 _JOLIET_ESCAPES = (b"%/@", b"%/C", b"%/E")
-_D_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")  # ECMA-119 §7.4.1
+_NOT_D_CHARACTER = re.compile("[^A-Z0-9_]")  # ECMA-119 §7.4.1
 
 
 class NotIso(MetadataUnavailable):
@@ -97,7 +98,7 @@ def _level1(name: str) -> str:
     base, _, ext = name.rpartition(".") if "." in name else (name, "", "")
 
     def d(s: str, n: int) -> str:
-        return "".join(c if c in _D_CHARACTERS else "_" for c in s.upper())[:n]
+        return _NOT_D_CHARACTER.sub("_", s.upper())[:n]
 
     return f"{d(base, 8)}.{d(ext, 3)}"
 

@@ -335,3 +335,20 @@ def test_seed_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path: P
     assert isinstance(got, UserDataInvalid), got
     assert got.reason == "the cidata seed is not a regular file"
     assert got.supporting_data["type"] == {"fifo": "p", "symlink": "l", "directory": "d"}[kind]
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("user-data", "USER_DAT."),
+        ("meta-data", "META_DAT."),
+        ("network-config", "NETWORK_."),
+        ("a.b.tar", "A_B.TAR"),  # the last dot starts the extension
+        ("x.json5", "X.JSO"),
+        ("stra\u00dfe", "STRASSE."),  # upper() first: sharp s is SS
+        ("\u00e9t\u00e9", "_T_."),
+    ],
+)
+def test_level1_names(name: str, stored: str) -> None:
+    """What a strict ISO9660 level-1 writer (genisoimage without -r/-J/-l) stores for a name."""
+    assert iso9660._level1(name) == stored

@@ -151,14 +151,6 @@ def test_uint_agrees_with_regexes(value: str, plain: bool, tag: str | None) -> N
         assert got == want, value
 
 
-@FUZZ
-@given(st.text(st.sampled_from("az.AZ09_-\u00df\u00e9\u0130 "), max_size=14))
-def test_level1_name_agrees_with_regex(name: str) -> None:
-    base, _, ext = name.rpartition(".") if "." in name else (name, "", "")
-    want = f"{re.sub(r'[^A-Z0-9_]', '_', base.upper())[:8]}.{re.sub(r'[^A-Z0-9_]', '_', ext.upper())[:3]}"
-    assert iso9660._level1(name) == want
-
-
 # --- #cloud-config ---------------------------------------------------------------------------
 
 
