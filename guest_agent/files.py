@@ -189,8 +189,7 @@ def _read_written(gen_fd: int) -> set[str] | None:
 
 
 class _SetDir:
-    """One directory's share of the set, through the steps of the module docstring.  A plain
-    class: a dataclass exec()-compiles its methods at every import (boot.py's `Deps` says more)."""
+    """One directory's share of the set, through the steps of the module docstring."""
 
     __slots__ = ("cfd", "current", "fd", "new", "path", "specs", "step", "tok")
 

@@ -3,8 +3,8 @@
 The protocol is a single AF_UNIX datagram of newline-separated `KEY=VALUE` lines to the path
 in NOTIFY_SOCKET (a leading `@` names an abstract socket); systemd reads the sender's pid
 from the socket credentials (sd_notify(3), systemd src/libsystemd/sd-daemon/sd-daemon.c).
-`systemd.daemon` (systemd-python) costs ~1.2 ms of imports and a libsystemd dlopen for the
-same sendto, so it is not used.  No NOTIFY_SOCKET (not under a Type=notify unit), an
+`systemd.daemon` (systemd-python) would add a compiled dependency and a libsystemd dlopen for
+the same sendto, so it is not used.  No NOTIFY_SOCKET (not under a Type=notify unit), an
 unsupported address (vsock:) or a send error never stops provisioning: log once, carry on.
 """
 
