@@ -16,11 +16,11 @@ import ipaddress
 import os
 import posixpath
 import re
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from guest_agent import httpio
 from guest_agent.errors import ConfigError
 from guest_agent.providers import NAMES
 
@@ -343,26 +343,10 @@ def _abs_paths(v: tuple[str, ...]) -> str | None:
 
 
 def _http_url(v: str) -> str | None:
-    """http://host[:port][/path]: the metadata services are plain HTTP on link-local addresses."""
-    bad = "must be an http:// URL with a host (no credentials, query or fragment)"
-    # Refused before urlsplit reads it: it drops tabs and newlines, and forgets an empty ? or #.
-    if not v.startswith("http://") or any(c in v for c in " \t\r\n?#@"):
-        return bad
-    try:
-        url = urllib.parse.urlsplit(v)  # refuses an unclosed or invalid [IPv6] literal
-    except ValueError:
-        return bad
-    if not url.hostname or not url.hostname.isascii():
-        return bad
-    try:
-        port = url.port
-    except ValueError:  # not ASCII digits, or past 65535
-        return "has an invalid port"
-    # After an [IPv6] literal comes a port or nothing ([fd00::1]x: newer urlsplit releases refuse it).
-    after_literal = url.netloc.partition("]")[2]
-    if port == 0 or (after_literal and not after_literal.startswith(":")):
-        return "has an invalid port"
-    return None
+    """http://host[:port][/path]: a base URL the code appends its paths and queries to."""
+    if "?" in v:
+        return "must be an http:// URL with no query"
+    return httpio.url_problem(v)
 
 
 def _optional(check: Callable[[str], str | None]) -> Callable[[str], str | None]:

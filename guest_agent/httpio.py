@@ -30,10 +30,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+import urllib.parse
+from dataclasses import dataclass
 
 import h11
 
-from guest_agent.errors import MetadataUnavailable
+from guest_agent.errors import ConfigError, MetadataUnavailable
 from guest_agent.transport import Retry
 
 MAX_HEAD_BYTES = 64 * 1024  # one status line + header block, or a chunk line, or trailers (h11's buffer bound)
@@ -60,46 +62,46 @@ class Response:
         return self.headers.get(name.lower())
 
 
+@dataclass(frozen=True, slots=True)
 class Target:
     """Where a request goes: host, port, path (with the query string)."""
 
-    __slots__ = ("host", "path", "port")
+    host: str
+    port: int
+    path: str
 
-    def __init__(self, host: str, port: int, path: str) -> None:
-        self.host = host
-        self.port = port
-        self.path = path
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not `http://host[:port][/path[?query]]`, or None: the one reader of metadata
+    URLs (config checks them with it when it loads, `split_url` before every exchange)."""
+    # urlsplit drops tabs and newlines silently and forgets an empty `#`; user info has no place.
+    if not url.startswith("http://") or any(c in url for c in " \t\r\n@#"):
+        return "must be an http:// URL with a host (no credentials or fragment)"
+    try:
+        parts = urllib.parse.urlsplit(url)  # refuses an unclosed or invalid [IPv6] literal
+        port = parts.port  # refuses a port past 65535
+    except ValueError:
+        return "must be an http:// URL with a valid host and port"
+    if not parts.hostname or not parts.hostname.isascii():
+        return "must be an http:// URL with an ASCII host"
+    # After an [IPv6] literal only `:port`; a port of ASCII digits only (int() takes others).
+    after_literal = parts.netloc.partition("]")[2] if parts.netloc.startswith("[") else ""
+    digits = parts.netloc.rpartition("]")[2].partition(":")[2]
+    if after_literal and not after_literal.startswith(":"):
+        return "has an invalid port"
+    if port == 0 or (digits and not (digits.isascii() and digits.isdigit())):
+        return "has an invalid port"
+    return None
 
 
 def split_url(url: str) -> Target:
-    """`http://host[:port][/path?query]`; anything else is a configuration error."""
-    from guest_agent.errors import ConfigError
-
-    if not url.startswith("http://"):
-        raise ConfigError("only http:// URLs are supported for metadata services", url=url[:200])
-    rest = url[len("http://") :]
-    slash = rest.find("/")
-    authority, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
-    host, port = authority, 80
-    if authority.startswith("["):
-        end = authority.find("]")
-        host, tail = authority[1:end], authority[end + 1 :]
-        if tail.startswith(":"):
-            port = _port(tail[1:], url)
-    elif ":" in authority:
-        host, _, p = authority.rpartition(":")
-        port = _port(p, url)
-    if not host or "@" in host or not host.isascii() or any(c in host for c in "/?#\\ \t\r\n"):
-        raise ConfigError("a metadata URL needs an ASCII host (and no user info)", url=url[:200])
-    return Target(host, port, path)
-
-
-def _port(text: str, url: str) -> int:
-    from guest_agent.errors import ConfigError
-
-    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
-        raise ConfigError("a metadata URL has an invalid port", url=url[:200])
-    return int(text)
+    """The host, port and path of a metadata URL; anything `url_problem` refuses is a ConfigError."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"a metadata URL {problem}", url=url[:200])
+    parts = urllib.parse.urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(parts.hostname or "", parts.port or 80, path)
 
 
 # --------------------------------------------------------------------------- the exchange

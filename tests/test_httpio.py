@@ -113,6 +113,25 @@ def test_bad_urls_are_config_errors(url: str) -> None:
         httpio.split_url(url)
 
 
+@pytest.mark.parametrize(
+    ("url", "host", "port", "path"),
+    [
+        ("http://169.254.169.254", "169.254.169.254", 80, "/"),
+        ("http://h:", "h", 80, "/"),
+        ("http://[fd00:ec2::254]:8080/latest/api/token", "fd00:ec2::254", 8080, "/latest/api/token"),
+        (
+            "http://metadata/computeMetadata/v1/instance/attributes/user-data?alt=text",
+            "metadata",
+            80,
+            "/computeMetadata/v1/instance/attributes/user-data?alt=text",
+        ),
+        ("http://h?x=1", "h", 80, "/?x=1"),
+    ],
+)
+def test_split_url(url: str, host: str, port: int, path: str) -> None:
+    assert httpio.split_url(url) == httpio.Target(host, port, path)
+
+
 def test_header_values_with_line_breaks_are_never_sent(faults: FaultServer) -> None:
     with pytest.raises(Retry, match="refusing to send header"):
         httpio.exchange(
