@@ -25,7 +25,13 @@ def make_venv(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def copy_package(dest: Path) -> None:
-    shutil.copytree(REPO / "guest_agent", dest / "guest_agent", ignore=shutil.ignore_patterns("__pycache__"))
+    """The agent and the packages it imports at start (as pip installs them, less the bytecode)."""
+    no_bytecode = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "guest_agent", dest / "guest_agent", ignore=no_bytecode)
+    for name in ("h11", "yaml"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, name
+        shutil.copytree(spec.submodule_search_locations[0], dest / name, ignore=no_bytecode)
 
 
 def agent_entry(venv: Path) -> subprocess.CompletedProcess[str]:
