@@ -262,7 +262,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
         except AgentError as err:
             # Exit status reflects provisioning only: the files are written and READY=1 is sent,
             # so a non-zero exit would only make systemd (Restart=on-failure) provision again.
-            log.error("Ready was not acknowledged: %s", err.describe(), extra={"MESSAGE_ID": MSG_FAILED})
+            log.error("Ready was not acknowledged: %s", err.describe(), extra=failed_fields(err, EXIT_OK))
             status = f"done; Ready not acknowledged: {err.reason}"
     # After the report: nothing here is needed for Ready.
     log_written(plan)
@@ -272,12 +272,13 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
     return EXIT_OK
 
 
+def failed_fields(err: AgentError, exit_code: int) -> dict[str, object]:
+    """The fields of every MSG_FAILED entry: the catalog's text substitutes all three."""
+    return {"MESSAGE_ID": MSG_FAILED, **fields(reason=err.reason, exit_code=exit_code, stage=err.stage or "")}
+
+
 def fail(err: AgentError, tl: Timeline, cfg: Config, root: str, deps: Deps, fabric: AzureFabric | None) -> int:
-    log.error(
-        "provisioning failed: %s",
-        err.describe(),
-        extra={"MESSAGE_ID": MSG_FAILED, **fields(reason=err.reason, exit_code=err.exit_code, stage=err.stage or "")},
-    )
+    log.error("provisioning failed: %s", err.describe(), extra=failed_fields(err, err.exit_code))
     deps.notifier.status(f"failed: {err.reason}")
     write_timeline(tl, cfg, root)
     if fabric is not None:

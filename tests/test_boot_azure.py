@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,78 @@ def test_an_unacknowledged_ready_exits_0_and_says_so(tmp_path: Path) -> None:
     assert code == 0
     assert (root / "run/peerpod/apf.json").exists()
     assert sent[-1].startswith("STATUS=done; Ready not acknowledged:"), sent[-1]
+
+
+def _journal_of(run: Callable[[dict[str, str]], int]) -> tuple[int, list[dict[str, str]]]:
+    """`run(log_fields)` with the agent's log going to a journald stand-in (the native protocol on a
+    real datagram socket, read as it arrives); its exit status and every entry journald would store."""
+    import shutil
+    import socket
+    import tempfile
+    import threading
+
+    from guest_agent import log as agent_log
+    from tests.test_log import parse_entry
+
+    d = tempfile.mkdtemp(prefix="ga-journal-")  # short: AF_UNIX paths are limited to 108 bytes
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    entries: list[dict[str, str]] = []
+
+    def receive() -> None:
+        while data := sock.recv(1 << 20):  # b"": the end marker sent below
+            entries.append(parse_entry(data))
+
+    try:
+        sock.bind(f"{d}/socket")
+        reader = threading.Thread(target=receive, daemon=True)
+        reader.start()
+        log_fields = agent_log.setup(agent_log.DEBUG, journal=True, socket_path=f"{d}/socket")
+        try:
+            code = run(log_fields)
+        finally:
+            agent_log.setup(agent_log.WARNING, journal=False)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as end:
+                end.sendto(b"", f"{d}/socket")
+            reader.join(timeout=30)
+        return code, entries
+    finally:
+        sock.close()
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("wireserver", ["never-answers", "not-ready-before"])
+def test_an_unacknowledged_ready_fills_every_field_of_its_catalog_entry(tmp_path: Path, wireserver: str) -> None:
+    """`journalctl -x` substitutes @GUEST_AGENT_REASON@, @GUEST_AGENT_STAGE@ and
+    @GUEST_AGENT_EXIT_CODE@ from the entry: a real run whose Ready the wireserver never takes (it
+    accepts the connection and never answers, or NotReady was reported earlier in this boot) logs
+    "Ready was not acknowledged" with all of them, as every catalogued entry of the run carries
+    the fields its catalog text names."""
+    from guest_agent import config
+    from guest_agent.log import MSG_FAILED
+    from guest_agent.notify import Notifier
+    from tests.test_catalog import entries as catalog_entries
+
+    placeholders = {msg_id: set(re.findall(r"@(\w+)@", text)) for msg_id, text in catalog_entries().items()}
+    with (
+        FakeWireserver(blackhole=wireserver == "never-answers") as ws,
+        FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv,
+    ):
+        root, conf = _azure_root(tmp_path, srv.url, ws.url)
+        conf.write_text(conf.read_text().replace("[azure]\n", "[azure]\nready_deadline_s = 1.0\n"))
+        if wireserver == "not-ready-before":
+            (root / "run/guest-agent").mkdir(parents=True)
+            (root / "run/guest-agent/azure-not-ready").write_text("earlier run\n")
+        cfg = config.load(str(root), str(conf))
+        notifier = Notifier(lambda m: True)
+        code, journal = _journal_of(lambda f: boot.run(cfg, str(root), boot.Deps(notifier=notifier, log_fields=f)))
+        assert ws.accepted() == []
+    assert code == 0
+    failed = [e for e in journal if e.get("MESSAGE_ID") == MSG_FAILED]
+    assert [e["MESSAGE"].split(":")[0] for e in failed] == ["Ready was not acknowledged"]
+    assert failed[0]["GUEST_AGENT_STAGE"] == "report-ready"
+    assert failed[0]["GUEST_AGENT_EXIT_CODE"] == "0"  # the agent's exit status: provisioning succeeded
+    assert failed[0]["GUEST_AGENT_REASON"] and failed[0]["GUEST_AGENT_REASON"] in failed[0]["MESSAGE"]
+    catalogued = [e for e in journal if e.get("MESSAGE_ID") in placeholders]
+    assert len(catalogued) >= 3  # applied, failed, timeline
+    for e in catalogued:
+        assert placeholders[e["MESSAGE_ID"]] <= set(e), (e["MESSAGE"], placeholders[e["MESSAGE_ID"]] - set(e))
