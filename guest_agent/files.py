@@ -20,25 +20,32 @@ One run, under an flock on the directory:
    before any byte, written, fsync'd; files the agent did not write that are visible
    through the current generation are hard-linked across (they carry over unless the
    plan replaces them); the ..written list; fsync the generation;
-3. prepare the names, each change invisible: a regular file at a planned name is
-   hard-linked into the *current* generation and a symlink renamed over it (same inode,
-   same content); a planned name that is absent gets a symlink that dangles until the
-   switch (a dangling symlink does not exist for stat/access/open); fsync;
+3. prepare the names: a regular file at a planned name is hard-linked into the *current*
+   generation and a symlink renamed over it (same inode, same content: invisible); then
+   our symlinks at names the new generation lacks (a previous run wrote them, this plan
+   does not) are removed, since after the switch they would dangle; fsync;
 4. switch: a temp symlink to the new generation renamed over `..data`, fsync (the
    commit point);
-5. clean up: our symlinks that now dangle (names a previous run wrote that this plan
-   lacks), older generations, temp links.
-A failure before step 4 removes the new generation; leftovers of a killed run (older
-generations, temp links, dangling symlinks) are removed by the next run, and temp names
-carry a random token, so they never collide with a later run.
+5. link the names this plan adds (absent until now: a temp symlink renamed over each, which
+   also replaces a tmpfiles default copied there meanwhile), fsync;
+6. clean up: older generations, temp links.
+So no symlink of ours ever dangles.  A dangling one would read "no such file" like an
+absent name, but systemd-tmpfiles' `C` lines (CAA's defaults for auth.json and policy.rego)
+take any entry as the file and would not copy their default after a kill.  The price is
+in the steps around the switch: a name the new set drops reads "no such file" just before
+it, a name it adds just after it, as they do in the set they belong to; no name ever shows
+old content while another shows new.
+A failure before step 4 removes the new generation and restores the names removed in 3;
+leftovers of a killed run (older generations, temp links, a dangling symlink of an older
+version) are removed by the next run before anything else, and temp names carry a random
+token, so they never collide with a later run.
 
 Consumers follow the symlinks: kata-agent (/etc/kata-opa/default-policy.rego ->
 /run/peerpod/policy.rego, a chain of three), attestation-agent `-c /run/peerpod/aa.toml`,
 CDH's `[ -f ... ]`, APF's apf.json, systemd's PathExists=/ConditionPathExists= (access(2)).
-To check in a boot: a `.path` unit watching /run/peerpod/<name> sees the IN_CREATE of the
-dangling symlink (no trigger, access fails) and then the IN_MOVED_TO of `..data` in the
-same directory, which makes systemd re-check (systemd/systemd: src/core/path.c watches the parent
-with IN_CREATE|IN_MOVED_TO and re-runs access() on any event there).
+A `.path` unit watching /run/peerpod/<name> sees the IN_MOVED_TO of the name's link (step 5)
+in that directory and re-checks (systemd/systemd: src/core/path.c watches the parent with
+IN_CREATE|IN_MOVED_TO and re-runs access() on any event there).
 
 Several directories (only if `files.allowed_paths` is extended beyond /run/peerpod) are
 each switched atomically, one after another: the set is atomic per directory.
@@ -191,7 +198,7 @@ def _read_written(gen_fd: int) -> set[str] | None:
 class _SetDir:
     """One directory's share of the set, through the steps of the module docstring."""
 
-    __slots__ = ("cfd", "current", "fd", "new", "path", "specs", "step", "tok")
+    __slots__ = ("added", "cfd", "current", "fd", "live", "new", "path", "removed", "specs", "step", "tok")
 
     def __init__(self, path: str, fd: int, specs: dict[str, FileSpec], step: Step) -> None:
         self.path = path  # guest path of the directory, for errors
@@ -202,6 +209,9 @@ class _SetDir:
         self.new: str | None = None
         self.cfd = -1  # the current generation, open from build() to close()
         self.tok = _token()
+        self.live: set[str] = set()  # the names of the new generation (planned and carried)
+        self.added: list[str] = []  # planned names with no entry yet: linked after the switch
+        self.removed: list[str] = []  # our links the new generation lacks: removed before it
 
     def check(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # one writer: the sweep below must not eat a live generation
@@ -218,13 +228,19 @@ class _SetDir:
             check_target(self.fd, name, spec.path)
 
     def sweep(self) -> None:
-        """Leftovers of a killed run: generations nothing points at, temp links."""
+        """Leftovers of a killed run: generations nothing points at, temp links, our links that
+        dangle (an older version's window; to tmpfiles they are files)."""
         for entry in os.listdir(self.fd):
-            if entry != self.current and entry.startswith((GEN_PREFIX, TMP_PREFIX)):
-                try:
-                    _remove_tree(self.fd, entry)
-                except OSError as exc:  # invisible debris must not fail a run
-                    log.warning("cannot remove %s/%s: %s", self.path, entry, exc)
+            try:
+                if entry.startswith(".."):
+                    if entry != self.current and entry.startswith((GEN_PREFIX, TMP_PREFIX)):
+                        _remove_tree(self.fd, entry)
+                elif _is_our_link(self.fd, entry, _lstat(self.fd, entry)) and (
+                    self.current is None or _lstat(self.fd, f"{self.current}/{entry}") is None
+                ):
+                    os.unlink(entry, dir_fd=self.fd)
+            except OSError as exc:  # invisible debris must not fail a run
+                log.warning("cannot remove %s/%s: %s", self.path, entry, exc)
         self.step("swept")
 
     def build(self, dir_mode: int) -> None:
@@ -236,8 +252,10 @@ class _SetDir:
             for name, spec in self.specs.items():
                 _write_new(gfd, name, spec.content, spec.mode, spec.uid, spec.gid)
                 self.step(f"wrote {name}")
+            self.live = set(self.specs)
             for name in self._carried():
                 os.link(name, name, src_dir_fd=self.cfd, dst_dir_fd=gfd, follow_symlinks=False)
+                self.live.add(name)
                 self.step(f"carried {name}")
             _write_new(gfd, WRITTEN, "".join(f"{n}\n" for n in self.specs).encode(), 0o600, None, None)
             os.fsync(gfd)
@@ -281,23 +299,35 @@ class _SetDir:
             self.step("first generation")
         self.cfd = os.open(self.current, _DIR_FLAGS, dir_fd=self.fd)
 
+    def _link(self, name: str) -> None:
+        """<name> -> ..data/<name>, renamed over whatever entry is there (one rename: no gap)."""
+        tmp = f"{TMP_PREFIX}{self.tok}-{name}"
+        os.symlink(_link_target(name), tmp, dir_fd=self.fd)
+        os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
     def prepare(self) -> None:
-        """Every planned name becomes our symlink, without changing what it shows."""
+        """Every planned name that exists becomes our symlink without changing what it shows;
+        our links the new generation lacks go (they read "no such file" from now on)."""
         for name in self.specs:
             st = _lstat(self.fd, name)
-            if _is_our_link(self.fd, name, st):
-                continue
-            if _lstat(self.cfd, name) is not None:
-                # Only reachable through `..data/<name>`, which <name> does not point at yet.
-                os.unlink(name, dir_fd=self.cfd)
             if st is None:
-                os.symlink(_link_target(name), name, dir_fd=self.fd)  # dangles until the switch
-            else:  # a regular file (check() refused everything else): same inode behind a link
+                self.added.append(name)
+            elif not _is_our_link(self.fd, name, st):  # a regular file (check() refused the rest)
+                if _lstat(self.cfd, name) is not None:
+                    # Only reachable through `..data/<name>`, which <name> does not point at yet.
+                    os.unlink(name, dir_fd=self.cfd)
                 os.link(name, name, src_dir_fd=self.fd, dst_dir_fd=self.cfd, follow_symlinks=False)
-                tmp = f"{TMP_PREFIX}{self.tok}-{name}"
-                os.symlink(_link_target(name), tmp, dir_fd=self.fd)
-                os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-            self.step(f"prepared {name}")
+                self._link(name)  # same inode behind a link
+                self.step(f"prepared {name}")
+        for entry in sorted(os.listdir(self.fd)):
+            if (
+                entry not in self.live
+                and not entry.startswith("..")
+                and _is_our_link(self.fd, entry, _lstat(self.fd, entry))
+            ):
+                os.unlink(entry, dir_fd=self.fd)
+                self.removed.append(entry)
+                self.step(f"withdrew {entry}")
         os.fsync(self.fd)
 
     def switch(self) -> None:
@@ -313,32 +343,33 @@ class _SetDir:
         os.fsync(self.fd)
         self.step("switched")
 
+    def publish(self) -> None:
+        """The names this plan adds, now that `..data` holds them."""
+        for name in self.added:
+            self._link(name)
+            self.step(f"linked {name}")
+        os.fsync(self.fd)
+
     def cleanup(self) -> None:
         """After the switch: what is left is invisible, so failures here are only logged."""
         try:
-            assert self.new is not None
-            gfd = os.open(self.new, _DIR_FLAGS, dir_fd=self.fd)
-            try:
-                live = set(os.listdir(gfd))
-            finally:
-                os.close(gfd)
             for entry in os.listdir(self.fd):
-                if entry.startswith(".."):
-                    if entry not in (DATA, self.new) and entry.startswith((GEN_PREFIX, TMP_PREFIX)):
-                        _remove_tree(self.fd, entry)
-                        self.step(f"removed {entry}")
-                elif entry not in live and _is_our_link(self.fd, entry, _lstat(self.fd, entry)):
-                    os.unlink(entry, dir_fd=self.fd)
-                    self.step(f"unlinked {entry}")
+                if entry not in (DATA, self.new) and entry.startswith((GEN_PREFIX, TMP_PREFIX)):
+                    _remove_tree(self.fd, entry)
+                    self.step(f"removed {entry}")
         except OSError as exc:
             log.warning("cannot remove an old generation in %s: %s (the next run retries)", self.path, exc)
 
     def abort(self) -> None:
-        if self.new is not None:
-            try:
+        """Before the switch: the new generation goes, the names removed for it come back."""
+        try:
+            for name in self.removed:
+                if _lstat(self.fd, name) is None:  # else a tmpfiles default arrived: it stays
+                    self._link(name)
+            if self.new is not None:
                 _remove_tree(self.fd, self.new)
-            except OSError as exc:
-                log.warning("cannot remove an unfinished generation in %s: %s", self.path, exc)
+        except OSError as exc:
+            log.warning("cannot undo an unfinished set in %s: %s", self.path, exc)
 
     def close(self) -> None:
         if self.cfd >= 0:
@@ -399,6 +430,10 @@ def apply(specs: list[FileSpec], *, root: str, dir_mode: int = 0o755, step: Step
             except OSError as exc:
                 sd.abort()
                 raise WriteFailed("cannot switch to the new set of files", path=sd.path, error=exc.strerror) from exc
+            try:
+                sd.publish()
+            except OSError as exc:  # the new set is live, less the names it adds: the next run links them
+                raise WriteFailed("cannot link a new file", path=sd.path, error=exc.strerror) from exc
             sd.cleanup()
     finally:
         for sd in dirs:

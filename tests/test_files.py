@@ -17,7 +17,18 @@ from guest_agent import files
 from guest_agent.errors import WriteFailed
 from guest_agent.files import FileSpec
 from tests.conftest import snapshot
-from tests.fileset import PLANS, State, defaults_state, lay_defaults, leftovers, visible
+from tests.fileset import (
+    PLANS,
+    State,
+    after_kill,
+    dangling,
+    defaults_state,
+    lay_defaults,
+    lay_tmpfiles,
+    leftovers,
+    run_tmpfiles,
+    visible,
+)
 
 
 def specs() -> list[FileSpec]:
@@ -185,8 +196,11 @@ class Fault:
             raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("at", ["wrote apf.json", "built", "prepared auth.json", "prepared cdh.toml", "switch staged"])
+@pytest.mark.parametrize(
+    "at", ["wrote apf.json", "built", "prepared auth.json", "withdrew policy.rego", "switch staged"]
+)
 def test_an_error_before_the_switch_keeps_the_old_set_and_leaves_no_temp_file(tmp_path: Path, at: str) -> None:
+    """Even the name the new set drops, removed just before the switch, comes back."""
     d = peerpod(tmp_path)
     lay_defaults(tmp_path)
     files.apply(PLANS["old"], root=str(tmp_path))
@@ -331,16 +345,24 @@ def kill(pid: int, fd: int) -> str:
 
 SCENARIOS = {
     # the first run in a boot: only the tmpfiles defaults are there
-    "over-defaults": ("new", None),
-    # a rerun over the set of a previous run
-    "over-a-set": ("new", "old"),
+    "over-defaults": ("new", None, True),
+    # a rerun over the set of a previous run (which replaced policy.rego; the new one drops it)
+    "over-a-set": ("new", "old", True),
+    # the agent starts in parallel with systemd-tmpfiles-setup (units/guest-agent.service): the
+    # first run before the defaults (the new set adds auth.json, which has a `C` line) ...
+    "before-tmpfiles": ("new", None, False),
+    # ... and a rerun over a set written before them
+    "over-a-set-before-tmpfiles": ("new", "old", False),
 }
 
 
-def fresh(scratch: Path, n: int, pre: str | None) -> tuple[Path, State]:
+def fresh(scratch: Path, n: int, pre: str | None, defaults: bool) -> tuple[Path, State]:
     root = scratch / str(n)
-    lay_defaults(root)
-    state = defaults_state()
+    lay_tmpfiles(root)
+    state = State({}, frozenset())
+    if defaults:
+        lay_defaults(root)
+        state = defaults_state()
     if pre is not None:
         files.apply(PLANS[pre], root=str(root))
         state = state.apply(PLANS[pre])
@@ -348,22 +370,31 @@ def fresh(scratch: Path, n: int, pre: str | None) -> tuple[Path, State]:
 
 
 def check_after_kill(root: Path, before: State, after: State, next_plan: str) -> str:
-    """The visible set is exactly old or new; the next run succeeds and leaves no debris."""
+    """What a killed run leaves: the old or the new set (a name either drops or adds may be
+    missing, never a mix), and no dangling link, so systemd-tmpfiles, run now, copies a default
+    wherever nothing is; then the next run succeeds and leaves no debris."""
     d = peerpod(root)
-    seen = visible(d)
-    assert seen in (before.visible, after.visible), f"mixed set: {sorted(seen)}"
-    state = before if seen == before.visible else after
+    side, state = after_kill(before, after, visible(d))
+    links = dangling(d)
+    run_tmpfiles(root)
+    state = state.with_defaults()
+    assert visible(d) == state.visible, f"tmpfiles found dangling links of the killed run: {links}"
+    assert links == []
     files.apply(PLANS[next_plan], root=str(root))
     assert visible(d) == state.apply(PLANS[next_plan]).visible
     assert leftovers(d) == []
     shutil.rmtree(root)
-    return "old" if state is before else "new"
+    return side
 
 
+needs_tmpfiles = pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="needs systemd-tmpfiles")
+
+
+@needs_tmpfiles
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_kill_at_every_step(scratch: Path, scenario: str) -> None:
-    plan, pre = SCENARIOS[scenario]
-    root, before = fresh(scratch, 0, pre)
+    plan, pre, defaults = SCENARIOS[scenario]
+    root, before = fresh(scratch, 0, pre, defaults)
     after = before.apply(PLANS[plan])
     pid, fd = fork_apply(root, plan, -1)
     assert read_line(fd) == "go"
@@ -375,7 +406,7 @@ def test_kill_at_every_step(scratch: Path, scenario: str) -> None:
     shutil.rmtree(root)
     outcomes: dict[str, int] = {"old": 0, "new": 0}
     for i in range(steps):
-        root, _ = fresh(scratch, i + 1, pre)
+        root, _ = fresh(scratch, i + 1, pre, defaults)
         pid, fd = fork_apply(root, plan, i)
         assert read_line(fd) == "go"
         assert read_line(fd).startswith("paused ")
@@ -388,17 +419,18 @@ def test_kill_at_every_step(scratch: Path, scenario: str) -> None:
 KILLS = int(os.environ.get("GUEST_AGENT_KILLS", "40"))
 
 
+@needs_tmpfiles
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_kill_at_random_moments(scratch: Path, scenario: str) -> None:
-    plan, pre = SCENARIOS[scenario]
+    plan, pre, defaults = SCENARIOS[scenario]
     seed = int(os.environ.get("GUEST_AGENT_KILL_SEED", time.time_ns()))
     rng = random.Random(seed)
-    root, before = fresh(scratch, 0, pre)
+    root, before = fresh(scratch, 0, pre, defaults)
     after = before.apply(PLANS[plan])
     shutil.rmtree(root)
     spans = []
     for i in range(3):  # how long apply() takes in the child: the window the kills are spread over
-        root, _ = fresh(scratch, i, pre)
+        root, _ = fresh(scratch, i, pre, defaults)
         pid, fd = fork_apply(root, plan, -1)
         read_line(fd)
         spans.append(float(read_line(fd).split()[2]))
@@ -408,7 +440,7 @@ def test_kill_at_random_moments(scratch: Path, scenario: str) -> None:
     span = sorted(spans)[1]
     outcomes: dict[str, int] = {"old": 0, "new": 0, "finished": 0}
     for i in range(KILLS):
-        root, _ = fresh(scratch, i + 3, pre)
+        root, _ = fresh(scratch, i + 3, pre, defaults)
         pid, fd = fork_apply(root, plan, -1)
         read_line(fd)  # "go": apply() starts now
         time.sleep(rng.uniform(0, span))
