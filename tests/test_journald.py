@@ -224,3 +224,53 @@ def test_a_real_run_under_journald(journald: Journald, tmp_path: Path, valid: bo
         assert outcome["GUEST_AGENT_REASON"] and outcome["GUEST_AGENT_REASON"] in outcome["MESSAGE"]
         assert outcome["CODE_FUNC"] == "fail" and outcome["CODE_FILE"].endswith("guest_agent/boot.py")
         assert (console["PRIORITY"], console["MESSAGE"]) == ("3", outcome["MESSAGE"])
+
+
+@pytest.mark.privileged
+def test_journalctl_x_explains_an_unacknowledged_ready_with_every_field(
+    journald: Journald, agent_log_to: tuple[logging.Logger, str], tmp_path: Path
+) -> None:
+    """A real run whose Ready the wireserver never takes (it accepts and never answers), logged to
+    journald and shown by `journalctl -x` with the installed catalog: the explanation names the
+    reason, the stage and the exit status, with no @FIELD@ left unfilled."""
+    from guest_agent import boot, config
+    from guest_agent.notify import Notifier
+    from tests.fakecloud import imds
+    from tests.fakecloud.server import FakeServer, Script
+    from tests.fakecloud.wireserver import FakeWireserver
+    from tests.test_units import install
+
+    _, match = agent_log_to
+    top = journald.run.parent
+    install(top, "PREFIX=/usr")
+    subprocess.run(["journalctl", f"--root={top}", "--update-catalog"], check=True, timeout=WAIT_S)
+    root = tmp_path / "root"
+    caa.make_root(str(root), caa.AZURE_DMI)
+    with (
+        FakeWireserver(blackhole=True) as ws,
+        FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv,
+    ):
+        conf = tmp_path / "c.toml"
+        conf.write_text(
+            f'[azure]\nimds_url = "{srv.url}"\nwireserver_url = "{ws.url}"\nready_deadline_s = 1.0\n'
+            "[netns]\nenabled = false\n[tpm]\nenabled = false\n"
+        )
+        cfg = config.load(str(root), str(conf))
+        fields = agent_log.setup(agent_log.INFO, journal=True, socket_path=journald.socket)
+        fields["GUEST_AGENT_TEST"] = match.split("=", 1)[1]
+        assert boot.run(cfg, str(root), boot.Deps(notifier=Notifier(lambda m: True), log_fields=fields)) == 0
+    (entry,) = journald.entries(match, f"MESSAGE_ID={agent_log.MSG_FAILED}", count=1)
+    assert entry["MESSAGE"].startswith("Ready was not acknowledged: ")
+    # -x reads the catalog from the fixed /var/lib/systemd/catalog (not --root's): a private mount
+    # namespace binds the one compiled above there, for this journalctl alone.
+    explain = 'mount --bind "$0" /var/lib/systemd/catalog && exec journalctl -x --no-pager --directory="$1" "$2" "$3"'
+    shown = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", explain, str(top / "var/lib/systemd/catalog"),
+         str(journald.run / "log/journal"), match, f"MESSAGE_ID={agent_log.MSG_FAILED}"],
+        capture_output=True, text=True, timeout=WAIT_S, check=True,
+    ).stdout  # fmt: skip
+    text = " ".join(shown.replace("░░", " ").split())  # the explanation's lines, unwrapped
+    reason = entry["GUEST_AGENT_REASON"]
+    assert f"Subject: Pod VM provisioning failed: {reason} " in text, shown
+    assert f'gave up in stage "report-ready" with exit status 0. The reason is: {reason}.' in text, shown
+    assert "@" not in text.split("Subject:", 1)[1], shown
