@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean
+.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean
 
 all: test
 
@@ -33,6 +33,12 @@ test: lint typecheck pytest-deps pytest
 
 pytest-deps:
 	.ci/apt-deps test
+
+# make test on the Pythons pod VM images ship (Debian 12's 3.11, 13's 3.13, sid's 3.14), each in a
+# Debian chroot with the distribution's PyYAML and h11 (.ci/pythons; root).  RELEASES="trixie sid"
+# picks some; the chroots are cached in .ci/cache/ (~0.4 GB each).
+test-pythons:
+	.ci/pythons $(RELEASES)
 
 # The decoder fuzz targets with many examples and a random seed (make test runs 100 each, fixed).
 FUZZ_EXAMPLES ?= 5000
