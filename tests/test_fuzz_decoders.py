@@ -293,6 +293,39 @@ def test_initdata_file_mutated(edits: list[tuple[int, int, bytes]]) -> None:
     only_agent_errors(lambda: initdata.parse(initdata.decode_file(raw, limit=1 << 16)))
 
 
+def _significant_with_regexes(text: str) -> list[str]:
+    """initdata._significant as it was first written (regexes for the string bodies, a loop for the
+    rest), which the str.find scan that followed agreed with: the one-pattern scan must too."""
+    special = re.compile(r"[\"'#\[\]{}=,.\n]")
+    bodies = {
+        '"': re.compile(r'(?:[^"\\\n]|\\[^\n])*'),
+        "'": re.compile(r"[^'\n]*"),
+        '"""': re.compile(r'(?:[^"\\]|\\.|"(?!""))*', re.S),
+    }
+    out, pos = [], 0
+    while (m := special.search(text, pos)) is not None:
+        c, pos = m.group(), m.end()
+        out.append(c)
+        if c == "#":
+            nl = text.find("\n", pos)
+            pos = len(text) if nl < 0 else nl + 1
+        elif c in "\"'":
+            q, start = c, m.start()
+            if text.startswith(q * 3, start):
+                if q == "'":
+                    j = text.find("'''", start + 3)
+                else:
+                    end = bodies['"""'].match(text, start + 3).end()  # type: ignore[union-attr]
+                    j = end if text.startswith(q * 3, end) else -1
+                pos = len(text) if j < 0 else j + 3
+                while j >= 0 and pos < j + 5 and text.startswith(q, pos):
+                    pos += 1
+            else:
+                end = bodies[q].match(text, start + 1).end()  # type: ignore[union-attr]
+                pos = end + 1 if text.startswith(q, end) else end
+    return out
+
+
 # Mostly string delimiters and escapes: where a string scanner can go wrong.
 STRUCTURE_PIECES = ['"""', "'''", '"', "'", "\\", '\\"', '\\"""', "\\\n", "\n", "a", " ", "#", ".", "[", "]", "="]
 STRUCTURE_TEXT = st.one_of(
@@ -302,12 +335,18 @@ STRUCTURE_TEXT = st.one_of(
 
 
 @FUZZ
-@given(st.one_of(STRUCTURE_TEXT, EDITS.map(lambda e: mutate(caa.initdata_toml(), e).decode("utf-8", "replace"))))
+@given(STRUCTURE_TEXT)
 @example('a = """\\""" x"""\n[b]')  # an escaped quote starts a run of three
 @example('a = "x\\"y" [b]\n"c\\\n" [d]')  # an escaped closing quote; a backslash before a newline
 @example("a = '''x'''' [b]\n'''''y''''' [c]")  # up to two quotes beyond the closing three
 @example('a = """x\\')  # a backslash at the very end
 @example('a = "x\\')
+def test_structure_scan_agrees_with_regexes(text: str) -> None:
+    assert list(initdata._significant(text)) == _significant_with_regexes(text), text
+
+
+@FUZZ
+@given(STRUCTURE_TEXT)
 def test_structure_token_matches_wherever_one_starts(text: str) -> None:
     """The scan's linear time: wherever a token's first character is, a token matches, so the
     search never gives up a partial match and tries again further on (and the pattern's
@@ -315,6 +354,13 @@ def test_structure_token_matches_wherever_one_starts(text: str) -> None:
     for i, c in enumerate(text):
         if c in "\"'#[]{}=,.\n":
             assert initdata._TOKEN.match(text, i) is not None, (text, i)
+
+
+@FUZZ
+@given(EDITS)
+def test_structure_scan_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]) -> None:
+    text = mutate(caa.initdata_toml(), edits).decode("utf-8", "replace")
+    assert list(initdata._significant(text)) == _significant_with_regexes(text), text
 
 
 # --- safetoml: tomllib with one error ----------------------------------------------------------
