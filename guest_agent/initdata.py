@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,31 +93,101 @@ def encode_file(toml_bytes: bytes) -> bytes:
     return base64.b64encode(gzip.compress(toml_bytes, mtime=0))
 
 
-# One token of a TOML document that the structure scan looks at; everything between tokens is
-# skipped by the search.  A comment or string is one token (its quotes, brackets and dots are
-# not structure), read as tomllib reads it: basic strings have backslash escapes, literal strings
-# none; a one-line string stops at a newline (an error tomllib reports there, so nothing after it
-# is parsed); a multi-line string's closing delimiter may carry up to two extra quotes
-# ('''a'''' is the string a'), and an unterminated one runs to the end.  Every alternative
-# matches once its first character does, and every repetition is possessive over classes that
-# do not overlap, so the search never backtracks or restarts: one pass, linear in the text.
-_TOKEN = re.compile(
-    r"""
-      \#[^\n]*+\n?                                     # comment, with its newline
-    | '''[^']*+(?:'(?!'')[^']*+)*+(?:'{3,5}|\Z)        # multi-line literal string
-    | \"\"\"[^"\\]*+(?:(?:\\.|"(?!""))[^"\\]*+)*+(?:"{3,5}|\\?\Z)  # multi-line basic string
-    | '[^'\n]*+'?                                      # literal string
-    | "[^"\\\n]*+(?:\\[^\n][^"\\\n]*+)*+"?             # basic string
-    | [\[\]{}=,.\n]
-    """,
-    re.VERBOSE | re.DOTALL,
-)
+_SPECIAL = "\"'#[]{}=,.\n"  # what structure() looks at; everything else it jumps over
+
+# String bodies.  Each scanner below finds the next delimiter with str.find and remembers it
+# across backslash escapes, so a body full of escapes is still read in linear time.  Not a regex:
+# one that never restarts needs possessive repeats of groups, which CPython before 3.11.5 (Debian
+# 12's 3.11.2) matches wrongly (gh-106052), and plain greedy groups keep backtracking state per
+# repeat (memory in proportion to a hostile body).
+
+
+def _basic_body_end(text: str, j: int) -> int:
+    """Where a one-line basic string's body starting at `j` stops: its closing quote, a newline,
+    a backslash before a newline or the end, or the end (the regex (?:[^"\\\n]|\\[^\n])*)."""
+    nl = text.find("\n", j)
+    if nl < 0:
+        nl = len(text)
+    q = text.find('"', j, nl)
+    while (b := text.find("\\", j, q if q >= 0 else nl)) >= 0:
+        if b + 1 >= nl:
+            return b  # a backslash escapes no newline and no end
+        j = b + 2
+        if 0 <= q < j:  # that backslash escaped the quote
+            q = text.find('"', j, nl)
+    return q if q >= 0 else nl
+
+
+def _literal_body_end(text: str, j: int) -> int:
+    """[^'\n]*: the next quote or newline, else the end."""
+    nl = text.find("\n", j)
+    if nl < 0:
+        nl = len(text)
+    q = text.find("'", j, nl)
+    return q if q >= 0 else nl
+
+
+def _ml_basic_body_end(text: str, j: int) -> int:
+    """Where a multi-line basic string's body starting at `j` stops: the first unescaped three
+    quotes, a backslash at the end, or the end (the regex (?:[^"\\]|\\.|"(?!""))* with DOTALL)."""
+    t = text.find('"""', j)
+    while (b := text.find("\\", j, t if t >= 0 else len(text))) >= 0:
+        if b + 1 >= len(text):
+            return b
+        j = b + 2
+        if 0 <= t < j:  # that backslash escaped the first quote
+            t = text.find('"""', j)
+    return t if t >= 0 else len(text)
+
+
+def _string_end(text: str, start: int) -> int:
+    """Where the TOML string opening at `start` ends, exactly as tomllib reads it.
+
+    Basic strings have backslash escapes, literal strings none; a one-line string stops at a
+    newline (an error tomllib reports, so nothing after it is parsed); a multi-line string's
+    closing delimiter may carry up to two extra quotes (three quotes, a, four quotes is the string `a"`).
+    """
+    q = text[start]
+    if text.startswith(q * 3, start):
+        if q == "'":
+            j = text.find("'''", start + 3)
+        else:
+            end = _ml_basic_body_end(text, start + 3)
+            j = end if text.startswith(q * 3, end) else -1
+        if j < 0:
+            return len(text)
+        run = 3
+        while run < 5 and text.startswith(q, j + run):
+            run += 1
+        return j + run
+    end = (_literal_body_end if q == "'" else _basic_body_end)(text, start + 1)
+    return end + 1 if text.startswith(q, end) else end  # at a newline: tomllib stops there too
 
 
 def _significant(text: str) -> Iterator[str]:
     """The significant characters of a TOML document in order: `=`, `,`, `.`, brackets, braces,
-    newlines, and one `#`, `"` or `'` per comment or string."""
-    return (m.group()[0] for m in _TOKEN.finditer(text))
+    newlines, and one `#`, `"` or `'` per comment or string, whose rest is skipped.
+
+    `ahead` holds each significant character's next position (len(text) when there is none), so a
+    step is a min() and one str.find, and only a skipped string or comment makes the positions it
+    jumped over be looked up again (no regex: importing re costs the boot path under TCG).
+    """
+    n = len(text)
+    ahead = [n if (i := text.find(c)) < 0 else i for c in _SPECIAL]
+    while (at := min(ahead)) < n:
+        k = ahead.index(at)
+        c, pos = _SPECIAL[k], at + 1
+        ahead[k] = n if (i := text.find(c, pos)) < 0 else i
+        if c in "#\"'":
+            if c == "#":
+                nl = text.find("\n", pos)
+                pos = n if nl < 0 else nl + 1
+            else:
+                pos = _string_end(text, at)
+            for k, i in enumerate(ahead):
+                if i < pos:
+                    ahead[k] = n if (i := text.find(_SPECIAL[k], pos)) < 0 else i
+        yield c
 
 
 def structure(text: str, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> tuple[int, int]:

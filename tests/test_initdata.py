@@ -161,51 +161,6 @@ def test_structure_scan_follows_toml_strings() -> None:
     assert initdata.structure("a = 1\nb = [1, 2]\n") == (1, 7)
 
 
-# Where the string rules bite: each example and the significant characters the scan sees in it.
-@pytest.mark.parametrize(
-    ("text", "significant"),
-    [
-        ('a = """\\""" x"""\n[b]', '="\n[]'),  # an escaped quote starts a run of three
-        ('a = "x\\"y" [b]\n"c\\\n" [d]', '="[]\n"\n"'),  # an escaped closing quote; a backslash before a newline
-        ("a = '''x'''' [b]\n'''''y''''' [c]", "='[]\n'[]"),  # up to two quotes beyond the closing three
-        ('a = """x\\', '="'),  # a backslash at the very end
-        ('a = "x\\', '="'),
-        ("'''a\n'''# [x]\n[y]", "'#[]"),  # a comment takes its newline with it
-        ("a = '''[[", "='"),  # an unterminated multi-line string runs to the end
-        ("a = \"[\nb = '[\n", "=\"\n='\n"),  # one-line strings stop at a newline
-        ("a.'b.c'.\"d.e\" = {x = [1, 2]}", ".'.\"={=[,]}"),
-    ],
-)
-def test_significant_characters(text: str, significant: str) -> None:
-    assert "".join(initdata._significant(text)) == significant
-
-
-# Adversarial documents for the scan: long string bodies made of escapes, near-closing quote runs,
-# unterminated strings of every kind, and floods of one-character tokens.  The scan is one pass
-# of a regular expression that never backtracks (initdata._TOKEN), so each takes linear time;
-# the figures, against the str.find scan it replaced, are in docs/benchmarks.md.
-MIB = 1 << 20
-ADVERSARIAL = {
-    "escaped quotes in a basic string": ('a = "' + '\\"' * (MIB // 2), 2),
-    "escaped quotes in a multi-line basic string": ('a = """' + '\\"' * (MIB // 2), 2),
-    "quote pairs in a multi-line basic string": ('a = """' + '""x' * (MIB // 3), 2),
-    "quote pairs in a multi-line literal string": ("a = '''" + "''x" * (MIB // 3), 2),
-    "backslashes": ('a = "' + "\\" * MIB, 2),
-    "double quotes": ('"' * MIB, MIB // 8),
-    "single quotes": ("'" * MIB, MIB // 8),
-    "backslash-newline lines": ('"\\\n' * (MIB // 3), 2 * (MIB // 3)),
-    "dots": ("." * MIB, MIB),
-}
-
-
-@pytest.mark.parametrize("name", list(ADVERSARIAL))
-def test_structure_scan_of_adversarial_megabytes(name: str) -> None:
-    text, tokens = ADVERSARIAL[name]
-    assert sum(1 for _ in initdata._significant(text)) == tokens
-    depth, items = initdata.structure(text)
-    assert depth > initdata.MAX_DEPTH or items > initdata.MAX_ITEMS or items <= 2
-
-
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [

@@ -58,19 +58,28 @@ def is_token(value: str) -> bool:
 
 JSON_MAX_DEPTH = 32  # a metadata answer is a flat object or two deep
 _UTF8_SIG = codecs.lookup("utf-8-sig")  # looked up now: its module would load after the route
-# A JSON string, or an unterminated one to the end (json.loads refuses the text there, so nothing
-# after it is parsed).  Possessive over disjoint classes and matching at every quote, so the
-# search never backtracks nor restarts: linear time, whatever the escapes and quotes.
-_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
+# What json_depth looks at: a backslash escape (inside a string it hides the next byte, outside
+# one json.loads refuses the text there), a quote, or a bracket.  Fixed-length alternatives, so
+# finditer never backtracks: linear in the body.  (A string regex needs a repeated group, whose
+# possessive form CPython before 3.11.5 matches wrongly: gh-106052.)
+_JSON_TOKEN = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 
 
 def json_depth(body: bytes) -> int:
     """The deepest nesting of `[`/`{` in a JSON text, counted without recursion (strings skipped)."""
     depth = deepest = 0
-    for m in _BRACKET.finditer(_JSON_STRING.sub(b"", body)):
-        depth += 1 if m.group() in (b"[", b"{") else -1
-        deepest = max(deepest, depth)
+    in_string = False
+    for m in _JSON_TOKEN.finditer(body):
+        token = m.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or token[0] == 0x5C:
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
     return deepest
 
 
