@@ -17,20 +17,24 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-CACHE=$HERE/cache
+CACHE=${IMAGE_CACHE:-$HERE/cache}  # IMAGE_CACHE: another cache (the tests' fake bases)
 OUT=${IMAGE_OUT:-$HERE/build}  # IMAGE_OUT: build elsewhere (A/B experiments)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SUITE=bookworm
 # The mirror comes from the host's apt configuration; no host name is written here.
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 
-# PACKAGES, DPKG_EXCLUDES, BASE_FORMAT and mmdebstrap_base(): the recipe shared with the variants.
-# shellcheck source=image/recipe.sh
-source "$HERE/recipe.sh"
-
 log() { printf '[image] %s\n' "$*" >&2; }
 die() { printf '[image] error: %s\n' "$*" >&2; exit 1; }
 sha() { sha256sum | cut -c1-16; }
+
+# copy_tree, remove_tree, guard_tree, run_killable: no copy or removal leaves the tree's file
+# system, nothing stays mounted on any exit path (image/trees.sh).
+# shellcheck source=image/trees.sh
+source "$HERE/trees.sh"
+# PACKAGES, DPKG_EXCLUDES, BASE_FORMAT and mmdebstrap_base(): the recipe shared with the variants.
+# shellcheck source=image/recipe.sh
+source "$HERE/recipe.sh"
 
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap --mode=root, chroot)"
 [ -r "$SOURCES" ] || die "no apt sources file at $SOURCES (set SOURCES=...)"
@@ -73,20 +77,32 @@ fi
 
 # ---------------------------------------------------------------- layer 1: base rootfs
 BASE=$CACHE/base-$base_hash
-if [ "${FORCE:-}" = base ]; then rm -rf "$BASE"; fi
+if [ "${FORCE:-}" = base ]; then remove_tree "$BASE"; fi
 if [ ! -f "$BASE/.complete" ]; then
     log "base: mmdebstrap $SUITE (${#PACKAGES[@]} packages) -> $BASE"
-    rm -rf "$BASE" "$BASE.tmp"
-    # Old bases are dead weight (400+ MB each).
-    find "$CACHE" -maxdepth 1 -name 'base-*' -type d -exec rm -rf {} +
+    # Old bases are dead weight (400+ MB each), and so is a half-built one.
+    remove_tree "$CACHE"/base-*
+    guard_tree "$BASE.tmp"
     t=$(date +%s)
     mmdebstrap_base "$BASE.tmp" "$CACHE/apt"
+    # Complete only with nothing mounted inside (mmdebstrap's own mounts live in a private mount
+    # namespace; anything else is unmounted or the build fails here).
+    unmount_under "$BASE.tmp" || die "base: $BASE.tmp keeps a mount inside; not marked complete"
+    prune_apt_cache "$CACHE/apt" "$BASE.tmp/.packages"
     touch "$BASE.tmp/.complete"
     mv "$BASE.tmp" "$BASE"
     log "base: done in $(( $(date +%s) - t )) s"
 else
     log "base: cached $BASE"
 fi
+
+# ---------------------------------------------------------------- layer 2: the image rootfs
+ROOT=$OUT/rootfs
+log "rootfs: copy base"
+guard_tree "$ROOT"
+remove_tree "$ROOT"
+copy_tree "$BASE" "$ROOT"
+rm -f "$ROOT/.complete"
 
 # ---------------------------------------------------------------- wheels (built on the host)
 # Debian 12 host and image share glibc 2.36 and CPython 3.11, so cp311 wheels built here install in
@@ -103,17 +119,10 @@ AGENT_WHEELS=$OUT/agent-wheel
 rm -rf "$AGENT_WHEELS"; mkdir -p "$AGENT_WHEELS"
 log "wheels: guest-agent from $REPO"
 # Build from a scratch copy: setuptools leaves build/ and *.egg-info in the source tree otherwise.
-SRC=$(mktemp -d); trap 'rm -rf "$SRC"' EXIT
+SRC=$(mktemp -d); on_exit 'rm -rf "$SRC"'
 (cd "$REPO" && tar -cf - --exclude=__pycache__ pyproject.toml guest_agent $( [ -f README.md ] && echo README.md )) | tar -xf - -C "$SRC"
 [ -f "$SRC/README.md" ] || echo "guest-agent" > "$SRC/README.md"
 "$PY" -m pip wheel --quiet --no-deps -w "$AGENT_WHEELS" "$SRC" 2> >(grep -v 'is ignored: it is neither' >&2)
-
-# ---------------------------------------------------------------- layer 2: the image rootfs
-ROOT=$OUT/rootfs
-log "rootfs: copy base"
-rm -rf "$ROOT"
-cp -a "$BASE" "$ROOT"
-rm -f "$ROOT/.complete"
 
 log "rootfs: agent venv /opt/guest-agent"
 agent_venv "$WHEELS"/*.whl "$AGENT_WHEELS"/*.whl
@@ -176,6 +185,7 @@ m = {
 json.dump(m, open(out, "w"), indent=2)
 print(json.dumps({k: v for k, v in m.items() if k != "packages"}))
 EOF
-rm -rf "$ROOT"   # the disk holds it; keeping 500 MB of loose files buys nothing
+remove_tree "$ROOT"   # the disk holds it; keeping 500 MB of loose files buys nothing
 echo "$image_hash" > "$OUT/inputs.sha256"
 log "done in $SECONDS s: $OUT/disk.raw"
+log "disk: $(du -sh --apparent-size "$OUT/disk.raw" | cut -f1) image ($(du -sh "$OUT/disk.raw" | cut -f1) allocated); $OUT holds $(du -sh "$OUT" | cut -f1), $CACHE $(du -sh "$CACHE" | cut -f1)"

@@ -1,6 +1,6 @@
 # The base recipe shared by image/build.sh (the pod VM) and image/variants/build-variant.sh (the
 # benchmark's cloud-init + waagent and no-agent variants), so every variant differs only in what it
-# adds.  Sourced, not run.  Needs: SUITE, SOURCES set by the caller.
+# adds.  Sourced, not run.  Needs: SUITE, SOURCES set by the caller, image/trees.sh sourced.
 
 RECIPE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -33,7 +33,10 @@ mmdebstrap_base() {
     include=$(IFS=,; echo "${PACKAGES[*]}${*:+,}$(IFS=,; echo "$*")")
     # merged-usr hook: debootstrap-style /usr symlinks + the tiny usr-is-merged package, instead of
     # the usrmerge package, which drags in perl (~46 MB) for a conversion nothing needs here.
-    mmdebstrap --mode=root --variant=apt --format=directory \
+    # In a private mount namespace: the /proc, /sys and /dev mmdebstrap mounts inside DEST are never
+    # seen by the host (nothing else can walk into them or keep them busy) and go away with it, even
+    # when it is killed; in a process group of its own, so a signal to the build stops it at once.
+    run_killable unshare --mount --propagation private -- mmdebstrap --mode=root --variant=apt --format=directory \
         --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
         --include="$include" \
         "${DPKG_EXCLUDES[@]}" \

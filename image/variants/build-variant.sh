@@ -37,8 +37,9 @@ PY=${PYTHON:-$REPO/.venv/bin/python}
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 SUITE=bookworm
 VARIANT=${1:?usage: build-variant.sh floor-stock|floor-tuned|cloudinit|guest-agent|caa|caa-sftp|caa-chain}
-CACHE=$HERE/cache
-OUT=$HERE/build/$VARIANT
+CACHE=${VARIANT_CACHE:-$HERE/cache}  # its own bases (cloudinit) and .deb cache
+IMAGE_CACHE=${IMAGE_CACHE:-$IMAGE/cache}  # build.sh's cache (its bases, wheels)
+OUT=${VARIANT_OUT:-$HERE/build/$VARIANT}
 # The incumbents: Debian 12's cloud-init 22.4.2 and waagent 2.7.3 (its python3 agent).
 # openssh-server: Debian's Azure images have it, and waagent's cloud-init provisioning handler waits
 # for an SSH host key (which cloud-init's ssh module regenerates) before it reports Ready.
@@ -51,6 +52,9 @@ sha() { sha256sum | cut -c1-16; }
 SECONDS=0
 mkdir -p "$CACHE/apt" "$OUT"
 
+# copy_tree, remove_tree, guard_tree: as in image/build.sh (image/trees.sh).
+# shellcheck source=image/trees.sh
+source "$IMAGE/trees.sh"
 # PACKAGES, DPKG_EXCLUDES and mmdebstrap_base(): the same recipe as image/build.sh.
 # shellcheck source=image/recipe.sh
 source "$IMAGE/recipe.sh"
@@ -62,8 +66,9 @@ if [ "$VARIANT" = guest-agent ]; then
     SRC=$IMAGE/build
     [ -f "$SRC/disk.raw" ] || die "no $SRC/disk.raw: run image/build.sh (make image) first"
     log "copy $SRC/disk.raw (inputs $(cat "$SRC/inputs.sha256" 2>/dev/null))"
+    guard_tree "$OUT/disk.raw.tmp"
     cp --sparse=always "$SRC/disk.raw" "$OUT/disk.raw.tmp"
-    cmds=$(mktemp); trap 'rm -f "$cmds"' EXIT
+    cmds=$(mktemp); on_exit 'rm -f "$cmds"' 
     # mkdir for every directory of the overlay (errors for existing ones are harmless), then files.
     (cd "$HERE/overlay-bench" && find . -mindepth 1 -type d | LC_ALL=C sort | sed 's|^\.|mkdir |') > "$cmds"
     bench_overlay_files | while read -r f; do
@@ -147,7 +152,7 @@ caa_layout() {
     chmod 0755 "$ROOT"/usr/local/libexec/e2e-*
 
     log "guest-agent: pip install, make install, presets"
-    local wheels=("$IMAGE"/cache/wheels/*.whl "$IMAGE"/build/agent-wheel/*.whl)
+    local wheels=("$IMAGE_CACHE"/wheels/*.whl "$IMAGE"/build/agent-wheel/*.whl)
     [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
     agent_venv "${wheels[@]}"
     make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
@@ -178,7 +183,7 @@ caa_chain_layout() {
 case "$VARIANT" in
 floor-stock | floor-tuned | caa | caa-sftp | caa-chain)
     # build.sh's own cached base layer (same packages, same excludes, same image/base files).
-    BASE=$(ls -d "$IMAGE"/cache/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
+    BASE=$(ls -d "$IMAGE_CACHE"/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
     ;;
 cloudinit)
@@ -190,10 +195,12 @@ cloudinit)
     BASE=$CACHE/base-cloudinit-$base_hash
     if [ ! -f "$BASE/.complete" ]; then
         log "mmdebstrap $SUITE + ${INCUMBENTS[*]} -> $BASE"
-        rm -rf "$BASE" "$BASE.tmp"
-        find "$CACHE" -maxdepth 1 -name 'base-cloudinit-*' -type d -exec rm -rf {} +
+        remove_tree "$CACHE"/base-cloudinit-*
+        guard_tree "$BASE.tmp"
         # build.sh's base recipe, with the incumbents added to the package list.
         mmdebstrap_base "$BASE.tmp" "$CACHE/apt" "${INCUMBENTS[@]}"
+        unmount_under "$BASE.tmp" || die "$BASE.tmp keeps a mount inside; not marked complete"
+        prune_apt_cache "$CACHE/apt" "$BASE.tmp/.packages"
         touch "$BASE.tmp/.complete"
         mv "$BASE.tmp" "$BASE"
     fi
@@ -203,8 +210,9 @@ esac
 log "base: $BASE"
 
 ROOT=$OUT/rootfs
-rm -rf "$ROOT"
-cp -a "$BASE" "$ROOT"
+guard_tree "$ROOT"
+remove_tree "$ROOT"
+copy_tree "$BASE" "$ROOT"
 rm -f "$ROOT/.complete"
 cp "$BASE/.packages" "$OUT/packages.txt" 2>/dev/null || in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
 rm -f "$ROOT/.packages"
@@ -270,5 +278,5 @@ out, variant, kver, root_kb, pkgs = sys.argv[1:]
 json.dump({"variant": variant, "kernel": kver, "rootfs_mib": round(int(root_kb) / 1024, 1),
            "packages": dict(l.split(" ", 1) for l in open(pkgs).read().splitlines() if l)}, open(out, "w"), indent=2)
 PYEOF
-rm -rf "$ROOT"
-log "done in $SECONDS s: $OUT/disk.raw"
+remove_tree "$ROOT"
+log "done in $SECONDS s: $OUT/disk.raw ($(du -sh "$OUT/disk.raw" | cut -f1) allocated; image/variants/build holds $(du -sh "$HERE/build" | cut -f1))"
