@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean
+.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget
 
 all: test
 
@@ -50,26 +50,33 @@ bench: venv
 	$(PY) -m bench.report
 	$(PY) -m bench.fleet
 
+# Free disk for the image goals on the command line, checked before anything is built; the figures:
+# docs/building.md.
+disk-budget:
+	image/disk-budget.sh $(MAKECMDGOALS)
+
 # The pod VM image (root: mmdebstrap in root mode); rebuilt only when its inputs changed.
-image: venv
+image: disk-budget venv
 	.ci/apt-deps image
 	image/build.sh
 
 # Boot the images under QEMU (TCG) against a fake Azure, inside a private network namespace: our own
 # image (valid, invalid, cidata user-data) and the CAA-layout variants (caa, byom).  BOOTS=caa,byom
 # boots only those.
-e2e: image
+e2e: disk-budget image
 	image/variants/build-variant.sh caa
 	image/variants/build-variant.sh caa-sftp
 	$(PY) tests/e2e/run.py $(if $(BOOTS),--boots $(BOOTS))
+	image/disk-budget.sh --report
 
 # guest-agent on the tuned image vs floor-tuned, floor-stock, cloud-init + waagent and CAA's chain (stand-ins),
 # 3 boots each, interleaved (8-9 min on a quiet machine with the guest CPU's RDRAND, 19-21 min on a loaded one before it, warm caches);
 # writes docs/benchmarks.md.
-bench-boot: image
+bench-boot: disk-budget image
 	$(PY) -m pip install -q 'matplotlib==3.11.2'
 	for v in guest-agent floor-tuned floor-stock cloudinit caa-chain; do image/variants/build-variant.sh $$v || exit 1; done
 	$(PY) -m bench.boot.run $(if $(N),--runs $(N))
+	image/disk-budget.sh --report
 
 # What a Python process and each import cost inside the pod VM under TCG (bench/boot/probe.py,
 # one quiet boot of the product image, ~1.5 min).
