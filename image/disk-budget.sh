@@ -105,7 +105,9 @@ else
     fi
     where="on $(mount_of "$CACHE") (image trees)"
 fi
-log "make $goal: uses up to $cold MiB of image trees when built from nothing ($held MiB are built already) + $work MiB of boot work directories; needs $need MiB free $where, $free MiB are"
+uses="$cold MiB of image trees when built from nothing ($held MiB are built already)"
+[ "$work" = 0 ] || uses+=" + $work MiB of boot work directories"
+log "make $goal: uses up to $uses; needs $need MiB free $where, $free MiB are"
 if [ "$free" -lt "$need" ]; then
     log "error: not enough disk for make $goal: $need MiB needed, $free MiB free $where; free space or remove leftovers:"
     report
