@@ -26,6 +26,12 @@ BUDGET = REPO / "image" / "disk-budget.sh"
 root_only = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root (mounts in a private mount namespace)"
 )
+# What image/build.sh checks for before it starts (mmdebstrap is the tests' fake); the image group of
+# .ci/apt-deps installs them, a Python-only chroot (make test-pythons) lacks them.
+build_tools = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("mkfs.ext4", "chroot", "gcc")),
+    reason="needs image/build.sh's tools (mkfs.ext4, chroot, gcc: .ci/apt-deps image)",
+)
 
 # mmdebstrap as far as the build sees it: a tmpfs at DEST/proc in its own mount namespace (where the
 # build puts it), with FAKE_LEAK also one in the build script's namespace (what an mmdebstrap that
@@ -139,6 +145,7 @@ MOUNT_CANARY = 'mount -t tmpfs -o size=1m canary "$CANARY/proc" && echo host-dat
 
 
 @root_only
+@build_tools
 @pytest.mark.privileged
 def test_build_refuses_a_base_with_a_mount_inside(tmp_path: Path) -> None:
     base = base_path(tmp_path)
@@ -163,6 +170,7 @@ def test_variant_build_refuses_a_base_with_a_mount_inside(tmp_path: Path) -> Non
 
 
 @root_only
+@build_tools
 @pytest.mark.privileged
 @pytest.mark.parametrize("leak", ["", "1"], ids=["mounts-in-mmdebstraps-namespace", "mount-leaked-to-the-build"])
 def test_build_interrupted_during_mmdebstrap_leaves_no_mount(tmp_path: Path, leak: str) -> None:
