@@ -64,7 +64,9 @@ CASES: dict[str, str] = {
     "contextlib": f"{PY} 'import contextlib'",
     "datetime": f"{PY} 'import datetime'",
     "socket": f"{PY} 'import socket'",
-    "C modules": f"{PY} 'import _json, binascii, _struct, _socket, select, fcntl, zlib, _sha256'",
+    "logging": f"{PY} 'import logging'",
+    "h11": "/opt/guest-agent/bin/python3 -I -c 'import h11'",
+    "yaml": "/opt/guest-agent/bin/python3 -I -c 'import yaml'",
     "agent warm": '/opt/guest-agent/bin/python3 -I -c "$AGENT"',
 }
 
