@@ -6,6 +6,7 @@ one, takes the unit out of the default dependencies, which changes its score."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -23,6 +24,7 @@ BUDGET = {"guest-agent.service": 2.0, "guest-agent-imds-nat.service": 4.0, "netn
 
 # cloud-api-adaptor's units our drop-ins extend (stand-ins here, so verify parses the drop-ins).
 CAA_UNITS = (
+    "afterburn-checkin.service",
     "agent-protocol-forwarder.service",
     "attestation-agent.service",
     "azure-ready.service",
@@ -93,16 +95,31 @@ def test_make_install_prefix_and_bindir(tmp_path: Path) -> None:
     assert (tmp_path / "opt/ga/lib/systemd/system-preset/10-guest-agent.preset").is_file()
 
 
+def executables(root: Path, *paths: str) -> None:
+    """Stand-ins for the programs the units run (verify checks that ExecStart= names one)."""
+    for exe in paths:
+        (root / exe).parent.mkdir(parents=True, exist_ok=True)
+        (root / exe).write_text("#!/bin/sh\n")
+        (root / exe).chmod(0o755)
+
+
+def verify(root: Path, *units: str) -> tuple[int, str]:
+    done = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", "--man=no", *units],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
 @pytest.fixture
 def image_root(tmp_path: Path) -> Path:
     """An installed tree with stand-ins for the executables and for CAA's units."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("needs systemd-analyze")
     install(tmp_path, "PREFIX=/usr")
-    for exe in ("usr/local/bin/guest-agent", "usr/bin/ip", "usr/bin/nsenter", "usr/local/bin/caa-standin"):
-        (tmp_path / exe).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / exe).write_text("#!/bin/sh\n")
-        (tmp_path / exe).chmod(0o755)
+    executables(tmp_path, "usr/local/bin/guest-agent", "usr/bin/ip", "usr/bin/nsenter", "usr/local/bin/caa-standin")
     for unit in CAA_UNITS:
         body = (
             "[Path]\nPathExists=/run/x\n"
@@ -115,15 +132,8 @@ def image_root(tmp_path: Path) -> Path:
 
 
 def test_units_verify(image_root: Path) -> None:
-    units = [*BUDGET, *CAA_UNITS]
-    done = subprocess.run(
-        ["systemd-analyze", "verify", f"--root={image_root}", "--man=no", *units],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
     # Unknown keys and bad values are only warnings (exit 0): any output at all fails the test.
-    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+    assert verify(image_root, *BUDGET, *CAA_UNITS) == (0, "")
 
 
 def exposure(root: Path, unit: str) -> float:
@@ -165,6 +175,7 @@ def test_kill_switch_is_consistent() -> None:
         if "ConditionKernelCommandLine=guest-agent=disabled" in unit_lines(p)
     )
     assert replaced == [
+        "afterburn-checkin.service",
         "azure-ready.service",
         "process-user-data.path",
         "process-user-data.service",
@@ -172,3 +183,106 @@ def test_kill_switch_is_consistent() -> None:
     ]
     # netns@ is shared with CAA's kata-agent and api-server-rest: never switched off.
     assert not any("Condition" in ln for ln in unit_lines(units / "netns@.service"))
+
+
+# afterburn's check-in unit as Fedora/CoreOS ship it (coreos/afterburn 790aa94b,
+# systemd/afterburn-checkin.service: it runs only where the kernel command line names the platform),
+# and CAA's override of it (cloud-api-adaptor fbdde756, podvm/mkosi.images/system/mkosi.skeleton/
+# usr/lib/systemd/system/afterburn-checkin.service.d/10-override.conf): the condition list reset,
+# then Azure only, with the provider given on the command line.
+AFTERBURN_CHECKIN = """\
+[Unit]
+ConditionKernelCommandLine=|ignition.platform.id=azure
+ConditionKernelCommandLine=|ignition.platform.id=azurestack
+After=network.target multi-user.target
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/afterburn --cmdline --check-in
+RemainAfterExit=yes
+"""
+CAA_AFTERBURN_OVERRIDE = """\
+[Unit]
+ConditionKernelCommandLine=
+ConditionVirtualization=microsoft
+[Service]
+ExecStart=
+ExecStart=/usr/bin/afterburn --provider=azure --check-in
+"""
+# Test only: stands for "on Azure" here (systemd detects a container or another hypervisor); like
+# CAA's override it resets every condition before it, and sorts before our 50-guest-agent.conf.
+ON_AZURE = "[Unit]\nConditionVirtualization=\n"
+
+
+def afterburn_root(tmp_path: Path, *, on_azure: bool, ours: bool = True) -> Path:
+    """CAA's afterburn-checkin (afterburn's unit + CAA's override) with or without our drop-in."""
+    if ours:
+        install(tmp_path, "PREFIX=/usr")
+    unit = tmp_path / UNITDIR / "afterburn-checkin.service"
+    (unit.parent / "afterburn-checkin.service.d").mkdir(parents=True, exist_ok=True)
+    unit.write_text(AFTERBURN_CHECKIN)
+    (unit.parent / "afterburn-checkin.service.d/10-override.conf").write_text(CAA_AFTERBURN_OVERRIDE)
+    if on_azure:
+        (unit.parent / "afterburn-checkin.service.d/20-test-on-azure.conf").write_text(ON_AZURE)
+    executables(tmp_path, "usr/bin/afterburn")
+    return tmp_path
+
+
+def would_run(root: Path, unit: str, cmdline: str) -> tuple[bool, str]:
+    """The unit's conditions, drop-ins included, evaluated offline against `cmdline` as the kernel
+    command line (systemd reads $SYSTEMD_PROC_CMDLINE instead of /proc/cmdline)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze")
+    done = subprocess.run(
+        ["systemd-analyze", "condition", f"--root={root}", f"--unit={unit}"],
+        env={**os.environ, "SYSTEMD_PROC_CMDLINE": cmdline},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "Unknown" in done.stderr and "condition" in done.stderr:
+        pytest.skip("systemd-analyze has no condition verb (systemd < 243)")
+    return done.returncode == 0, done.stdout + done.stderr
+
+
+def test_afterburn_checkin_runs_on_azure_without_our_drop_in(tmp_path: Path) -> None:
+    """The problem: on an image with afterburn, CAA's preset and override make it check in on Azure
+    beside the agent."""
+    assert would_run(afterburn_root(tmp_path, on_azure=True, ours=False), "afterburn-checkin.service", "")[0]
+
+
+def test_afterburn_checkin_is_skipped_unless_the_kill_switch_is_set(tmp_path: Path) -> None:
+    root = afterburn_root(tmp_path, on_azure=True)
+    runs, out = would_run(root, "afterburn-checkin.service", "root=/dev/vda quiet")
+    assert not runs and "ConditionKernelCommandLine=guest-agent=disabled failed" in out
+    # guest-agent=disabled: CAA's unit is back, exactly as CAA configured it.
+    runs, out = would_run(root, "afterburn-checkin.service", "root=/dev/vda guest-agent=disabled")
+    assert runs, out
+
+
+def test_afterburn_checkin_keeps_caas_own_conditions_under_the_kill_switch(tmp_path: Path) -> None:
+    """Not on Azure, CAA's ConditionVirtualization=microsoft still decides, kill switch or not: our
+    drop-in only adds a condition (it sorts after CAA's override, whose reset would drop it)."""
+    root = afterburn_root(tmp_path, on_azure=False)
+    runs, out = would_run(root, "afterburn-checkin.service", "guest-agent=disabled")
+    assert "ConditionKernelCommandLine=guest-agent=disabled succeeded" in out
+    if "ConditionVirtualization=microsoft succeeded" not in out:  # not on Hyper-V
+        assert not runs, out
+
+
+def test_a_drop_in_for_a_unit_the_image_lacks_is_harmless(tmp_path: Path) -> None:
+    """Ubuntu has no afterburn: the installed drop-in names a unit that does not exist.  systemd loads
+    no unit from a drop-in alone; verify of everything we ship says nothing, and nothing lists it."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze")
+    install(tmp_path, "PREFIX=/usr")
+    assert (tmp_path / UNITDIR / "afterburn-checkin.service.d/50-guest-agent.conf").is_file()
+    assert not (tmp_path / UNITDIR / "afterburn-checkin.service").exists()
+    executables(tmp_path, "usr/local/bin/guest-agent", "usr/bin/ip", "usr/bin/nsenter")
+    assert verify(tmp_path, *BUDGET) == (0, "")
+    listed = subprocess.run(
+        ["systemctl", f"--root={tmp_path}", "list-unit-files", "--no-legend", "afterburn-checkin.service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.stdout.strip() == ""

@@ -95,8 +95,9 @@ fi
 # CAA's pod VM as its mkosi build lays it out (cloud-api-adaptor fbdde756, src/cloud-api-adaptor/podvm/):
 # files/ (units in /etc/systemd/system and the multi-user.target.wants symlinks it ships, tmpfiles,
 # kata defaults), the system image's mkosi.skeleton (30-coco.preset, process-user-data's
-# 10-override.conf) and, for caa-sftp, mkosi.skeleton-sftp; every binary is a stand-in
-# (overlay-caa/usr/local/libexec/caa-standin).  guest-agent then goes in the way an image builder adds
+# 10-override.conf; afterburn-checkin.service with CAA's override and preset line, as an image from
+# CAA's tree has them on a distribution that packages afterburn) and, for caa-sftp,
+# mkosi.skeleton-sftp; every binary is a stand-in (overlay-caa/usr/local/libexec/caa-standin).  guest-agent then goes in the way an image builder adds
 # a package: pip into a venv, `make install DESTDIR=... PREFIX=/usr`, CAA's and our presets.  Last,
 # mkosi.finalize.chroot's enable/disable of process-user-data, after the presets: the order in which
 # no preset could undo it (guest-agent's drop-ins have to neutralise the unit instead).
@@ -114,6 +115,8 @@ caa_units() {
     mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
     for u in "${CAA_WANTS[@]}"; do ln -sfn "../$u" "$ROOT/etc/systemd/system/multi-user.target.wants/$u"; done
     for b in "${CAA_STANDINS[@]}"; do ln -sfn ../libexec/caa-standin "$ROOT/usr/local/bin/$b"; done
+    # afterburn lives in /usr/bin where a distribution packages it (CAA's override runs that path).
+    ln -sfn ../local/libexec/caa-standin "$ROOT/usr/bin/afterburn"
     # APF: the project's stand-in forwarder, as in every other variant.
     install -m 0755 -D "$IMAGE/overlay/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/bin/agent-protocol-forwarder"
     ln -sfn /run/peerpod/policy.rego "$ROOT/etc/kata-opa/default-policy.rego"
@@ -156,7 +159,7 @@ caa_layout() {
     [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
     agent_venv "${wheels[@]}"
     make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
-    caa_presets "$ROOT"/usr/lib/systemd/system-preset/{30-coco,40-sftp-sys,*guest-agent*}.preset
+    caa_presets "$ROOT"/usr/lib/systemd/system-preset/{20-coco-sys,30-coco,40-sftp-sys,*guest-agent*}.preset
     caa_finalize
 }
 

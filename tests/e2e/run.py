@@ -494,6 +494,7 @@ REPLACED = (
     ("process-user-data.service", "process-user-data"),
     ("azure-ready.service", "azure-ready"),
     ("setup-nat-for-imds.service", "setup-nat-for-imds.sh"),
+    ("afterburn-checkin.service", "afterburn"),  # CAA's preset + override, where afterburn exists
 )
 
 
@@ -565,7 +566,7 @@ def check_caa_graph(c: Checks, res: BootResult, exp: userdata.Expected) -> None:
             (rec.get(standin), u),
         )
     # Enabled the way CAA enables them, each got a start job; a Condition must have stopped it.
-    for unit in ("process-user-data.service", "azure-ready.service", "setup-nat-for-imds.service"):
+    for unit, _ in REPLACED:
         if res.scenario.layout == "byom" and unit == "process-user-data.service":
             unit = "process-user-data.path"  # what the SFTP profile enables instead of the service
         c.check(units[unit].get("ConditionResult") == "no", f"{unit} skipped by its condition", units[unit])
