@@ -49,6 +49,19 @@ class Deps:
     log_fields: dict[str, str] = field(default_factory=dict)  # added to every journal entry
 
 
+def warn_undetectable(facts: clouds.Facts) -> None:
+    """`auto` on a machine without DMI where a cloud cannot be told from other hosts (IBM Z): say
+    that cidata is a fallback and which provider an image for that cloud sets."""
+    for name in clouds.undetectable(facts):
+        log.warning(
+            "no DMI here, and /proc/sysinfo cannot tell %s from other hosts: using cidata; set provider in "
+            '/etc/guest-agent/config.d/ ("%s" on that cloud, "cidata" elsewhere) to say which',
+            name,
+            name,
+            extra=fields(stage="detect"),
+        )
+
+
 def fetch_user_data(provider: str, cfg: Config, root: str, deps: Deps) -> bytes:
     module = clouds.provider_module(provider)
     ctx = clouds.FetchContext(
@@ -100,20 +113,30 @@ def measure(idata: initdata.Initdata, cfg: Config, root: str, *, already: bool) 
 
     device = root_path(root, cfg.tpm.device)
     if not tpm.tpm_present(device):
-        if not os.path.exists(root_path(root, tpm.ACPI_TPM2_TABLE)):
-            log.info("no TPM at %s: initdata not measured into a PCR", cfg.tpm.device, extra=fields(stage="measure"))
+        announced = os.path.exists(root_path(root, tpm.ACPI_TPM2_TABLE))
+        if not announced and cfg.tpm.absent != "error":
+            say = log.warning if cfg.tpm.absent == "warning" else log.info
+            say(
+                "no TPM at %s: initdata not measured into a PCR",
+                cfg.tpm.device,
+                extra=fields(stage="measure", tpm_absent=cfg.tpm.absent),
+            )
             return "absent"
-        # The firmware has a TPM; its driver is still loading.  Skipping would leave initdata
-        # unmeasured on a VM whose attestation expects it: wait for it, or fail.
+        # The firmware has a TPM, or the image says it has one ([tpm] absent = "error"; s390x and
+        # device-tree machines have no ACPI table): its driver may still be loading.  Skipping would
+        # leave initdata unmeasured on a VM whose attestation expects it: wait for it, or fail.
         log.info(
-            "the firmware announces a TPM but %s is not there yet: waiting up to %g s for its driver",
+            "%s but %s is not there yet: waiting up to %g s for its driver",
+            "the firmware announces a TPM" if announced else "the configuration requires a TPM",
             cfg.tpm.device,
             cfg.tpm.device_wait_s,
             extra=fields(stage="measure"),
         )
         if not tpm.wait_for_device(device, cfg.tpm.device_wait_s):
             raise tpm.TpmError(
-                "the firmware announces a TPM but its device did not appear",
+                "the firmware announces a TPM but its device did not appear"
+                if announced
+                else "no TPM device, and the configuration requires one",
                 device=cfg.tpm.device,
                 waited_s=cfg.tpm.device_wait_s,
             )
@@ -211,6 +234,8 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             provider = cfg.provider if cfg.provider != "auto" else clouds.detect(facts)
         deps.log_fields["GUEST_AGENT_PROVIDER"] = provider
         log.info("provider %s (%s)", provider, "configured" if cfg.provider != "auto" else "detected from DMI")
+        if cfg.provider == "auto" and provider == "cidata":
+            warn_undetectable(facts)
         if provider == "cidata" and cfg.cidata.wait_for_delivery:
             from guest_agent.clouds import cidata
 

@@ -79,11 +79,15 @@ class TpmConfig:
     """Measurement of initdata into a TPM PCR (CAA PR #1999 / #2186)."""
 
     enabled: bool = True
-    device: str = "/dev/tpmrm0"  # resource manager; absent device = no TPM (logged, not an error) ...
+    device: str = "/dev/tpmrm0"  # resource manager; absent device = no TPM (see `absent`) ...
     # ... unless the firmware announces one (ACPI TPM2 table): then its driver is still loading, so wait
     # this long for the device (inotify), and fail (exit 69, NotReady on Azure) if it does not come.
     device_wait_s: float = 30.0
     pcr: int = 8  # unused by systemd-boot/UKI images; what CAA's verifier replays
+    # A missing TPM the firmware does not announce: "info" (a log line: VM sizes without a vTPM),
+    # "warning" (a warning: the image expects one, initdata goes unmeasured), or "error" (the image
+    # requires one: wait device_wait_s for it, then exit 69, NotReady on Azure).
+    absent: str = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +387,10 @@ def _labels(v: tuple[str, ...]) -> str | None:
     return None if ok else "must be 1-32 character volume labels, at least one"
 
 
+def _one_of(*values: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in values else "must be one of " + ", ".join(f'"{x}"' for x in values)
+
+
 def _date(v: str) -> str | None:
     return None if _DATE.fullmatch(v) else "must be a date YYYY-MM-DD"
 
@@ -410,6 +418,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "tpm.device": _abs_path,
     "tpm.pcr": _between(0, 23),  # a TPM 2.0 PC Client TPM has PCRs 0-23
     "tpm.device_wait_s": _not_negative,
+    "tpm.absent": _one_of("info", "warning", "error"),
     "network.deadline_s": _positive,
     "netns.name": _name,
     "netns.run_dir": _abs_path,
@@ -463,6 +472,10 @@ def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
             raise ConfigError(
                 "invalid value in agent configuration", key=key, value=repr(value)[:80], rule=problem, file=where
             )
+    if cfg.tpm.absent == "error" and not cfg.tpm.enabled:
+        raise ConfigError(
+            "invalid value in agent configuration", key="tpm.absent", rule='"error" needs tpm.enabled = true'
+        )
     if cfg.fetch.backoff_max_s < cfg.fetch.backoff_initial_s:
         raise ConfigError(
             "invalid value in agent configuration", key="fetch.backoff_max_s", rule="must be >= fetch.backoff_initial_s"

@@ -17,6 +17,10 @@ nothing of the agent, so config.py can read it.
 DMI rules follow cloud-init's ds-identify (canonical/cloud-init tools/ds-identify:
 dscheck_Azure/Ec2/GCE/AliYun/IBMCloud); CAA's own heuristics are in cloud-api-adaptor
 src/cloud-api-adaptor/pkg/userdata/provision.go.
+
+IBM Z (s390x) has no DMI, and nothing there names a cloud (docs/adding-a-cloud.md, "Platforms
+without DMI"): an entry's `undetectable_on` recognises such a platform from /proc/sysinfo, so that
+`auto` says which provider the image has to configure instead of silently using cidata.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Dmi = Callable[[str], str]  # DMI field name ("sys_vendor") -> its value, "" if absent
+Sysinfo = Callable[[str], str]  # /proc/sysinfo field name ("VM00 Control Program") -> its value, "" if absent
 
 AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"  # cloud-init ds-identify is_azure_chassis
 
@@ -38,6 +43,9 @@ class Provider:
     fetch_module: str  # defines fetch(ctx: clouds.FetchContext) -> bytes, imported only when in use
     metadata_url_key: str | None  # "section.key" of the configured metadata URL; None: no network needed
     reporter_module: str | None = None  # reports Ready/NotReady to the cloud's fabric (Azure)
+    # pure: a platform without DMI where the cloud runs but looks like other hosts; `auto` then
+    # stays with cidata and warns that an image for this cloud must configure it
+    undetectable_on: Callable[[Sysinfo], bool] | None = None
 
 
 def _azure(dmi: Dmi) -> bool:
@@ -70,6 +78,13 @@ def _ibmcloud(dmi: Dmi) -> bool:
     return dmi("chassis_vendor").startswith("IBM:Cloud Compute Server")
 
 
+def _ibm_z_kvm_guest(sysinfo: Sysinfo) -> bool:
+    # The machine's maker (STSI 1.1.1) and the hypervisor's control program (STSI 3.2.2), which the
+    # KVM host fills in as "KVM/Linux" (Linux arch/s390/kvm/priv.c, QEMU target/s390x/kvm): the same
+    # on IBM Cloud VPC, on CAA's libvirt provider on an s390x host and on any LinuxONE.
+    return sysinfo("Manufacturer") == "IBM" and sysinfo("VM00 Control Program") == "KVM/Linux"
+
+
 def _always(dmi: Dmi) -> bool:
     return True
 
@@ -79,7 +94,9 @@ REGISTRY: tuple[Provider, ...] = (
     Provider("aws", _aws, "guest_agent.clouds.aws", "aws.imds_url"),
     Provider("gcp", _gcp, "guest_agent.clouds.gcp", "gcp.metadata_url"),
     Provider("alibaba", _alibaba, "guest_agent.clouds.alibaba", "alibaba.metadata_url"),
-    Provider("ibmcloud", _ibmcloud, "guest_agent.clouds.ibmcloud", "ibmcloud.metadata_url"),
+    Provider(
+        "ibmcloud", _ibmcloud, "guest_agent.clouds.ibmcloud", "ibmcloud.metadata_url", undetectable_on=_ibm_z_kvm_guest
+    ),
     # libvirt, byom, unknown KVM: a cidata seed file or config disk is the only source left.  Last:
     # it matches anything.
     Provider("cidata", _always, "guest_agent.clouds.cidata", None),

@@ -84,6 +84,19 @@ def test_write_error_reports_not_ready(tmp_path: Path) -> None:
     assert sorted(p.name for p in (root / "run/peerpod").iterdir()) == ["auth.json"]
 
 
+def test_a_required_tpm_that_is_missing_reports_not_ready(tmp_path: Path) -> None:
+    with FakeWireserver() as ws, FakeServer("imds", imds.azure(caa.cloud_config(), Script())) as srv:
+        root, conf = _azure_root(tmp_path, srv.url, ws.url)
+        (root / "dev").mkdir()  # no tpmrm0 in it, no ACPI TPM2 table
+        conf.write_text(
+            conf.read_text().replace("[tpm]\nenabled = false\n", '[tpm]\nabsent = "error"\ndevice_wait_s = 0.1\n')
+        )
+        assert cli.main(["run", "--root", str(root), "--config", str(conf)]) == EXIT_UNAVAILABLE
+        reports = ws.accepted()
+    assert [r.state for r in reports] == ["NotReady"]
+    assert "no TPM device, and the configuration requires one" in (reports[0].description or "")
+
+
 def test_report_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with FakeWireserver() as ws:
         root, conf = _azure_root(tmp_path, closed_port(), ws.url)

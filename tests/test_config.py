@@ -106,6 +106,9 @@ def test_bad_config_is_an_error(tmp_path: Path, text: str, fragment: str) -> Non
         ("[cidata]\nlabels = []\n", "cidata.labels"),
         ('[ibmcloud]\napi_version = "latest"\n', "ibmcloud.api_version"),
         ("[fetch]\nbackoff_initial_s = 5\nbackoff_max_s = 1\n", "fetch.backoff_max_s"),
+        ('[tpm]\nabsent = "fatal"\n', "tpm.absent"),
+        ('[tpm]\nabsent = "Error"\n', "tpm.absent"),
+        ('[tpm]\nenabled = false\nabsent = "error"\n', "tpm.absent"),  # requires what it switched off
     ],
 )
 def test_bad_values_are_refused_at_load(tmp_path: Path, text: str, key: str) -> None:
@@ -121,11 +124,12 @@ def test_good_values_load(tmp_path: Path) -> None:
         tmp_path / "c.toml",
         '[aws]\nimds_url = "http://[fd00:ec2::254]:80"\n[azure]\nwireserver_url = "http://127.0.0.1:8080/x"\n'
         '[netns]\nname = "pod-ns_1.a"\nimds_addr = "169.254.169.254"\nnft_table = "_t1"\n[tpm]\npcr = 23\n'
+        'absent = "warning"\n'
         '[gcp]\nmetadata_url = "http://metadata:65535/"\n[alibaba]\nmetadata_url = "http://[fd00::1]"\n'
         '[ibmcloud]\nmetadata_url = "http://h:"\napi_version = "2024-11-12"\n',
     )
     cfg = config.load(str(tmp_path), str(f))
-    assert cfg.tpm.pcr == 23
+    assert (cfg.tpm.pcr, cfg.tpm.absent) == (23, "warning")
     assert cfg.alibaba.metadata_url == "http://[fd00::1]"
 
 

@@ -147,3 +147,87 @@ def test_a_seed_directory_is_not_a_seed(tmp_path: Path) -> None:
 )
 def test_metadata_address(provider: str, address: str | None) -> None:
     assert clouds.metadata_address(provider, Config()) == address
+
+
+# /proc/sysinfo as Linux prints it on s390x (arch/s390/kernel/sysinfo.c: "Name:" padded to a
+# column, values padded to their field width).  Machine and LPAR levels, then the guest's own
+# hypervisor level (VM00), which a KVM host fills in as "KVM/Linux".
+SYSINFO_MACHINE = (
+    "Manufacturer:         IBM             \n"
+    "Type:                 3931\n"
+    "Model:                701              A01             \n"
+    "Sequence Code:        00000000000C0DE1\n"
+    "\n"
+    "LPAR Number:          21\n"
+    "LPAR Characteristics: Shared \n"
+    "LPAR Name:            LP21    \n"
+)
+SYSINFO_KVM = "\nVM00 Name:            KVMguest\nVM00 Control Program: KVM/Linux       \nVM00 Adjustment:      1000\n"
+SYSINFO_ZVM = "\nVM00 Name:            LINUX01 \nVM00 Control Program: z/VM    7.3.0   \nVM00 Adjustment:      1000\n"
+
+SYSINFO_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # IBM Cloud VPC (LinuxONE, Secure Execution), CAA's libvirt provider on an s390x host, any KVM on
+    # IBM Z: the same lines, so IBM Cloud is a candidate that cannot be detected
+    "kvm-guest-on-ibm-z": (SYSINFO_MACHINE + SYSINFO_KVM, ("ibmcloud",)),
+    # KVM inside a z/VM guest: VM00 is the guest's own level (KVM), VM01 the z/VM below it
+    "kvm-guest-in-zvm": (
+        SYSINFO_MACHINE + SYSINFO_KVM + "\nVM01 Name:            LINUX01 \nVM01 Control Program: z/VM    7.3.0   \n",
+        ("ibmcloud",),
+    ),
+    # near misses: no cloud runs these
+    "zvm-guest": (SYSINFO_MACHINE + SYSINFO_ZVM, ()),
+    "lpar": (SYSINFO_MACHINE, ()),
+    "qemu-tcg": (SYSINFO_MACHINE.replace("IBM ", "QEMU") + SYSINFO_KVM, ()),  # an emulated s390x
+    "not-s390x": ("", ()),
+}
+
+
+def s390x_root(tmp_path: Path, sysinfo: str) -> Path:
+    """A guest root as on s390x: /proc/sysinfo, no /sys/class/dmi."""
+    if sysinfo:
+        (tmp_path / "proc").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "proc/sysinfo").write_text(sysinfo)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", sorted(SYSINFO_CASES))
+def test_no_cloud_is_detected_from_sysinfo(tmp_path: Path, case: str) -> None:
+    """IBM Z has no DMI and /proc/sysinfo names no cloud: `auto` stays with cidata, and names the
+    clouds it cannot tell apart (boot.run warns that the image must configure one)."""
+    text, undetectable = SYSINFO_CASES[case]
+    facts = clouds.read_facts(str(s390x_root(tmp_path, text)), Config())
+    assert clouds.detect(facts) == "cidata"
+    assert clouds.undetectable(facts) == undetectable
+
+
+def test_sysinfo_keeps_only_the_fields_the_rules_read(tmp_path: Path) -> None:
+    facts = clouds.read_facts(str(s390x_root(tmp_path, SYSINFO_MACHINE + SYSINFO_KVM)), Config())
+    assert facts.sysinfo == {"Manufacturer": "IBM", "Type": "3931", "VM00 Control Program": "KVM/Linux"}
+
+
+def test_sysinfo_is_not_read_where_there_is_dmi(tmp_path: Path) -> None:
+    caa.make_root(str(tmp_path), {"sys_vendor": "QEMU"})
+    facts = clouds.read_facts(str(s390x_root(tmp_path, SYSINFO_MACHINE + SYSINFO_KVM)), Config())
+    assert facts.sysinfo == {}
+    assert clouds.undetectable(facts) == ()
+
+
+def test_a_cidata_seed_leaves_nothing_undetected(tmp_path: Path) -> None:
+    # byom: CAA delivered the user-data; which cloud it is does not matter
+    facts = Facts({}, cidata_seed=True, sysinfo={"Manufacturer": "IBM", "VM00 Control Program": "KVM/Linux"})
+    assert clouds.undetectable(facts) == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Manufacturer: IBM\n" * 100_000,  # larger than the read bound: a repeated name keeps its first value
+        "Manufacturer:" + "I" * 10_000 + "\nVM00 Control Program: KVM/Linux\n",  # a value past 256 chars
+        "\x00\xff\ufffd:\n::::\nManufacturer\nVM00 Control Program KVM/Linux\n",  # no usable line
+    ],
+)
+def test_sysinfo_is_read_bounded_and_never_fails(tmp_path: Path, text: str) -> None:
+    facts = clouds.read_facts(str(s390x_root(tmp_path, text)), Config())
+    assert all(len(v) <= 256 for v in facts.sysinfo.values())
+    assert clouds.undetectable(facts) == ()
+    assert clouds.detect(facts) == "cidata"

@@ -79,6 +79,7 @@ def test_adding_a_cloud_doc_names_every_part() -> None:
         "config.py",
         "test_detect.py",
         "reporter_module",
+        "undetectable_on",
     ):
         assert part in doc, part
 

@@ -1,7 +1,8 @@
 """Cloud detection from local facts, and the fetch side of the registry (guest_agent/providers.py).
 
 Detection reads DMI strings under /sys/class/dmi/id (cloud-init ds-identify) and looks for a
-cidata seed; it never touches the network.  Each provider's fetch module exposes `fetch(ctx)`
+cidata seed; without DMI (s390x) it reads /proc/sysinfo, which names the platform but no cloud
+(providers.py).  It never touches the network.  Each provider's fetch module exposes `fetch(ctx)`
 returning the raw user-data bytes and raising `transport.Retry` for "not yet".
 """
 
@@ -30,6 +31,10 @@ DMI_FIELDS = (
     "chassis_vendor",
     "chassis_asset_tag",
 )
+# The /proc/sysinfo fields the registry's undetectable_on rules read (s390x; the hypervisor fills
+# some of the file in, so only these are kept, each bounded).
+SYSINFO_FIELDS = ("Manufacturer", "Type", "VM00 Control Program")
+SYSINFO_MAX_BYTES = 64 * 1024  # a few KiB on real machines
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +43,13 @@ class Facts:
 
     dmi: dict[str, str]
     cidata_seed: bool = False  # <mount_dir>/user-data exists (byom SFTP, docker bind mount)
+    sysinfo: dict[str, str] = field(default_factory=dict)  # read only where there is no DMI
 
     def get(self, name: str) -> str:
         return self.dmi.get(name, "")
+
+    def get_sysinfo(self, name: str) -> str:
+        return self.sysinfo.get(name, "")
 
 
 def read_facts(root: str, cfg: Config) -> Facts:
@@ -53,7 +62,22 @@ def read_facts(root: str, cfg: Config) -> Facts:
         except OSError:
             continue  # absent (s390x, containers) or root-only (product_serial): not fatal
     seed = os.path.isfile(os.path.join(root_path(root, cfg.cidata.mount_dir), "user-data"))
-    return Facts(dmi, seed)
+    return Facts(dmi, seed, {} if dmi else read_sysinfo(root))
+
+
+def read_sysinfo(root: str) -> dict[str, str]:
+    """The SYSINFO_FIELDS of /proc/sysinfo ("Name:   value" lines), {} where there is none (not s390x)."""
+    try:
+        with open(root_path(root, "/proc/sysinfo"), "rb") as f:
+            text = f.read(SYSINFO_MAX_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() in SYSINFO_FIELDS:
+            out.setdefault(name.strip(), value.strip()[:256])  # VM00 is the guest's own level
+    return out
 
 
 def detect(facts: Facts) -> str:
@@ -64,6 +88,16 @@ def detect(facts: Facts) -> str:
     if facts.cidata_seed:
         return "cidata"
     return next(p.name for p in providers.REGISTRY if p.matches(facts.get))
+
+
+def undetectable(facts: Facts) -> tuple[str, ...]:
+    """The clouds this machine may be on that detect() cannot tell apart here (no DMI: IBM Z), when
+    detect() fell back to cidata: an image for one of them configures `provider` itself."""
+    from guest_agent import providers
+
+    if facts.cidata_seed or detect(facts) != "cidata":
+        return ()
+    return tuple(p.name for p in providers.REGISTRY if p.undetectable_on and p.undetectable_on(facts.get_sysinfo))
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
