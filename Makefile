@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget
+.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget deb deb-check
 
 all: test
 
@@ -107,6 +107,17 @@ install:
 	install -d "$(DESTDIR)$(MANDIR)/man8"
 	sed 's/@VERSION@/$(VERSION)/' man/guest-agent.8 > "$(DESTDIR)$(MANDIR)/man8/guest-agent.8"
 	chmod 0644 "$(DESTDIR)$(MANDIR)/man8/guest-agent.8"
+
+# The Debian package (debian/): pybuild on the distribution's python3, the units and the rest from
+# `make install`, lintian-checked; built from a clean copy of the tree into out/deb/ (docs/packaging.md).
+deb:
+	.ci/apt-deps deb
+	packaging/build-deb.sh
+
+# The package installed with apt into fresh Debian chroots (mmdebstrap; root) and used there:
+# --version, check, units enabled, catalog, man page, purge.  RELEASES="trixie" picks some.
+deb-check: deb
+	packaging/deb-check.sh $(RELEASES)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
