@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget deb deb-check
+.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget deb deb-check mkosi-try
 
 all: test
 
@@ -118,6 +118,11 @@ deb:
 # --version, check, units enabled, catalog, man page, purge.  RELEASES="trixie" picks some.
 deb-check: deb
 	packaging/deb-check.sh $(RELEASES)
+
+# packaging/mkosi's drop-in in an image directory laid out as CAA's, built by trixie's mkosi (in a
+# chroot; root), with and without it: packaging/mkosi/README.md.
+mkosi-try: deb
+	packaging/mkosi/try.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
