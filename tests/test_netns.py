@@ -4,7 +4,6 @@ import http.client
 import http.server
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -135,19 +134,11 @@ class FakeImds(http.server.BaseHTTPRequestHandler):
 
 def require_nftables(ns: Namespaces) -> None:
     if shutil.which("nft") is None:
-        pytest.skip("needs the nft command (Debian package nftables) to inspect rules")
-    path = ns.add("nftprobe")
-
-    def probe() -> None:
-        from pyroute2.nftables.main import NFTables
-
-        with NFTables(nfgen_family=socket.AF_INET) as nft:
-            nft.table("add", name="probe")
-            nft.chain("add", table="probe", name="p", hook="postrouting", type="nat", priority=100, policy=1)
-
+        pytest.skip("needs the nft command (Debian package nftables)")
+    ns.add("nftprobe")
     try:
-        netns.run_in_netns(path, probe)
-    except Exception as exc:
+        ns.sh("nftprobe", "nft 'add table ip probe; add chain ip probe p { type nat hook postrouting priority 100; }'")
+    except AssertionError as exc:
         pytest.skip(f"nf_tables with NAT chains is not available: {exc}")
 
 
@@ -197,7 +188,13 @@ def masquerade_rules(ns: Namespaces) -> int:
 
 
 def setup_in_vm(
-    ns: Namespaces, *, pod_ip: str | None = None, host_veth: str = "veth1", pod_veth: str = "veth2"
+    ns: Namespaces,
+    *,
+    pod_ip: str | None = None,
+    host_veth: str = "veth1",
+    pod_veth: str = "veth2",
+    table: str = TABLE,
+    nft: tuple[str, ...] = ("nft",),
 ) -> netns.NatResult:
     """Run setup_imds_nat from a thread whose namespace is the test's "vm" (the agent's root namespace)."""
     return netns.run_in_netns(
@@ -206,11 +203,12 @@ def setup_in_vm(
             netns="pod",
             run_dir=ns.run_dir,
             imds_addr=IMDS,
-            table=TABLE,
+            table=table,
             deadline_s=10,
             pod_ip=pod_ip,
             host_veth=host_veth,
             pod_veth=pod_veth,
+            nft=nft,
         ),
     )
 
@@ -225,7 +223,6 @@ def test_imds_nat_end_to_end(topology: Namespaces) -> None:
     result = setup_in_vm(ns)
     assert result.pod_ip == "10.200.0.5"
     assert result.created_veth
-    assert result.rules == 1
     assert fetch_from_pod(ns) == b"user-data"
     assert FakeImds.clients == ["10.99.0.2"]  # masqueraded to the VM's address, not the pod's
     assert masquerade_rules(ns) == 1
@@ -237,7 +234,7 @@ def test_imds_nat_end_to_end(topology: Namespaces) -> None:
 
     again = setup_in_vm(ns)  # idempotent: no error, same pair, one rule
     assert not again.created_veth
-    assert (again.host_ifindex, again.pod_mac, again.rules) == (result.host_ifindex, result.pod_mac, 1)
+    assert (again.host_ifindex, again.pod_mac) == (result.host_ifindex, result.pod_mac)
     assert masquerade_rules(ns) == 1
     assert fetch_from_pod(ns) == b"user-data"
     assert FakeImds.clients == ["10.99.0.2", "10.99.0.2"]
@@ -263,6 +260,43 @@ def test_imds_nat_with_given_pod_ip_and_names(topology: Namespaces) -> None:
     result = setup_in_vm(ns, pod_ip="10.200.0.5", host_veth="ga-imds0", pod_veth="ga-imds1")
     assert (result.host_veth, result.pod_veth, result.waited) == ("ga-imds0", "ga-imds1", False)
     assert fetch_from_pod(ns) == b"user-data"
+
+
+@pytest.mark.privileged
+def test_imds_nat_rerun_replaces_the_table(topology: Namespaces) -> None:
+    ns = topology
+    setup_in_vm(ns)
+    ns.sh("vm", f"nft add rule ip {TABLE} postrouting ip daddr 10.9.9.9 masquerade")  # stray extra rule
+    assert masquerade_rules(ns) == 2
+    setup_in_vm(ns)
+    assert masquerade_rules(ns) == 1
+    assert "10.9.9.9" not in ns.sh("vm", f"nft list table ip {TABLE}")
+
+
+@pytest.mark.privileged
+def test_imds_nat_refused_file_changes_no_rule(topology: Namespaces) -> None:
+    """nft applies the file as one transaction: a refused line at its end undoes the delete too."""
+    ns = topology
+    setup_in_vm(ns)
+    before = ns.sh("vm", f"nft list table ip {TABLE}")
+    # The real nft, given our file plus one line it refuses (the appended "-f -" become $1 $2).
+    broken = ("sh", "-c", "{ cat; echo 'add rule ip nosuchtable nosuchchain accept'; } | nft -f -", "nft")
+    with pytest.raises(NetworkUnavailable) as caught:
+        setup_in_vm(ns, nft=broken)
+    assert caught.value.reason == "nft refused the IMDS NAT rules"
+    assert caught.value.supporting_data["status"] == 1
+    assert "nosuchtable" in caught.value.supporting_data["nft"]
+    assert ns.sh("vm", f"nft list table ip {TABLE}") == before
+    assert fetch_from_pod(ns) == b"user-data"
+
+
+@pytest.mark.privileged
+def test_imds_nat_keyword_table_name_is_nfts_error(topology: Namespaces) -> None:
+    """config.py admits any identifier; nft refuses its own keywords as names, and says so."""
+    with pytest.raises(NetworkUnavailable) as caught:
+        setup_in_vm(topology, table="masquerade")
+    assert caught.value.reason == "nft refused the IMDS NAT rules"
+    assert "syntax error" in caught.value.supporting_data["nft"]
 
 
 @pytest.mark.privileged
@@ -292,11 +326,11 @@ def test_imds_nat_missing_namespace(ns: Namespaces) -> None:
 # `guest-agent netns imds-nat`: the entry point of guest-agent-imds-nat.service
 
 
-def imds_nat_command(ns: Namespaces, tmp_path: Path, conf: str = "") -> subprocess.Popen[str]:
+def imds_nat_command(ns: Namespaces, tmp_path: Path, conf: str = "", table: str = TABLE) -> subprocess.Popen[str]:
     """Start the command as its unit would, in the test's "vm" namespace (the VM's root namespace)."""
     cfg = tmp_path / "nat.toml"
     cfg.write_text(
-        f'provider = "aws"\n[netns]\nname = "pod"\nrun_dir = "{ns.run_dir}"\nnft_table = "{TABLE}"\n'
+        f'provider = "aws"\n[netns]\nname = "pod"\nrun_dir = "{ns.run_dir}"\nnft_table = "{table}"\n'
         f'imds_nat_deadline_s = 20.0\n{conf}[aws]\nimds_url = "http://{IMDS}"\n'
     )
     argv = [sys.executable, "-m", "guest_agent", "netns", "imds-nat", "--config", str(cfg)]
@@ -331,6 +365,15 @@ def test_imds_nat_command_fails_for_its_unit_to_retry(ns: Namespaces, tmp_path: 
     assert "does not exist" in err
 
 
+@pytest.mark.privileged
+def test_imds_nat_command_reports_nfts_refusal(topology: Namespaces, tmp_path: Path) -> None:
+    proc = imds_nat_command(topology, tmp_path, table="counter")  # an nft keyword
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 69
+    assert "nft refused the IMDS NAT rules" in err
+    assert "syntax error" in err
+
+
 def test_imds_nat_command_off_in_config(tmp_path: Path) -> None:
     cfg = tmp_path / "off.toml"
     cfg.write_text("[netns]\nimds_nat = false\n")
@@ -342,3 +385,91 @@ def test_imds_nat_command_off_in_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0
     assert "off in the configuration" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# masquerade_ruleset / load_nft: the nft input and the command's failures
+
+
+def test_masquerade_ruleset() -> None:
+    assert netns.masquerade_ruleset("guest_agent", "10.200.0.5", IMDS) == (
+        "table ip guest_agent\n"
+        "delete table ip guest_agent\n"
+        "table ip guest_agent {\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority 100; policy accept;\n"
+        "\t\tip saddr 10.200.0.5 ip daddr 169.254.169.254 masquerade\n"
+        "\t}\n"
+        "}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "pod_ip", "imds"),
+    [
+        ("", "10.0.0.1", IMDS),
+        ("1t", "10.0.0.1", IMDS),
+        ("t\nflush ruleset", "10.0.0.1", IMDS),
+        ("t; flush ruleset", "10.0.0.1", IMDS),
+        ("t" * 65, "10.0.0.1", IMDS),
+        ("t\u0131", "10.0.0.1", IMDS),
+        ("t", "10.0.0.1 ip daddr 0.0.0.0/0", IMDS),
+        ("t", "10.0.0.1\nflush ruleset", IMDS),
+        ("t", "10.0.0.1/32", IMDS),
+        ("t", "010.0.0.1", IMDS),
+        ("t", "fd00::1", IMDS),
+        ("t", "10.0.0.1", "metadata.example"),
+    ],
+)
+def test_masquerade_ruleset_refuses_what_config_refuses(table: str, pod_ip: str, imds: str) -> None:
+    with pytest.raises(ValueError):
+        netns.masquerade_ruleset(table, pod_ip, imds)
+
+
+RULES = netns.masquerade_ruleset("t", "10.0.0.1", IMDS)
+
+
+def test_load_nft_without_nft(tmp_path: Path) -> None:
+    with pytest.raises(NetworkUnavailable) as caught:
+        netns.load_nft(RULES, table="t", nft=(str(tmp_path / "nft"),))
+    assert caught.value.reason == "the nft command is missing (package nftables)"
+    assert caught.value.exit_code == 69
+
+
+def test_load_nft_bounds_nfts_message() -> None:
+    chatty = (sys.executable, "-c", "import sys; sys.stderr.write('\\x1b[31m' + 'y' * 100000); sys.exit(1)")
+    with pytest.raises(NetworkUnavailable) as caught:
+        netns.load_nft(RULES, table="t", nft=chatty)
+    shown = caught.value.supporting_data["nft"]
+    assert shown.startswith("\\x1b[31my") and shown.isprintable() and shown.endswith("y...")
+    assert len(shown) < netns.NFT_STDERR_SHOWN + 10
+    assert caught.value.supporting_data["status"] == 1
+
+
+def test_load_nft_gets_the_file_on_stdin(tmp_path: Path) -> None:
+    out = tmp_path / "stdin"
+    netns.load_nft(RULES, table="t", nft=("sh", "-c", f'[ "$1 $2" = "-f -" ] && cat > {out}', "nft"))
+    assert out.read_text() == RULES
+
+
+def test_load_nft_that_hangs() -> None:
+    with pytest.raises(NetworkUnavailable, match="in time"):
+        netns.load_nft(RULES, table="t", nft=(sys.executable, "-c", "import time; time.sleep(60)"), timeout_s=0.5)
+
+
+def test_iproute_is_for_requests_only() -> None:
+    """No multicast group on pyroute2's socket: events would queue behind the answers unread."""
+    with netns._iproute() as ipr:
+        assert ipr.link_lookup(ifname="lo")
+        sockets = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                sockets.add(int(target[8:-1]))
+        with open("/proc/self/net/netlink", encoding="ascii") as f:
+            rows = [line.split() for line in f][1:]
+    rtnl = [row for row in rows if row[1] == "0" and int(row[-1]) in sockets]  # protocol 0: NETLINK_ROUTE
+    assert rtnl and all(int(row[3], 16) == 0 for row in rtnl)

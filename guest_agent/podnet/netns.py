@@ -12,14 +12,18 @@ agent.  Tests call it from a thread that joined a test namespace instead.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
+import re
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from guest_agent.errors import NetworkUnavailable
+from guest_agent.errors import NetworkUnavailable, show
 from guest_agent.network import RtnlSocket, family_of, wait_for_route
 from guest_agent.podnet.nsenter import (
     MNT_DETACH,
@@ -136,7 +140,6 @@ class NatResult:
     pod_ifindex: int
     pod_mac: str
     table: str
-    rules: int  # MASQUERADE rules in `table` after setup: always 1
     created_veth: bool  # False when an existing pair was reused
     waited: bool  # the pod's route to IMDS was not there at the first look
 
@@ -150,50 +153,90 @@ def _is_errno(exc: BaseException, code: int) -> bool:
     return getattr(exc, "code", None) == code or getattr(exc, "errno", None) == code
 
 
-def _pod_link(pod_veth: str) -> int | None:
+def _iproute() -> Any:
+    """pyroute2's IPRoute, imported only by the commands that use it (130-250 ms, network.py).
+
+    Every version from 0.7.2 to 0.9.x joins no multicast group until bind(), which this code never
+    calls: the socket reads only the answers to its own requests.  (0.7.2 refuses ``groups=``.)
+    """
     from pyroute2 import IPRoute
 
-    with IPRoute(groups=0) as ipr:  # no multicast: requests only
+    return IPRoute()
+
+
+def _pod_link(pod_veth: str) -> int | None:
+    with _iproute() as ipr:
         found = ipr.link_lookup(ifname=pod_veth)
         return int(found[0]) if found else None
 
 
 def _pod_side(pod_veth: str, imds_addr: str) -> tuple[int, str]:
     """In the pod namespace: veth up, route to IMDS through it; return (ifindex, MAC)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute(groups=0) as ipr:  # no multicast: requests only
+    with _iproute() as ipr:
         found = ipr.link_lookup(ifname=pod_veth)
         if not found:
             raise NetworkUnavailable("the pod end of the IMDS veth pair is missing", device=pod_veth)
         index = int(found[0])
         ipr.link("set", index=index, state="up")
         # More specific than the pod's default route (through APF's vxlan), so IMDS goes via the veth.
-        ipr.route("replace", dst=f"{imds_addr}/32", oif=index)
-        mac = str(ipr.get_links(index)[0].get("IFLA_ADDRESS"))
+        ipr.route("replace", dst=imds_addr, dst_len=32, oif=index)
+        mac = str(ipr.get_links(index)[0].get_attr("IFLA_ADDRESS"))
         return index, mac
 
 
-def _nft_masquerade(table: str, pod_ip: str, imds_addr: str) -> int:
-    """(Re)create `ip <table>` with one postrouting MASQUERADE rule; return its rule count.
+# config.py's rule for [netns] nft_table.  nft's parser also refuses its own keywords as names
+# (`masquerade`, `counter`...); nft reports those, and the reason below carries its message.
+_NFT_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+NFT_TIMEOUT_S = 30.0
+NFT_STDERR_SHOWN = 400  # characters of nft's error message kept in the error's supporting data
 
-    nft rule adds are not idempotent (they append), so the table is deleted and rebuilt.
-    A table of our own does not clash with iptables-nft's `ip nat` or APF's NOTRACK rules.
+
+def masquerade_ruleset(table: str, pod_ip: str, imds_addr: str) -> str:
+    """The `nft -f` input that replaces table `ip <table>` by one postrouting MASQUERADE rule.
+
+    nft applies a file as one transaction: the table is declared (a no-op if it exists, so the
+    delete cannot fail), deleted and made again.  A rerun leaves exactly one rule; a refused file
+    leaves the previous table untouched.  A table of our own does not clash with iptables-nft's
+    `ip nat` or APF's rules.  ValueError for a name or address config.py would have refused.
     """
-    from pyroute2.nftables.expressions import ipv4addr, masq
-    from pyroute2.nftables.main import NFTables
+    if not _NFT_TABLE.fullmatch(table):
+        raise ValueError(f"bad nftables table name: {table!r}")
+    src, dst = ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(imds_addr)
+    return (
+        f"table ip {table}\n"
+        f"delete table ip {table}\n"
+        f"table ip {table} {{\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority 100; policy accept;\n"
+        f"\t\tip saddr {src} ip daddr {dst} masquerade\n"
+        "\t}\n"
+        "}\n"
+    )
 
-    with NFTables(nfgen_family=socket.AF_INET) as nft:
-        try:
-            nft.table("del", name=table)
-        except Exception as exc:
-            if not _is_errno(exc, errno.ENOENT):
-                raise
-        nft.table("add", name=table)
-        nft.chain("add", table=table, name="postrouting", hook="postrouting", type="nat", priority=100, policy=1)
-        # ipv4addr() packs netmasks host-endian; harmless here because both are exact /32 matches.
-        nft.rule("add", table=table, chain="postrouting", expressions=(ipv4addr(src=pod_ip, dst=imds_addr), masq()))
-        return sum(1 for r in nft.get_rules() if r.get_attr("NFTA_RULE_TABLE") == table)
+
+def load_nft(ruleset: str, *, table: str, nft: Sequence[str] = ("nft",), timeout_s: float = NFT_TIMEOUT_S) -> None:
+    """Run `nft -f -` on `ruleset` in the calling thread's network namespace (the child inherits it).
+
+    Every failure is NetworkUnavailable (exit 69, the unit retries) with nft's message, bounded.
+    """
+    argv = [*nft, "-f", "-"]
+    try:
+        done = subprocess.run(argv, input=ruleset.encode(), capture_output=True, timeout=timeout_s, check=False)
+    except FileNotFoundError as exc:
+        raise NetworkUnavailable("the nft command is missing (package nftables)", command=argv[0]) from exc
+    except subprocess.TimeoutExpired as exc:
+        reason = "nft did not load the IMDS NAT rules in time"
+        raise NetworkUnavailable(reason, table=table, timeout_s=timeout_s) from exc
+    except OSError as exc:
+        raise NetworkUnavailable("the nft command could not be run", command=argv[0], error=exc.strerror) from exc
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip()
+        raise NetworkUnavailable(
+            "nft refused the IMDS NAT rules",
+            table=table,
+            status=done.returncode,
+            nft=show(message, NFT_STDERR_SHOWN),
+        )
 
 
 def setup_imds_nat(
@@ -208,6 +251,7 @@ def setup_imds_nat(
     pod_veth: str = "veth2",
     host_addr: str = "169.254.99.99",
     clock: Callable[[], float] = time.monotonic,
+    nft: Sequence[str] = ("nft",),
 ) -> NatResult:
     """Give the pod namespace a path to the metadata service, idempotently.
 
@@ -216,9 +260,10 @@ def setup_imds_nat(
     takes the pod IP from its source address; with `pod_ip` it does not wait.  Then: veth pair `host_veth` (here,
     with `host_addr`/32 so proxy ARP answers) / `pod_veth` (in the pod), forwarding
     and proxy ARP, a /32 route to IMDS via the veth in the pod, the return route
-    and a permanent neighbour entry here, and a MASQUERADE rule in nft table
-    `table`.  A rerun reuses the veth pair and rebuilds the table (one rule).
-    Host-side steps act on the calling thread's network namespace.  IPv4 only.
+    and a permanent neighbour entry here (pyroute2), and a MASQUERADE rule in nft
+    table `table`, loaded by the `nft` command in one transaction.  A rerun reuses
+    the veth pair and rebuilds the table (one rule).  Host-side steps act on the
+    calling thread's network namespace.  IPv4 only.
     """
     if family_of(imds_addr) != socket.AF_INET:
         raise ValueError("the IMDS NAT is IPv4 only")
@@ -239,11 +284,10 @@ def setup_imds_nat(
         assert route.prefsrc is not None  # wait_for_route requires a source address
         pod_ip, waited = route.prefsrc, route.waited
     family_of(pod_ip)  # a literal address, not a name
-
-    from pyroute2 import IPRoute
+    ruleset = masquerade_ruleset(table, pod_ip, imds_addr)
 
     created = False
-    with IPRoute(groups=0) as host:
+    with _iproute() as host:
         found = host.link_lookup(ifname=host_veth)
         pod_index = run_in_netns(path, lambda: _pod_link(pod_veth))
         if not (found and pod_index):
@@ -274,11 +318,11 @@ def setup_imds_nat(
 
         pod_index, mac = run_in_netns(path, lambda: _pod_side(pod_veth, imds_addr))
 
-        host.route("replace", dst=f"{pod_ip}/32", oif=host_index)
+        host.route("replace", dst=pod_ip, dst_len=32, oif=host_index)
         # A permanent entry: replies to the pod need no ARP across the veth.
         host.neigh("replace", dst=pod_ip, lladdr=mac, ifindex=host_index, state="permanent")
 
-    rules = _nft_masquerade(table, pod_ip, imds_addr)
+    load_nft(ruleset, table=table, nft=nft)
     return NatResult(
         pod_ip=pod_ip,
         imds_addr=imds_addr,
@@ -288,15 +332,12 @@ def setup_imds_nat(
         pod_ifindex=pod_index,
         pod_mac=mac,
         table=table,
-        rules=rules,
         created_veth=created,
         waited=waited,
     )
 
 
 def _del_link(ifname: str) -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute(groups=0) as ipr:  # no multicast: requests only
+    with _iproute() as ipr:
         for index in ipr.link_lookup(ifname=ifname):
             ipr.link("del", index=index)
