@@ -35,7 +35,7 @@ pytest-deps:
 	.ci/apt-deps test
 
 # make test on the Pythons pod VM images ship (Debian 12's 3.11, 13's 3.13, sid's 3.14), each in a
-# Debian chroot with the distribution's PyYAML and h11 (.ci/pythons; root).  RELEASES="trixie sid"
+# Debian chroot with the distribution's PyYAML, h11 and pyroute2 (.ci/pythons; root).  RELEASES="trixie sid"
 # picks some; the chroots are cached in .ci/cache/ (~0.4 GB each).
 test-pythons:
 	.ci/pythons $(RELEASES)
