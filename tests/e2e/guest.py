@@ -15,6 +15,11 @@ from typing import Any
 
 SYNC_RE = re.compile(r"E2E-SYNC (\d+\.\d+) (\S+)")
 DHCP_RE = re.compile(r"DHCPv4 address (\S+)")
+# systemd's status output on the console (systemd.show_status=1): colours, and the "start job is
+# running" lines it rewrites in place with \r (no newline until the next status line).
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+STATUS_RE = re.compile(r"\[(?:FAILED|DEPEND| TIME )\] [^\r\n]*")
+JOB_RE = re.compile(r"A (?:start|stop) job is running for (.+?) \(")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,22 @@ def clock_offset(lines: list[ConsoleLine]) -> float | None:
             off = ln.t - float(m.group(1))
             best = off if best is None else min(best, off)
     return best
+
+
+def stall_summary(lines: list[ConsoleLine], keep: int = 5) -> str:
+    """Where a boot that gave no dump stopped, from its console: the last E2E-SYNC stage of e2e-dump
+    (none: boot never reached multi-user.target, after which e2e-dump starts), the last start job
+    systemd showed running, and its last `keep` FAILED/DEPEND/TIME lines."""
+    syncs = [m.group(2) for ln in lines if (m := SYNC_RE.search(ln.text))]
+    text = "\n".join(ANSI_RE.sub("", ln.text) for ln in lines)
+    parts = [f"e2e-dump reached {syncs[-1]!r}" if syncs else "e2e-dump never started (multi-user.target not reached)"]
+    jobs = JOB_RE.findall(text)
+    if jobs:
+        parts.append(f"last start job shown running: {jobs[-1]}")
+    bad = [b.strip() for b in STATUS_RE.findall(text)]
+    if bad:
+        parts.append("console: " + " | ".join(bad[-keep:]))
+    return "; ".join(parts)
 
 
 def usec(props: dict[str, str], key: str) -> float | None:

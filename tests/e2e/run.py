@@ -292,6 +292,8 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
     res.qemu_rc = qemu.poll()
     procs.stop(qemu)
     reader.join(5)
+    if res.dump is None:
+        log(f"{sc.name}: {guest.stall_summary(res.console)}")
     for name, p in procs.procs:
         if name == "fakecloud":
             procs.stop(p)
@@ -365,7 +367,9 @@ def check_boot(res: BootResult) -> Checks:
     sc = res.scenario
     c = Checks(sc.name)
     d = res.dump
-    if not c.check(d is not None, "guest dump received", f"see {res.workdir}/console.log"):
+    if not c.check(
+        d is not None, "guest dump received", f"{guest.stall_summary(res.console)}; see {res.workdir}/console.log"
+    ):
         return c
     assert d is not None
     units = d["units"]
