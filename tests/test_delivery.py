@@ -184,6 +184,76 @@ def test_a_partly_written_file_still_open_is_awaited(tmp_path: Path) -> None:
     assert (d / "user-data").read_bytes() == USER_DATA
 
 
+def test_a_close_the_probe_still_sees_open_is_probed_again(tmp_path: Path) -> None:
+    """The kernel sends IN_CLOSE_WRITE before it drops the closer's write access: the probe right
+    after the event can still refuse the lease (seen under TCG in the byom-early e2e boot, where the
+    agent then waited for ever).  The injected probe answers "open" once, as in that window."""
+    d = tmp_path / "media/cidata"
+    d.mkdir(parents=True)
+    sent = Sent()
+    answers: list[bool] = []
+
+    def probe(path: str) -> bool:
+        answers.append(True if not answers else cidata.being_written(path))
+        return answers[-1]
+
+    def writer() -> None:
+        assert sent.waiting.wait(30)
+        write_in_pieces(d / "user-data", USER_DATA)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    # A deadline, so that a wait that missed the close fails instead of hanging the suite.
+    cidata.wait_for_delivery(str(tmp_path), delivery_cfg(60.0), Notifier(sent), probe=probe)
+    t.join()
+    assert answers[0] is True and answers[-1] is False
+    assert (d / "user-data").read_bytes() == USER_DATA
+
+
+def test_a_close_just_before_the_subscription_is_not_missed(tmp_path: Path) -> None:
+    """The same window at the first look: the upload closed (its event before the watch existed)
+    while the probe still saw it open.  No event will come; the re-probe finds it delivered."""
+    d = tmp_path / "media/cidata"
+    d.mkdir(parents=True)
+    (d / "user-data").write_bytes(USER_DATA)
+    answers: list[bool] = []
+
+    def probe(path: str) -> bool:
+        answers.append(True if not answers else cidata.being_written(path))
+        return answers[-1]
+
+    cidata.wait_for_delivery(str(tmp_path), delivery_cfg(60.0), Notifier(Sent()), probe=probe)
+    assert answers[0] is True and answers[-1] is False
+
+
+def test_a_second_writer_still_open_is_awaited(tmp_path: Path) -> None:
+    """A close while another writer still holds the file open is not the delivery."""
+    d = tmp_path / "media/cidata"
+    d.mkdir(parents=True)
+    sent = Sent()
+    closed_at: list[float] = []
+    first = open(d / "user-data", "wb")  # noqa: SIM115 (closed by the writer thread)
+    with open(d / "user-data", "r+b") as second:
+
+        def writer() -> None:
+            assert sent.waiting.wait(30)
+            first.write(USER_DATA[:10])
+            first.close()  # the first writer's close: the second still has it open
+            time.sleep(0.3)
+            second.seek(10)
+            second.write(USER_DATA[10:])
+            closed_at.append(time.monotonic())
+            second.close()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        cidata.wait_for_delivery(str(tmp_path), delivery_cfg(60.0), Notifier(sent))
+        returned_at = time.monotonic()
+        t.join()
+    assert closed_at and closed_at[0] <= returned_at
+    assert (d / "user-data").read_bytes() == USER_DATA
+
+
 def test_being_written_answers_from_the_lease(tmp_path: Path) -> None:
     p = tmp_path / "user-data"
     assert not cidata.being_written(str(p))  # absent

@@ -46,6 +46,13 @@ SEED = "user-data"
 # While waiting for a delivery: EXTEND_TIMEOUT_USEC every HEARTBEAT_S, each granting three
 # heartbeats, so one late wakeup does not let systemd's start timeout fire.
 HEARTBEAT_S = 10.0
+# The kernel queues IN_CLOSE_WRITE before it drops the closing file's write access (fs/file_table.c
+# __fput: fsnotify_close, then put_file_access), so the lease probe right after the event can still
+# see the writer that has just closed, and no later event says when it is gone.  After such a close
+# the probe is repeated every CLOSE_RECHECK_S for CLOSE_SETTLE_S; a writer still open after that is
+# another one, whose own close is then waited for.
+CLOSE_RECHECK_S = 0.05
+CLOSE_SETTLE_S = 5.0
 
 
 def read_seed(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
@@ -142,12 +149,14 @@ def wait_for_delivery(
     *,
     clock: Callable[[], float] = time.monotonic,
     heartbeat_s: float = HEARTBEAT_S,
+    probe: Callable[[str], bool] = being_written,
 ) -> None:
     """Return once <mount_dir>/user-data was closed after writing (or renamed into place).
 
     Subscribes before looking, so a delivery between the two is not missed.  No deadline
     (delivery_deadline_s = 0) waits forever; the poll timeout is the heartbeat that keeps
-    systemd's start timeout alive, never a sleep."""
+    systemd's start timeout alive (or, just after a close, the re-probe of CLOSE_RECHECK_S),
+    never a sleep.  `probe` is `being_written` (a test injects the kernel's close window)."""
     d = root_path(root, cfg.mount_dir)
     path = f"{d}/{SEED}"
     seed = f"{cfg.mount_dir}/{SEED}"
@@ -160,9 +169,13 @@ def wait_for_delivery(
         ) from exc
     with watch:
         # Subscribed: a close from now on is seen.  Complete already (written and closed before
-        # the subscription): nothing to wait for.  Open for writing or empty: its close is to come.
-        if os.path.lexists(path) and not being_written(path):
-            return
+        # the subscription): nothing to wait for.  Open for writing or empty: its close is to come,
+        # unless it came just before the subscription (the kernel's window): probed again as well.
+        settle_end: float | None = None  # re-probing after a close the probe still saw open
+        if os.path.lexists(path):
+            if not probe(path):
+                return
+            settle_end = clock() + CLOSE_SETTLE_S
         deadline = cfg.delivery_deadline_s
         end = clock() + deadline if deadline > 0 else None
         status = f"waiting for {seed} to be delivered" + (f" (up to {deadline:g} s)" if end else " (no deadline)")
@@ -173,12 +186,20 @@ def wait_for_delivery(
         next_beat = clock()
         while True:
             now = clock()
+            if settle_end is not None:
+                if not probe(path):
+                    log.info("%s delivered", seed, extra=fields(stage="delivery"))
+                    return
+                if now >= settle_end:
+                    settle_end = None  # another writer has it open: its close will come
             if now >= next_beat:
                 notifier.extend_timeout(3 * heartbeat_s)
                 next_beat = now + heartbeat_s
             timeout = next_beat - now if end is None else min(next_beat, end) - now
             if end is not None and timeout <= 0:
                 raise MetadataUnavailable("no user-data was delivered by the deadline", seed=seed, waited_s=deadline)
+            if settle_end is not None:
+                timeout = min(timeout, CLOSE_RECHECK_S)
             if not poller.poll(max(timeout, 0) * 1000):
                 continue
             for ev, name in watch.read():
@@ -187,8 +208,10 @@ def wait_for_delivery(
                 if ev & inotify.IN_Q_OVERFLOW and os.path.lexists(path):
                     return  # events were lost: the best left is "it is there"
                 if name == SEED and ev & (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO):
-                    if ev & inotify.IN_CLOSE_WRITE and being_written(path):
-                        continue  # another writer still has it open (or it was emptied): wait on
+                    if ev & inotify.IN_CLOSE_WRITE and probe(path):
+                        # the closer not yet gone, another writer, or emptied: probe again
+                        settle_end = clock() + CLOSE_SETTLE_S
+                        continue
                     log.info("%s delivered", seed, extra=fields(stage="delivery"))
                     return
 
