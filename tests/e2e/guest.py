@@ -20,6 +20,7 @@ DHCP_RE = re.compile(r"DHCPv4 address (\S+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STATUS_RE = re.compile(r"\[(?:FAILED|DEPEND| TIME )\] [^\r\n]*")
 JOB_RE = re.compile(r"A (?:start|stop) job is running for (.+?) \(")
+DELIVERY_RE = re.compile(r"e2e-sftp-delivery: ([^\r\n]*)")  # the byom upload's progress lines
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,16 @@ def clock_offset(lines: list[ConsoleLine]) -> float | None:
 def stall_summary(lines: list[ConsoleLine], keep: int = 5) -> str:
     """Where a boot that gave no dump stopped, from its console: the last E2E-SYNC stage of e2e-dump
     (none: boot never reached multi-user.target, after which e2e-dump starts), the last start job
-    systemd showed running, and its last `keep` FAILED/DEPEND/TIME lines."""
+    systemd showed running, the byom upload's last step, and the last `keep` FAILED/DEPEND/TIME lines."""
     syncs = [m.group(2) for ln in lines if (m := SYNC_RE.search(ln.text))]
     text = "\n".join(ANSI_RE.sub("", ln.text) for ln in lines)
     parts = [f"e2e-dump reached {syncs[-1]!r}" if syncs else "e2e-dump never started (multi-user.target not reached)"]
     jobs = JOB_RE.findall(text)
     if jobs:
         parts.append(f"last start job shown running: {jobs[-1]}")
+    steps = DELIVERY_RE.findall(text)
+    if steps:
+        parts.append(f"last upload step: {steps[-1]}")
     bad = [b.strip() for b in STATUS_RE.findall(text)]
     if bad:
         parts.append("console: " + " | ".join(bad[-keep:]))

@@ -106,6 +106,8 @@ def test_stall_summary_says_where_a_boot_without_dump_stopped() -> None:
     quiet = lines(
         "[\x1b[0;32m  OK  \x1b[0m] Reached target \x1b[0;1;39mnetwork-online.target\x1b[0m - Network is Online.",
         "[\x1b[0;1;31mFAILED\x1b[0m] Failed to start \x1b[0;1;39me2e-sftp-delivery-early.service\x1b[0m.",
+        "[   19.1] e2e-sftp-delivery[199]: e2e-sftp-delivery: first piece written, READY=1 sent: waiting for"
+        " guest-agent to look",
         # systemd rewrites its progress line with \r: one console line until the next newline
         "\r\x1b[K[    \x1b[0;31m*\x1b[0;1;31m*\x1b[0m\x1b[0;31m*\x1b[0m ] A start job is running for"
         " Peer-pod guest agent (1min 5s / no limit)"
@@ -114,6 +116,7 @@ def test_stall_summary_says_where_a_boot_without_dump_stopped() -> None:
     s = guest.stall_summary(quiet)
     assert s.startswith("e2e-dump never started (multi-user.target not reached)")
     assert "last start job shown running: Peer-pod guest agent;" in s
+    assert "last upload step: first piece written, READY=1 sent: waiting for guest-agent to look;" in s
     assert "console: [FAILED] Failed to start e2e-sftp-delivery-early.service." in s
 
     dumping = lines("E2E-SYNC 40.000000 start", "E2E-SYNC 52.5 booted")
