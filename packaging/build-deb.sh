@@ -5,12 +5,7 @@
 # lintian.txt) and prints the .deb's path on the last line.  Needs .ci/apt-deps deb; not root.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-# TEMPORARY, until pyproject.toml's ranges admit Debian 12's and 13's packages (pyroute2 0.7.x):
-# DEB_RELAX="pyroute2 ..." builds a package whose Depends on those requirements carry no version,
-# versioned <version>~relaxed (older than the real one), into out/deb-relaxed/, for the install
-# check in Debian chroots (make deb-check DEB_RELAX=...) only.
-RELAX=${DEB_RELAX:-}
-OUT=${DEB_OUT:-$REPO/out/deb${RELAX:+-relaxed}}
+OUT=${DEB_OUT:-$REPO/out/deb}
 
 die() { printf '[deb] error: %s\n' "$*" >&2; exit 1; }
 log() { printf '[deb] %s\n' "$*" >&2; }
@@ -38,19 +33,6 @@ mkdir -p "$src"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
     tar --null --no-recursion --one-file-system -T - -cf -) | tar -xf - -C "$src"
-
-if [ -n "$RELAX" ]; then
-    for name in $RELAX; do
-        grep -q "^$name " "$src/debian/py3dist-overrides" || die "DEB_RELAX: no requirement $name in debian/py3dist-overrides"
-        sed -i "s/^\($name [^;]*\);.*/\1/" "$src/debian/py3dist-overrides"
-    done
-    debver=$debver~relaxed
-    { printf 'guest-agent (%s) UNRELEASED; urgency=medium\n\n  * TEMPORARY: no version bounds on %s (DEB_RELAX).\n    For the install check only.\n\n -- %s  %s\n\n' \
-        "$debver" "$RELAX" "$(dpkg-parsechangelog -l "$src/debian/changelog" -S Maintainer)" "$(date -R)"
-      cat "$src/debian/changelog"; } >"$src/debian/changelog.new"
-    mv "$src/debian/changelog.new" "$src/debian/changelog"
-    log "TEMPORARY: Depends on $RELAX without version bounds, version $debver (DEB_RELAX)"
-fi
 
 log "dpkg-buildpackage in $src"
 # The distribution's interpreter and tools only: a python3 earlier on PATH (pyenv, a venv) is not

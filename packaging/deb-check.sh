@@ -10,8 +10,7 @@
 # The mirror is the host's (apt's index targets); the chroot lives under out/deb-check/ while it
 # runs, mmdebstrap's mounts are in a private mount namespace, and the tree is removed on every exit.
 #
-# DEB=path picks the package (default: the newest out/deb/guest-agent_*_all.deb, or out/deb-relaxed/
-# when DEB_RELAX is set: packaging/build-deb.sh).
+# DEB=path picks the package (default: the newest out/deb/guest-agent_*_all.deb).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${DEB_CHECK_WORK:-$REPO/out/deb-check}
@@ -25,9 +24,9 @@ log() { printf '[deb-check] %s\n' "$*" >&2; }
 for t in mmdebstrap unshare apt-get python3; do command -v "$t" >/dev/null || die "missing tool: $t (.ci/apt-deps deb)"; done
 
 if [ -z "${DEB:-}" ]; then
-    dir=$REPO/out/deb${DEB_RELAX:+-relaxed}
+    dir=$REPO/out/deb
     DEB=$(ls -t "$dir"/guest-agent_*_all.deb 2>/dev/null | head -n1) || true
-    [ -n "$DEB" ] || die "no package in $dir (make deb${DEB_RELAX:+ DEB_RELAX=\"$DEB_RELAX\"})"
+    [ -n "$DEB" ] || die "no package in $dir (make deb)"
 fi
 [ -f "$DEB" ] || die "no such package: $DEB"
 DEB=$(realpath "$DEB")

@@ -4,7 +4,7 @@
 # directory laid out as CAA's (podvm/mkosi.images/system/, the .deb in podvm/resources/guest-agent/).
 # Then the same image without the drop-in, for the size it adds.  Root; `make mkosi-try`.
 #
-#   packaging/mkosi/try.sh [DEB]    (default: the newest out/deb/ or, with DEB_RELAX, out/deb-relaxed/ package)
+#   packaging/mkosi/try.sh [DEB]    (default: the newest out/deb/ package)
 #
 # mkosi runs inside a Debian chroot of RELEASE (default trixie: mkosi 25; bookworm's mkosi 14 knows
 # neither PackageDirectories= nor the [Content] layout CAA uses) made by mmdebstrap from the host's
@@ -25,9 +25,9 @@ log() { printf '[mkosi-try] %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap --mode=root, chroot)"
 DEB=${1:-}
 if [ -z "$DEB" ]; then
-    DEB=$(ls -t "$REPO/out/deb${DEB_RELAX:+-relaxed}"/guest-agent_*_all.deb 2>/dev/null | head -n1) || true
+    DEB=$(ls -t "$REPO/out/deb"/guest-agent_*_all.deb 2>/dev/null | head -n1) || true
 fi
-[ -f "$DEB" ] || die "no package (make deb${DEB_RELAX:+ DEB_RELAX=...}, or give its path)"
+[ -f "$DEB" ] || die "no package (make deb, or give its path)"
 MIRROR=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
     awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
 [ -n "$MIRROR" ] || die "no Debian mirror in the host's apt configuration"
