@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -87,20 +88,28 @@ def journald(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Journald]:
     (top / "run").mkdir()
     (top / "etc").mkdir()
     (top / "etc/journald.conf").write_text(CONF)
+    # journald says READY=1 on $NOTIFY_SOCKET once its sockets are bound (sd_notify(3)), as it does
+    # to PID 1: the fixture waits for that datagram, or for journald to exit.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify.bind(str(top / "notify"))
     cmd = ["setpriv", "--pdeathsig", "KILL", "unshare", "--mount", "--propagation", "private", "sh", "-c", INSIDE]
     proc = subprocess.Popen(
         [*cmd, str(top / "run"), str(top / "etc"), JOURNALD],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "NOTIFY_SOCKET": str(top / "notify")},
     )  # fmt: skip
     try:
         jd = Journald(top, proc)
         end = time.monotonic() + WAIT_S
-        while not (os.path.exists(jd.socket) and os.path.exists(jd.stdout_socket)):
+        ready = False
+        while not ready:
             if proc.poll() is not None or time.monotonic() > end:
                 proc.kill()
                 err = proc.communicate()[1].decode(errors="replace")
                 pytest.skip(f"systemd-journald did not start (exit {proc.returncode}): {err[-500:]}")
-            time.sleep(0.05)
+            if select.select([notify], [], [], 1.0)[0]:
+                ready = b"READY=1" in notify.recv(4096).split(b"\n")
+        assert os.path.exists(jd.socket) and os.path.exists(jd.stdout_socket)
         yield jd
     finally:
         proc.terminate()
@@ -111,6 +120,7 @@ def journald(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Journald]:
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+        notify.close()
 
 
 @pytest.fixture
