@@ -212,8 +212,9 @@ def test_a_misbehaving_wireserver_cannot_hold_the_reports(faults: FaultServer, t
     assert (tmp_path / "ok/run/peerpod/apf.json").exists()
 
 
-def answered(method: str, answer: bytes) -> tuple[int, bytes] | str:
-    """(status, body) of one exchange with a server that sends `answer` and closes, or the Retry's reason."""
+def answered(method: str, answer: bytes, heads: list[bytes] | None = None) -> tuple[int, bytes] | str:
+    """(status, body) of one exchange with a server that sends `answer` and closes, or the Retry's
+    reason; the request's head is appended to `heads` if given."""
     import socket
     import threading
 
@@ -222,7 +223,11 @@ def answered(method: str, answer: bytes) -> tuple[int, bytes] | str:
         def serve() -> None:
             conn, _ = srv.accept()
             with conn:
-                conn.recv(65536)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                    head += chunk
+                if heads is not None:
+                    heads.append(head)
                 conn.sendall(answer)
 
         threading.Thread(target=serve, daemon=True).start()
@@ -232,6 +237,15 @@ def answered(method: str, answer: bytes) -> tuple[int, bytes] | str:
         except Retry as r:
             return r.reason
         return (resp.status, resp.body)
+
+
+def test_the_request_asks_for_identity_and_one_exchange_per_connection() -> None:
+    """No compressed answer to decode (RFC 9110 §12.5.3) and no connection to reuse."""
+    heads: list[bytes] = []
+    assert answered("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", heads) == (200, b"ok")
+    lines = heads[0].split(b"\r\n")
+    assert lines[0] == b"GET / HTTP/1.1"
+    assert {b"accept-encoding: identity", b"connection: close"} <= {ln.lower() for ln in lines}
 
 
 def test_a_content_length_of_thousands_of_digits() -> None:
