@@ -142,3 +142,13 @@ prune_apt_cache() {
         { n = split($0, p, "_"); if (!((p[1] "_" p[2]) in keep)) print }
     ' | while read -r f; do rm -f -- "$dir/$f"; done
 }
+
+# host_mirror: the URI the host's apt fetches its main Debian suite from (not -security, -updates or
+# -backports), so no host name is written in the scripts; fails (via die) when apt names none.
+host_mirror() {
+    local uri
+    uri=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
+        awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
+    [ -n "$uri" ] || die "no Debian mirror in the host's apt configuration"
+    echo "$uri"
+}

@@ -32,9 +32,7 @@ fi
 DEB=$(realpath "$DEB")
 
 # The host's Debian mirror: the URI apt fetches its main suite from (no host name is written here).
-MIRROR=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
-    awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
-[ -n "$MIRROR" ] || die "no Debian mirror in the host's apt configuration"
+MIRROR=$(host_mirror)
 
 RELEASES=("$@")
 [ ${#RELEASES[@]} -gt 0 ] || RELEASES=(bookworm trixie)

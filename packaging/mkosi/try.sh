@@ -28,9 +28,7 @@ if [ -z "$DEB" ]; then
     DEB=$(ls -t "$REPO/out/deb"/guest-agent_*_all.deb 2>/dev/null | head -n1) || true
 fi
 [ -f "$DEB" ] || die "no package (make deb, or give its path)"
-MIRROR=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
-    awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
-[ -n "$MIRROR" ] || die "no Debian mirror in the host's apt configuration"
+MIRROR=$(host_mirror)
 
 root=$WORK/root
 mkdir -p "$WORK"
