@@ -358,7 +358,7 @@ def _optional(check: Callable[[str], str | None]) -> Callable[[str], str | None]
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+NFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # also podnet.netns.masquerade_ruleset's guard
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -370,7 +370,7 @@ def _name(v: str) -> str | None:
 
 
 def _nft_name(v: str) -> str | None:
-    return None if _NFT_NAME.fullmatch(v) else "must be an nftables identifier"
+    return None if NFT_NAME.fullmatch(v) else "must be an nftables identifier"
 
 
 def _ipv4(v: str) -> str | None:

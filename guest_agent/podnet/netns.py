@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import re
 import socket
 import subprocess
 import threading
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from guest_agent.config import NFT_NAME
 from guest_agent.errors import NetworkUnavailable, show
 from guest_agent.network import RtnlSocket, family_of, wait_for_route
 from guest_agent.podnet.nsenter import (
@@ -184,9 +184,9 @@ def _pod_side(pod_veth: str, imds_addr: str) -> tuple[int, str]:
         return index, mac
 
 
-# config.py's rule for [netns] nft_table.  nft's parser also refuses its own keywords as names
-# (`masquerade`, `counter`...); nft reports those, and the reason below carries its message.
-_NFT_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# Table names follow config.py's rule for [netns] nft_table (NFT_NAME).  nft's parser also refuses
+# its own keywords as names (`masquerade`, `counter`...); nft reports those, and the reason below
+# carries its message.
 NFT_TIMEOUT_S = 30.0
 NFT_STDERR_SHOWN = 400  # characters of nft's error message kept in the error's supporting data
 
@@ -199,7 +199,7 @@ def masquerade_ruleset(table: str, pod_ip: str, imds_addr: str) -> str:
     leaves the previous table untouched.  A table of our own does not clash with iptables-nft's
     `ip nat` or APF's rules.  ValueError for a name or address config.py would have refused.
     """
-    if not _NFT_TABLE.fullmatch(table):
+    if not NFT_NAME.fullmatch(table):
         raise ValueError(f"bad nftables table name: {table!r}")
     src, dst = ipaddress.IPv4Address(pod_ip), ipaddress.IPv4Address(imds_addr)
     return (
