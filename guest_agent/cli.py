@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from guest_agent import __version__
-from guest_agent.config import Config, under_root
+from guest_agent.config import Config, root_path, under_root
 from guest_agent.errors import (
     EXIT_CODES,
     EXIT_OK,
@@ -326,7 +326,7 @@ def _netns(args: argparse.Namespace, cfg: Config, root: str) -> int:
     from guest_agent import clouds
     from guest_agent.podnet import netns
 
-    run_dir = str(under_root(root, cfg.netns.run_dir))
+    run_dir = root_path(root, cfg.netns.run_dir)
     if args.netns_command == "ensure":
         created = netns.ensure_netns(cfg.netns.name, run_dir=run_dir)
         print(f"{cfg.netns.name}: {'created' if created else 'exists'}")

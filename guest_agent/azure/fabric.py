@@ -28,6 +28,7 @@ from guest_agent import __version__
 from guest_agent.azure import kvp
 from guest_agent.azure.health import DEFAULT_BACKOFF, ReportResult, WireserverClient
 from guest_agent.azure.wire import DEFAULT_WIRESERVER, NOT_READY, READY, wireserver_address
+from guest_agent.config import root_path
 from guest_agent.errors import AgentError, FabricError
 from guest_agent.log import logger
 from guest_agent.transport import Backoff, Deadline, urandom_unit
@@ -40,25 +41,21 @@ log = logger("guest_agent.azure.fabric")
 NOT_READY_MARKER = "azure-not-ready"  # under the state directory
 
 
-def _under(root: str, path: str) -> str:
-    return os.path.join(root, path.lstrip("/"))
-
-
 def wireserver_base_url(cfg: AzureConfig, root: str) -> str:
     """cfg.wireserver_url, else ``http://<OPTION_245 from the networkd leases, or 168.63.129.16>``."""
     if cfg.wireserver_url:
         return cfg.wireserver_url.rstrip("/")
-    return "http://" + wireserver_address(_under(root, cfg.lease_dir), DEFAULT_WIRESERVER)
+    return "http://" + wireserver_address(root_path(root, cfg.lease_dir), DEFAULT_WIRESERVER)
 
 
 def read_vm_id(root: str) -> str:
     """vmId from DMI (Gen1 = no /sys/firmware/efi: byte-swapped); the all-zero UUID if unreadable."""
     try:
-        with open(_under(root, "/sys/class/dmi/id/product_uuid"), encoding="ascii", errors="replace") as f:
+        with open(root_path(root, "/sys/class/dmi/id/product_uuid"), encoding="ascii", errors="replace") as f:
             raw = f.read(128)
     except OSError:
         return kvp.ZERO_UUID
-    return kvp.vm_id_from_dmi(raw, gen1=not os.path.isdir(_under(root, "/sys/firmware/efi")))
+    return kvp.vm_id_from_dmi(raw, gen1=not os.path.isdir(root_path(root, "/sys/firmware/efi")))
 
 
 class AzureFabric:
@@ -79,7 +76,7 @@ class AzureFabric:
         self.cfg = cfg
         self.on_retry = on_retry
         self.root = root
-        self.marker = _under(root, f"{state_dir}/{NOT_READY_MARKER}")
+        self.marker = root_path(root, f"{state_dir}/{NOT_READY_MARKER}")
         self.state_dir = state_dir
         self.clock = clock
         self.sleep = sleep
@@ -130,7 +127,7 @@ class AzureFabric:
         )
 
     def _write_kvp(self, text: str) -> None:
-        kvp_dir = _under(self.root, self.cfg.kvp_dir)
+        kvp_dir = root_path(self.root, self.cfg.kvp_dir)
         # Flushed before the POST: the host reads KVP when the health report arrives
         # (cloud-init helpers/azure.py `_post_health_report`).
         self.kvp_written = kvp.append_report(kvp_dir, kvp.PROVISIONING_REPORT_KEY, text)
