@@ -60,6 +60,31 @@ in_root() {
     ' sh "$ROOT" "$@"
 }
 
+# apt_install_deb ROOT DEB: install the package file DEB into the root file system ROOT with ROOT's
+# own apt, as an image build adds a local package: its dependencies come from ROOT's apt sources
+# (the distribution's python3 and libraries) and its maintainer scripts run chrooted (bytecode,
+# unit enablement, catalog trigger).  The host's resolv.conf is lent for the downloads; apt's lists
+# and downloaded .debs are removed afterwards, so ROOT keeps only what the packages install.
+apt_install_deb() {
+    local root=$1 deb=$2 name rc=0
+    name=$(basename "$deb")
+    [ -f "$deb" ] || die "apt_install_deb: no such package: $deb"
+    cp -- "$deb" "$root/tmp/$name"
+    if [ -e "$root/etc/resolv.conf" ] || [ -L "$root/etc/resolv.conf" ]; then
+        mv -T -- "$root/etc/resolv.conf" "$root/etc/resolv.conf.apt-install-deb"
+    fi
+    cp -- /etc/resolv.conf "$root/etc/resolv.conf"
+    ROOT=$root in_root /bin/sh -c 'apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "/tmp/$1" &&
+        apt-get clean' sh "$name" || rc=$?
+    rm -f -- "$root/tmp/$name" "$root/etc/resolv.conf"
+    if [ -e "$root/etc/resolv.conf.apt-install-deb" ] || [ -L "$root/etc/resolv.conf.apt-install-deb" ]; then
+        mv -T -- "$root/etc/resolv.conf.apt-install-deb" "$root/etc/resolv.conf"
+    fi
+    find "$root/var/lib/apt/lists" -maxdepth 1 -type f ! -name lock -delete
+    [ "$rc" = 0 ] || die "apt_install_deb: apt-get install of $name into $root failed (exit $rc)"
+}
+
 # agent_venv WHEEL...: pip-install guest-agent from these wheels (its pinned dependencies built on
 # the host) into a venv at /opt/guest-agent in $ROOT; /usr/local/bin/guest-agent runs it.
 agent_venv() {
