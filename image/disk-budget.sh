@@ -14,9 +14,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${IMAGE_CACHE:-$HERE/cache}
 OUT=${IMAGE_OUT:-$HERE/build}
 TMP=${TMPDIR:-/tmp}
-# The make targets' variants (Makefile): e2e builds the CAA layouts, bench-boot the benchmark's five.
+# The make targets' variants (Makefile): e2e builds the CAA layouts, bench-boot the benchmark's seven.
 E2E_VARIANTS=(caa caa-sftp)
-BENCH_VARIANTS=(guest-agent floor-tuned floor-stock cloudinit caa-chain)
+BENCH_VARIANTS=(guest-agent guest-agent-deb floor-tuned floor-stock cloudinit caa-chain caa-chain-tuned)
 
 # Peaks measured with du during cold builds and runs (docs/building.md), in MiB, with a margin of
 # about half: everything an image build holds at its peak (base, .deb cache, wheels, the rootfs

@@ -17,6 +17,15 @@
 #                                               graph as CAA enables it, no guest-agent; process-user-data
 #                                               and azure-ready are request-for-request stand-ins
 #                                               (overlay-caa-chain), the rest caa-standin
+#   image/variants/build-variant.sh caa-chain-tuned
+#                                               the same chain on the tuned image (floor-tuned's tuning):
+#                                               guest-agent against it is the agent's own gain
+#   image/variants/build-variant.sh guest-agent-deb
+#                                               the guest-agent image with the agent installed from the
+#                                               project's .deb by apt (the distribution's python3 and
+#                                               libraries, the package's units) instead of the venv
+#                                               and `make install`; DEB=path picks the package
+#                                               (default: the newest out/deb/guest-agent_*_all.deb)
 #
 # Output: image/variants/build/<variant>/{disk.raw,vmlinuz,initrd.img,cmdline,manifest.json}; cmdline is
 # the kernel command line the image boots with (image/recipe.sh CMDLINE, the same for all; the
@@ -36,7 +45,7 @@ REPO=$(cd "$IMAGE/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 SUITE=bookworm
-VARIANT=${1:?usage: build-variant.sh floor-stock|floor-tuned|cloudinit|guest-agent|caa|caa-sftp|caa-chain}
+VARIANT=${1:?usage: build-variant.sh floor-stock|floor-tuned|cloudinit|guest-agent|guest-agent-deb|caa|caa-sftp|caa-chain|caa-chain-tuned}
 CACHE=${VARIANT_CACHE:-$HERE/cache}  # its own bases (cloudinit) and .deb cache
 IMAGE_CACHE=${IMAGE_CACHE:-$IMAGE/cache}  # build.sh's cache (its bases, wheels)
 OUT=${VARIANT_OUT:-$HERE/build/$VARIANT}
@@ -58,6 +67,14 @@ source "$IMAGE/trees.sh"
 # PACKAGES, DPKG_EXCLUDES and mmdebstrap_base(): the same recipe as image/build.sh.
 # shellcheck source=image/recipe.sh
 source "$IMAGE/recipe.sh"
+
+if [ "$VARIANT" = guest-agent-deb ]; then
+    DEB=${DEB:-$(ls -t "$REPO"/out/deb/guest-agent_*_all.deb 2>/dev/null | head -n1)}
+    [ -n "$DEB" ] && [ -f "$DEB" ] || die "no package in $REPO/out/deb: run make deb first (or DEB=path)"
+    DEB=$(realpath "$DEB")
+    newer=$(cd "$REPO" && find guest_agent units catalog man debian pyproject.toml -type f -newer "$DEB" ! -path '*/__pycache__/*' | head -n3)
+    [ -z "$newer" ] || log "warning: $DEB is older than the working tree ($(echo $newer)...): make deb"
+fi
 
 bench_overlay_files() { (cd "$HERE/overlay-bench" && find . -type f | LC_ALL=C sort); }
 
@@ -182,9 +199,27 @@ caa_chain_layout() {
     caa_finalize
 }
 
+# The product image with the agent from the Debian package (guest-agent-deb): apt installs the .deb
+# and its dependencies (python3-yaml, python3-h11, python3-pyroute2) from the distribution; its
+# postinst compiles the bytecode, enables the units and its trigger compiles the catalog.  Then what
+# image/build.sh adds besides the agent: image/overlay (the stand-in APF, its test preset, e2e-dump)
+# and the presets.
+deb_layout() {
+    log "guest-agent from $DEB (apt), image/overlay, presets"
+    apt_install_deb "$ROOT" "$DEB"
+    in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
+    [ "$(sed -n 's/^ExecStart=//p' "$ROOT/usr/lib/systemd/system/guest-agent.service")" = "/usr/bin/guest-agent run" ] ||
+        die "the package's guest-agent.service does not run /usr/bin/guest-agent"
+    cp -a --no-preserve=ownership "$IMAGE/overlay/." "$ROOT/"
+    chmod 0755 "$ROOT/usr/local/bin/agent-protocol-forwarder" "$ROOT/usr/local/libexec/e2e-dump"
+    systemctl --root="$ROOT" preset guest-agent.service guest-agent-imds-nat.service \
+        agent-protocol-forwarder.service >/dev/null 2>&1
+    in_root guest-agent --version >/dev/null
+}
+
 # ---------------------------------------------------------------- base rootfs
 case "$VARIANT" in
-floor-stock | floor-tuned | caa | caa-sftp | caa-chain)
+floor-stock | floor-tuned | caa | caa-sftp | caa-chain | caa-chain-tuned | guest-agent-deb)
     # build.sh's own cached base layer (same packages, same excludes, same image/base files).
     BASE=$(ls -d "$IMAGE_CACHE"/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
@@ -248,16 +283,19 @@ fi
 if [ "$VARIANT" = caa ] || [ "$VARIANT" = caa-sftp ]; then
     caa_layout
 fi
-if [ "$VARIANT" = caa-chain ]; then
+if [ "$VARIANT" = caa-chain ] || [ "$VARIANT" = caa-chain-tuned ]; then
     caa_chain_layout
 fi
+if [ "$VARIANT" = guest-agent-deb ]; then
+    deb_layout
+fi
 
-# Kernel, initrd and command line for direct boot (as build.sh does): the tuned initrd for
-# floor-tuned, initramfs-tools' for the others (tests/e2e/run.py boots caa and caa-sftp with their
-# cmdline too).
+# Kernel, initrd and command line for direct boot (as build.sh does): the tuned rootfs and initrd for
+# the variants on the tuned image, initramfs-tools' for the others (tests/e2e/run.py boots caa and
+# caa-sftp with their cmdline too).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
-if [ "$VARIANT" = floor-tuned ]; then
+if [ "$VARIANT" = floor-tuned ] || [ "$VARIANT" = caa-chain-tuned ] || [ "$VARIANT" = guest-agent-deb ]; then
     log "tuning (image/recipe.sh tune_rootfs, tune_initrd${TUNE_SKIP:+, skipping $TUNE_SKIP})"
     tune_rootfs
     tune_initrd "$OUT/initrd.img"
