@@ -5,6 +5,7 @@ exec, must not count, whoever their parent is), and the figures counted from sys
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -57,3 +58,50 @@ def test_table_since_systemd_medians_per_variant() -> None:
     assert "| systemd started (seconds from QEMU start) | 7.5 (7.0-8.0) | 7.5 |" in text
     assert "| DHCP lease | 5.5 (5.0-6.0) | 5.5 |" in text
     assert "Ready" not in text  # rows no variant has are left out
+
+
+def test_split_rows_separate_the_agents_gain_from_the_tuning() -> None:
+    ready = {"guest-agent": 7.0, "guest-agent-deb": 7.7, "caa-chain": 12.0, "caa-chain-tuned": 8.0}
+    lease = {"guest-agent": 6.0, "guest-agent-deb": 6.2, "floor-tuned": 5.0, "floor-stock": 10.0}
+    lease |= {"caa-chain": 10.5, "caa-chain-tuned": 5.5}
+    boots = []
+    for v in lease:
+        fig: dict[str, float | None] = {"dhcp": lease[v], "ready": ready.get(v)}
+        boots.append(run.Boot(v, 0, figures=fig))
+    variants = list(lease)
+    sizes = {"guest-agent": 283.5, "guest-agent-deb": 283.2, "floor-tuned": 273.5, "floor-stock": 273.5}
+    sizes |= {"caa-chain": 273.6, "caa-chain-tuned": 273.6}
+    text = run.table_splits(run.summarise(boots, variants), sizes, variants)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()[2:]}
+    assert list(rows) == [f"{a} / {b}" for a, b, _ in run.SPLITS]
+    # columns: pair, what, lease, Ready, APF, multi-user, CPU, peak memory, memory after boot, rootfs
+    assert rows["guest-agent / caa-chain"][3] == "0.58x (-5.0)"  # agent + tuning
+    assert rows["guest-agent / caa-chain-tuned"][3] == "0.88x (-1.0)"  # the agent's own gain
+    assert rows["caa-chain-tuned / caa-chain"][3] == "0.67x (-4.0)"  # the tuning under CAA's chain
+    assert rows["floor-tuned / floor-stock"][2] == "0.50x (-5.0)"  # the tuning alone
+    assert rows["floor-tuned / floor-stock"][3] == "-"  # no Ready without an agent
+    assert rows["guest-agent-deb / guest-agent"][3] == "1.10x (+0.7)"  # the package route
+    assert rows["guest-agent-deb / floor-tuned"][-1].rstrip(" |") == "1.04x (+9.7)"
+    assert rows["guest-agent / floor-tuned"][-1].rstrip(" |") == "1.04x (+10.0)"
+
+
+def test_split_rows_only_for_pairs_in_the_run() -> None:
+    boots = [run.Boot(v, 0, figures={"dhcp": 5.0}) for v in ("guest-agent", "caa-chain")]
+    text = run.table_splits(run.summarise(boots, ["guest-agent", "caa-chain"]), {}, ["guest-agent", "caa-chain"])
+    assert [line.split(" | ")[0] for line in text.splitlines()[2:]] == ["| guest-agent / caa-chain"]
+    assert run.table_splits(run.summarise(boots[:1], ["guest-agent"]), {}, ["guest-agent"]) == ""
+
+
+def test_make_bench_boot_builds_the_variants_the_run_boots() -> None:
+    """The Makefile's BENCH_VARIANTS, image/disk-budget.sh's and run.py's default list are the same, and
+    each variant has a name, a floor (but the floors) and its provisioning services."""
+    repo = Path(run.__file__).resolve().parents[2]
+    make = re.search(r"^BENCH_VARIANTS := (.*)$", (repo / "Makefile").read_text(), re.M)
+    budget = re.search(r"^BENCH_VARIANTS=\((.*)\)$", (repo / "image" / "disk-budget.sh").read_text(), re.M)
+    assert make is not None and budget is not None
+    assert make.group(1).split() == budget.group(1).split() == list(run.DEFAULT_VARIANTS)
+    for v in run.DEFAULT_VARIANTS:
+        assert v in run.NAMES and v in run.PROVISIONING
+        assert (v in run.FLOOR_OF) != v.startswith("floor-")
+    for a, b, _ in run.SPLITS:
+        assert a in run.DEFAULT_VARIANTS and b in run.DEFAULT_VARIANTS

@@ -1,17 +1,21 @@
 """Boot benchmark: guest-agent against cloud-init + waagent, CAA's own chain and no agent (`make bench-boot`).
 
-Five variants (image/variants/build-variant.sh): `guest-agent` (the product: image/build.sh's tuned
-image), `floor-tuned` (the same tuned image without the agent: what the agent costs), `floor-stock`
-(the stock base without an agent), `cloudinit` (cloud-init + waagent as Debian's Azure images
-configure them, stock base) and `caa-chain` (CAA's pod VM units with stand-in programs, stock base).
+Seven variants (image/variants/build-variant.sh): `guest-agent` (the product: image/build.sh's tuned
+image), `guest-agent-deb` (the same tuned image with the agent installed from the project's .deb by
+apt instead of the venv: what the package route costs), `floor-tuned` (the same tuned image without
+the agent: what the agent costs), `floor-stock` (the stock base without an agent), `cloudinit`
+(cloud-init + waagent as Debian's Azure images configure them, stock base), `caa-chain` (CAA's pod VM
+units with stand-in programs, stock base) and `caa-chain-tuned` (the same chain on the tuned image:
+guest-agent against it is the agent's own gain, without the tuning's).
 
 Boots each variant's image under QEMU (TCG, `-m 1024 -smp 2`) against the same fake Azure fabric, in
 one run and interleaved (A B C A B C ...), and measures from the host's QEMU start stamp:
 
     DHCP lease, user-data fetched, config files written, Ready at the wireserver, APF listening,
     multi-user.target; the DHCP->Ready gap; CPU time and peak memory of the provisioning services;
-    memory still in use after boot; image size over the variant's floor; and the issue's goals
-    (guest-agent's ratios to both incumbents, its cost over floor-tuned, DHCP lease -> Ready).
+    memory still in use after boot; image size over the variant's floor; the issue's goals
+    (guest-agent's ratios to both incumbents, its cost over floor-tuned, DHCP lease -> Ready); and
+    the pairs that split a gain into the agent's own and the image tuning's (SPLITS).
 
 Sources of each figure (docs/protocols.md §6): the fake servers stamp every request on arrival
 (host clock); the guest's report unit (image/variants/overlay-bench/usr/local/libexec/bench-report)
@@ -27,7 +31,7 @@ so it never overlaps another QEMU boot on the machine (the e2e suite takes the s
 The caa-chain variant is CAA's pod VM unit graph with stand-in programs that send the requests CAA's
 process-user-data and azure-ready send (image/variants/overlay-caa-chain); see docs/benchmarks.md.
 
-    python -m bench.boot.run [--runs 3] [--variants V1,V2,...] [--no-docs]   (default: all five)
+    python -m bench.boot.run [--runs 3] [--variants V1,V2,...] [--no-docs]   (default: all seven)
 """
 
 from __future__ import annotations
@@ -69,16 +73,35 @@ MAC = "52:54:00:12:34:56"
 APF_PORT = 15150
 NAMES = {
     "guest-agent": "guest-agent (tuned image)",
+    "guest-agent-deb": "guest-agent from the .deb (tuned image)",
     "cloudinit": "cloud-init + waagent",
     "caa-chain": "CAA's chain (stand-ins)",
+    "caa-chain-tuned": "CAA's chain on the tuned image",
     "floor-tuned": "no agent, tuned image (floor-tuned)",
     "floor-stock": "no agent, stock image (floor-stock)",
 }
+# `make bench-boot`'s variants, in the order of each round (Makefile and image/disk-budget.sh list the same).
+DEFAULT_VARIANTS = (
+    "guest-agent",
+    "guest-agent-deb",
+    "floor-tuned",
+    "floor-stock",
+    "cloudinit",
+    "caa-chain",
+    "caa-chain-tuned",
+)
 # The image each variant is built on top of: its "added over the floor" size is measured against it.
-FLOOR_OF = {"guest-agent": "floor-tuned", "cloudinit": "floor-stock", "caa-chain": "floor-stock"}
+FLOOR_OF = {
+    "guest-agent": "floor-tuned",
+    "guest-agent-deb": "floor-tuned",
+    "cloudinit": "floor-stock",
+    "caa-chain": "floor-stock",
+    "caa-chain-tuned": "floor-tuned",
+}
 # Provisioning services per variant: their CPU time and memory are "the agent's cost".
 PROVISIONING = {
     "guest-agent": ["guest-agent.service"],
+    "guest-agent-deb": ["guest-agent.service"],
     "cloudinit": [
         "cloud-init-local.service",
         "cloud-init.service",
@@ -88,6 +111,7 @@ PROVISIONING = {
     ],
     # CAA's two provisioning programs (stand-ins: image/variants/overlay-caa-chain).
     "caa-chain": ["process-user-data.service", "azure-ready.service"],
+    "caa-chain-tuned": ["process-user-data.service", "azure-ready.service"],
     "floor-tuned": [],
     "floor-stock": [],
 }
@@ -147,7 +171,8 @@ def settled_when(variant: str) -> Any:
             r.state == "Ready" and "walinuxagent" in (r.request.header("user-agent") or "").lower() for r in reports
         )
 
-    return {"guest-agent": ga, "cloudinit": ci, "caa-chain": ga}.get(kind(variant), lambda _r: True)  # floors: at once
+    settle = {"guest-agent": ga, "guest-agent-deb": ga, "cloudinit": ci, "caa-chain": ga, "caa-chain-tuned": ga}
+    return settle.get(kind(variant), lambda _r: True)  # floors: at once
 
 
 def other_qemus(own: int | None = None) -> list[int]:
@@ -526,7 +551,7 @@ def table(summary: dict[str, Any], sizes: dict[str, float], variants: list[str])
     refs = [(v, name) for v, name in REFERENCES if v in variants] if "guest-agent" in variants else []
     lines = figure_rows(summary, variants, "figure (seconds from QEMU start unless noted)", ROWS, refs)
     added = added_sizes(sizes)
-    row = ["image: rootfs MiB (added over its floor: guest-agent over floor-tuned, the incumbents over floor-stock)"]
+    row = ["image: rootfs MiB (added over its floor: floor-tuned under the tuned variants, floor-stock elsewhere)"]
     row += [f"{sizes[v]:.1f} ({added[v]:+.1f})" if v in added else f"{sizes[v]:.1f}" for v in variants]
     for v, _ in refs:
         # (CAA's chain adds a few stand-in scripts where a CAA image has Go binaries: no ratio there.)
@@ -566,6 +591,57 @@ def table_since_systemd(summary: dict[str, Any], variants: list[str]) -> str:
 def added_sizes(sizes: dict[str, float]) -> dict[str, float]:
     """MiB each variant adds to the floor it is built on (only where that floor was built too)."""
     return {v: round(sizes[v] - sizes[f], 1) for v, f in FLOOR_OF.items() if v in sizes and f in sizes}
+
+
+# Pairs of variants that split a gain into the agent's own and the image tuning's, and show what the
+# package route costs: (variant, against, what the pair shows).  Rows of table_splits().
+SPLITS = (
+    ("guest-agent", "caa-chain", "agent + tuning: guest-agent on the tuned image, CAA's chain on the stock one"),
+    ("guest-agent", "caa-chain-tuned", "the agent's own gain: both on the tuned image"),
+    ("caa-chain-tuned", "caa-chain", "the tuning, under CAA's chain"),
+    ("floor-tuned", "floor-stock", "the tuning alone, no agent"),
+    ("guest-agent", "floor-tuned", "what the agent (venv) adds to the tuned image"),
+    ("guest-agent-deb", "floor-tuned", "what the agent (.deb) adds to the tuned image"),
+    ("guest-agent-deb", "guest-agent", "the package route against the venv"),
+)
+SPLIT_FIGURES = (
+    ("dhcp", "DHCP lease (s)"),
+    ("ready", "Ready (s)"),
+    ("apf", "APF listening (s)"),
+    ("multi_user", "multi-user.target (s)"),
+    ("cpu_s", "provisioning CPU (s)"),
+    ("mem_peak_mib", "provisioning peak memory (MiB)"),
+    ("used_after_boot_mib", "memory in use after boot (MiB)"),
+    ("rootfs_mib", "rootfs (MiB)"),
+)
+
+
+def split_cell(a: dict[str, float] | None, b: dict[str, float] | None) -> str:
+    """`a / b` of the medians and their difference: `0.59x (-4.9)`."""
+    if a is None or b is None:
+        return "-"
+    d = a["median"] - b["median"]
+    return f"{ratio(a, b)} ({d:+.1f})" if b["median"] else f"- ({d:+.1f})"
+
+
+def table_splits(summary: dict[str, Any], sizes: dict[str, float], variants: list[str]) -> str:
+    """One row per SPLITS pair whose two variants were in the run: each figure's ratio and difference
+    of the medians (seconds from QEMU start, CPU seconds, MiB).  Empty when no pair was run."""
+    head = ["pair: variant / against", "what it shows", *(label for _, label in SPLIT_FIGURES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b, what in SPLITS:
+        if a not in variants or b not in variants:
+            continue
+        cells = []
+        for key, _ in SPLIT_FIGURES:
+            if key == "rootfs_mib":
+                sa = {"median": sizes[a]} if a in sizes else None
+                sb = {"median": sizes[b]} if b in sizes else None
+                cells.append(split_cell(sa, sb))
+            else:
+                cells.append(split_cell(summary[a].get(key), summary[b].get(key)))
+        lines.append("| " + " | ".join([f"{a} / {b}", what, *cells]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 # The goals of issue 12 (and issue 10's boot figures): (label, figure, how it is compared, limit).
@@ -668,7 +744,7 @@ def machine() -> dict[str, str]:
     }
 
 
-def write_docs(result: dict[str, Any], tbl: str, tbl_sys: str, goal_lines: str, path: Path) -> None:
+def write_docs(result: dict[str, Any], tbl: str, tbl_sys: str, tbl_splits: str, goal_lines: str, path: Path) -> None:
     m = result["machine"]
     body = f"""<!-- bench-boot:begin (written by `make bench-boot`, bench/boot/run.py; do not edit by hand) -->
 ## Boot benchmark: guest-agent vs cloud-init + waagent vs CAA's chain vs no agent
@@ -678,11 +754,14 @@ Run on {result["date"]}: {result["runs"]} boots of each variant, interleaved
 of boots in all (`make bench-boot` also (re)builds the variants' images first when their inputs changed).
 
 The variants: *guest-agent* is the product, image/build.sh's tuned pod VM image (docs/image-tuning.md);
-*floor-tuned* is that tuned image without the agent (the difference is what the agent costs);
-*floor-stock* is the stock base without an agent (the base the incumbents are installed on);
-*cloud-init + waagent* is Debian 12's cloud-init and waagent configured as Debian's Azure images
-configure them, on the stock base; *CAA's chain* is CAA's pod VM unit graph with stand-in programs
-for CAA's Go binaries, on the stock base (section "The CAA chain variant" below).
+*guest-agent from the .deb* is the same tuned image with the agent installed from the project's
+Debian package by apt (Debian 12's python3 3.11, python3-yaml, python3-h11, python3-pyroute2, the
+package's units) instead of the venv; *floor-tuned* is that tuned image without the agent (the
+difference is what the agent costs); *floor-stock* is the stock base without an agent (the base the
+incumbents are installed on); *cloud-init + waagent* is Debian 12's cloud-init and waagent
+configured as Debian's Azure images configure them, on the stock base; *CAA's chain* is CAA's pod VM
+unit graph with stand-in programs for CAA's Go binaries, on the stock base (section "The CAA chain
+variant" below), and *CAA's chain on the tuned image* the same on floor-tuned's tuning.
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB, {m["os"]}, kernel {m["kernel"]}; {m["qemu"]}.
 QEMU: TCG (no KVM here), `-m 1024 -smp 2 -cpu qemu64,+rdrand,-hypervisor` (RDRAND as on every cloud CPU: Debian's
 kernel trusts it and has its random number generator seeded at once; docs/boot-placement.md), Azure SMBIOS, virtio
@@ -701,6 +780,14 @@ rest): the kernel's and the initrd's share, which the host's load moves by secon
 taken out.
 
 {tbl_sys}
+
+What the tuning and the install route account for: each pair's ratio of the medians of the first
+table and, in brackets, their difference (seconds, MiB).  guest-agent against CAA's chain on the
+same tuned image is the agent's own gain; against CAA's chain on the stock image (the goals below)
+it is the agent's and the tuning's together; floor-tuned against floor-stock is the tuning alone;
+guest-agent from the .deb against guest-agent is what the package route costs.
+
+{tbl_splits or "(no pair of the variants run)"}
 
 Goals (issue 12; the lease rows are issue 10's), from the medians of the first table:
 
@@ -812,7 +899,8 @@ def inner(args: argparse.Namespace) -> int:
     }
     tbl = table(summary, sizes, variants)
     tbl_sys = table_since_systemd(summary, variants)
-    print(tbl + "\n\n" + tbl_sys)
+    tbl_splits = table_splits(summary, sizes, variants)
+    print(tbl + "\n\n" + tbl_sys + ("\n\n" + tbl_splits if tbl_splits else ""))
     print("\nGoals (medians):\n" + goals_text(summary))
     print(f"\ntotal {total / 60:.1f} min; per-boot artefacts in {work}")
     out = Path(args.out)
@@ -820,7 +908,7 @@ def inner(args: argparse.Namespace) -> int:
     (out / "bootbench.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_docs:
         draw(summary, variants, out / "boot-timeline.png")
-        write_docs(result, tbl, tbl_sys, goals_text(summary), out / "benchmarks.md")
+        write_docs(result, tbl, tbl_sys, tbl_splits, goals_text(summary), out / "benchmarks.md")
     bad = [b for b in boots if b.error]
     return 1 if bad else 0
 
@@ -828,7 +916,7 @@ def inner(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.boot.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="boots of each variant (default 3)")
-    ap.add_argument("--variants", default="guest-agent,floor-tuned,floor-stock,cloudinit,caa-chain")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     ap.add_argument("--timeout", type=float, default=240.0, help="per boot, seconds")
     ap.add_argument("--retries", type=int, default=2, help="re-measure a boot when another QEMU ran meanwhile")
     ap.add_argument("--out", default=str(DOCS), help="where bootbench.json (and the docs) go")
