@@ -71,7 +71,8 @@ e2e: disk-budget image
 
 # guest-agent on the tuned image (from the venv and from the .deb) vs floor-tuned, floor-stock, cloud-init + waagent
 # and CAA's chain (stand-ins) on the stock and on the tuned image, 3 boots each, interleaved (21 boots: about
-# 9-10 min of boots on a quiet machine, warm caches, plus the variants' builds); writes docs/benchmarks.md.
+# 8 min of boots on a quiet machine, 12-13 on a loaded one, plus 2 min of builds with warm caches);
+# writes docs/benchmarks.md.
 BENCH_VARIANTS := guest-agent guest-agent-deb floor-tuned floor-stock cloudinit caa-chain caa-chain-tuned
 bench-boot: disk-budget image deb
 	$(PY) -m pip install -q 'matplotlib==3.11.2'

@@ -105,3 +105,17 @@ def test_make_bench_boot_builds_the_variants_the_run_boots() -> None:
         assert (v in run.FLOOR_OF) != v.startswith("floor-")
     for a, b, _ in run.SPLITS:
         assert a in run.DEFAULT_VARIANTS and b in run.DEFAULT_VARIANTS
+
+
+def test_docs_carry_the_split_table_between_the_markers(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench-boot:begin old -->\nold\n<!-- bench-boot:end -->\n## Kept\n")
+    machine = {"cpu": "c", "cores": "2", "memory_gib": "1", "os": "o", "kernel": "k", "qemu": "q"}
+    result = {"date": "d", "runs": 1, "order": ["guest-agent"], "variants": ["guest-agent"], "total_s": 60.0}
+    result |= {"machine": machine, "command": "make bench-boot"}
+    run.write_docs(result, "T1", "T2", "| split |", "- goal", doc)
+    text = doc.read_text()
+    assert "\nT2\n\nWhat the tuning and the install route account for" in text
+    assert "\n| split |\n\nGoals" in text and "old" not in text and text.endswith("## Kept\n")
+    run.write_docs(result, "T1", "T2", "", "- goal", doc)
+    assert "(no pair of the variants run)" in doc.read_text()
