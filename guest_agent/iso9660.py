@@ -1,14 +1,15 @@
 """Read one file from an ISO9660 image without mounting it (pure parsing over a file object).
 
-Enough of ECMA-119 for a cloud-init `cidata` disk: the primary volume descriptor's
-label, and a file in the root directory found by its Joliet name (UCS-2), its Rock
-Ridge NM name, or its plain ISO9660 name (upper case, `;1` version suffix).
-Reading the block device directly avoids waiting for udev's by-label link and a mount.
+Enough of ECMA-119 for a cloud-init `cidata` disk and an OpenStack config drive: the primary
+volume descriptor's label, and a file found by its path (`user-data`,
+`openstack/latest/user_data`), each component by its Joliet name (UCS-2), its Rock Ridge NM name,
+or its plain ISO9660 name (upper case, `;1` version suffix on files).  Reading the block device
+directly avoids waiting for udev's by-label link and a mount.
 
 The image is the host's: every offset and length in it is hostile.  Reads are bounded (32
-descriptors, one primary and one Joliet directory of at most 1 MiB, the file by `limit`), the
-record walk always advances, and the only exceptions are the agent's own (`NotIso`, `TooLarge`)
-and `OSError` from the device itself.
+descriptors, one primary and one Joliet tree, one directory of at most 1 MiB per path component,
+the file by `limit`), the record walk always advances, and the only exceptions are the agent's own
+(`NotIso`, `TooLarge`) and `OSError` from the device itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import BinaryIO
 from guest_agent.errors import MetadataUnavailable, UserDataInvalid
 
 SECTOR = 2048
+MAX_DIRECTORY_BYTES = 1 << 20  # one directory's extent, read whole (a config drive's are one sector)
+MAX_PATH_COMPONENTS = 8
 _JOLIET_ESCAPES = (b"%/@", b"%/C", b"%/E")
 _NOT_D_CHARACTER = re.compile("[^A-Z0-9_]")  # ECMA-119 §7.4.1
 
@@ -103,27 +106,53 @@ def _level1(name: str) -> str:
     return f"{d(base, 8)}.{d(ext, 3)}"
 
 
-def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
-    """Content of root-directory file `wanted` (e.g. "user-data"), or None if absent."""
+def _find(
+    dev: BinaryIO, joliet: bool, extent: int, length: int, wanted: str, *, directory: bool
+) -> tuple[int, int] | None:
+    """(extent, size) of the entry `wanted` in one directory, a directory or a file as asked."""
+    for raw, ext, size, flags, su in _records(dev, extent, length, limit=MAX_DIRECTORY_BYTES):
+        if bool(flags & 0x02) != directory or raw in (b"\x00", b"\x01"):
+            continue  # the other kind, or "." and ".."
+        level1 = False
+        if joliet:
+            name = raw.decode("utf-16-be", "replace").split(";", 1)[0]
+        elif (rr := _rock_ridge_name(su)) is not None:
+            name = rr
+        else:
+            text = raw.decode("ascii", "replace").split(";", 1)[0]
+            name = _plain(text)
+            level1 = text.rstrip(".") == _level1(wanted).rstrip(".")  # a directory has no "."
+        if name == wanted or level1 or (not joliet and _plain(name).replace("_", "-") == wanted):
+            return ext, size
+    return None
+
+
+def read_file(dev: BinaryIO, path: str, *, limit: int) -> bytes | None:
+    """Content of the file at `path` ("user-data", "openstack/latest/user_data"), or None if absent.
+
+    Each component is looked up in its parent directory alone, so the walk reads at most one
+    directory per component of a path the caller wrote, whatever the image's tree holds."""
+    parts = path.split("/")
+    if not 0 < len(parts) <= MAX_PATH_COMPONENTS or "" in parts:
+        raise ValueError(f"not a relative path of 1-{MAX_PATH_COMPONENTS} components: {path!r}")
     vds = _descriptors(dev)
     joliet = [vd for vd in vds if vd[0] == 2 and vd[88:91] in _JOLIET_ESCAPES]
     for vd in joliet[:1] + [vd for vd in vds if vd[0] == 1][:1]:  # the first of each: bounded work
         root = vd[156 : 156 + 34]
-        extent, length = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
-        for raw, ext, size, flags, su in _records(dev, extent, length, limit=1 << 20):
-            if flags & 0x02 or raw in (b"\x00", b"\x01"):
-                continue  # directories, "." and ".."
-            level1 = False
-            if vd[0] == 2:
-                name = raw.decode("utf-16-be", "replace").split(";", 1)[0]
-            elif (rr := _rock_ridge_name(su)) is not None:
-                name = rr
-            else:
-                name = _plain(raw.decode("ascii", "replace"))
-                level1 = raw.decode("ascii", "replace").split(";", 1)[0] == _level1(wanted)
-            if name == wanted or level1 or (vd[0] == 1 and _plain(name).replace("_", "-") == wanted):
-                if size > limit:
-                    raise TooLarge(f"{wanted} on the ISO9660 image is larger than the size limit", limit_bytes=limit)
-                dev.seek(ext * SECTOR)
-                return dev.read(size)
+        extent, size = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
+        for i, part in enumerate(parts):
+            hit = _find(dev, vd[0] == 2, extent, size, part, directory=i < len(parts) - 1)
+            if hit is None:
+                break
+            extent, size = hit
+        else:
+            if size > limit:
+                raise TooLarge(f"{path} on the ISO9660 image is larger than the size limit", limit_bytes=limit)
+            dev.seek(extent * SECTOR)
+            return dev.read(size)
     return None
+
+
+def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
+    """Content of root-directory file `wanted` (e.g. "user-data"), or None if absent."""
+    return read_file(dev, wanted, limit=limit)

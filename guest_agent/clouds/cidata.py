@@ -216,21 +216,24 @@ def wait_for_delivery(
                     return
 
 
-def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
-    """user-data from the first block device carrying an ISO9660 volume labelled cidata."""
+def find_volume(
+    root: str, dev_dir: str, labels: tuple[str, ...], path: str, limit: int
+) -> tuple[str, bytes | None] | None:
+    """The first block device (by name) carrying an ISO9660 volume with one of `labels`: its name
+    and the file at `path` on it (None: the volume has no such file).  None: no such volume."""
     sysblock = root_path(root, "/sys/class/block")
     try:
         names = sorted(os.listdir(sysblock))
     except OSError:
         return None
     for name in names:
-        dev = root_path(root, f"{cfg.dev_dir}/{name}")
+        dev = root_path(root, f"{dev_dir}/{name}")
         try:
             with open(dev, "rb") as f:
                 try:
-                    if iso9660.volume_label(f) not in cfg.labels:
+                    if iso9660.volume_label(f) not in labels:
                         continue
-                    data = iso9660.read_root_file(f, "user-data", limit=limit)
+                    return name, iso9660.read_file(f, path, limit=limit)
                 except iso9660.NotIso:
                     continue
                 except iso9660.TooLarge as exc:
@@ -238,11 +241,19 @@ def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
                     raise
         except OSError:
             continue  # no medium in the drive, or a device we may not read
-        if data is None:
-            raise MetadataUnavailable("the cidata disk has no user-data file", device=name)
-        log.info("found the cidata disk", extra={"GUEST_AGENT_DEVICE": name})
-        return data
     return None
+
+
+def scan_devices(root: str, cfg: CidataConfig, limit: int) -> bytes | None:
+    """user-data from the first block device carrying an ISO9660 volume labelled cidata."""
+    found = find_volume(root, cfg.dev_dir, cfg.labels, SEED, limit)
+    if found is None:
+        return None
+    name, data = found
+    if data is None:
+        raise MetadataUnavailable("the cidata disk has no user-data file", device=name)
+    log.info("found the cidata disk", extra={"GUEST_AGENT_DEVICE": name})
+    return data
 
 
 def _uevent_socket() -> socket.socket | None:
