@@ -164,6 +164,17 @@ class IbmCloudConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenStackConfig:
+    """OpenStack: user-data from the config drive, else Nova's metadata service."""
+
+    metadata_url: str = "http://169.254.169.254"
+    # ISO9660 volume labels of the config drive (cloud-init accepts both; Nova writes config-2).
+    # Block devices are scanned in cidata.dev_dir.  A vfat config drive is not read: the metadata
+    # service is asked instead (docs/protocols.md §8).
+    config_drive_labels: tuple[str, ...] = ("config-2", "CONFIG-2")
+
+
+@dataclass(frozen=True, slots=True)
 class CidataConfig:
     """cidata: user-data from a NoCloud/cidata volume or an existing seed file (byom, docker)."""
 
@@ -185,7 +196,7 @@ class CidataConfig:
 class Config:
     """The whole configuration, one section per TOML table."""
 
-    provider: str = "auto"  # auto|azure|aws|gcp|alibaba|ibmcloud|cidata
+    provider: str = "auto"  # auto|azure|aws|gcp|alibaba|ibmcloud|openstack|cidata
     state_dir: str = "/run/guest-agent"  # timeline.json lives here
     fetch: FetchConfig = field(default_factory=FetchConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -198,6 +209,7 @@ class Config:
     gcp: GcpConfig = field(default_factory=GcpConfig)
     alibaba: AlibabaConfig = field(default_factory=AlibabaConfig)
     ibmcloud: IbmCloudConfig = field(default_factory=IbmCloudConfig)
+    openstack: OpenStackConfig = field(default_factory=OpenStackConfig)
     cidata: CidataConfig = field(default_factory=CidataConfig)
 
 
@@ -442,6 +454,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "ibmcloud.metadata_url": _http_url,
     "ibmcloud.api_version": _date,
     "ibmcloud.token_expires_s": _between(5, 3600),  # the VPC metadata token API's expires_in range
+    "openstack.metadata_url": _http_url,
+    "openstack.config_drive_labels": _labels,
     "cidata.mount_dir": _abs_path,
     "cidata.labels": _labels,
     "cidata.dev_dir": _abs_path,

@@ -15,7 +15,7 @@ noisy, shared machine), so only the module of the cloud in use is imported.  Thi
 nothing of the agent, so config.py can read it.
 
 DMI rules follow cloud-init's ds-identify (canonical/cloud-init tools/ds-identify:
-dscheck_Azure/Ec2/GCE/AliYun/IBMCloud); CAA's own heuristics are in cloud-api-adaptor
+dscheck_Azure/Ec2/GCE/AliYun/IBMCloud/OpenStack); CAA's own heuristics are in cloud-api-adaptor
 src/cloud-api-adaptor/pkg/userdata/provision.go.
 
 IBM Z (s390x) has no DMI, and nothing there names a cloud (docs/adding-a-cloud.md, "Platforms
@@ -32,6 +32,16 @@ Dmi = Callable[[str], str]  # DMI field name ("sys_vendor") -> its value, "" if 
 Sysinfo = Callable[[str], str]  # /proc/sysinfo field name ("VM00 Control Program") -> its value, "" if absent
 
 AZURE_CHASSIS_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"  # cloud-init ds-identify is_azure_chassis
+# Nova's SMBIOS product name (RDO packages say "OpenStack Compute"), and the chassis asset tags
+# public OpenStack clouds set (cloud-init ds-identify dscheck_OpenStack); exact strings.
+OPENSTACK_PRODUCT_NAMES = ("OpenStack Nova", "OpenStack Compute")
+OPENSTACK_ASSET_TAGS = (
+    *OPENSTACK_PRODUCT_NAMES,
+    "OpenTelekomCloud",
+    "SAP CCloud VM",
+    "HUAWEICLOUD",
+    "Samsung Cloud Platform",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,10 @@ def _ibmcloud(dmi: Dmi) -> bool:
     return dmi("chassis_vendor").startswith("IBM:Cloud Compute Server")
 
 
+def _openstack(dmi: Dmi) -> bool:
+    return dmi("product_name") in OPENSTACK_PRODUCT_NAMES or dmi("chassis_asset_tag") in OPENSTACK_ASSET_TAGS
+
+
 def _ibm_z_kvm_guest(sysinfo: Sysinfo) -> bool:
     # The machine's maker (STSI 1.1.1) and the hypervisor's control program (STSI 3.2.2), which the
     # KVM host fills in as "KVM/Linux" (Linux arch/s390/kvm/priv.c, QEMU target/s390x/kvm): the same
@@ -97,6 +111,9 @@ REGISTRY: tuple[Provider, ...] = (
     Provider(
         "ibmcloud", _ibmcloud, "guest_agent.clouds.ibmcloud", "ibmcloud.metadata_url", undetectable_on=_ibm_z_kvm_guest
     ),
+    # After the clouds with their own anchors: its strings are Nova's defaults, which any
+    # OpenStack-derived cloud may keep.
+    Provider("openstack", _openstack, "guest_agent.clouds.openstack", "openstack.metadata_url"),
     # libvirt, byom, unknown KVM: a cidata seed file or config disk is the only source left.  Last:
     # it matches anything.
     Provider("cidata", _always, "guest_agent.clouds.cidata", None),

@@ -26,6 +26,7 @@ DMI = {
     "gcp": {"sys_vendor": "Google", "product_name": "Google Compute Engine"},
     "alibaba": {"sys_vendor": "Alibaba Cloud", "product_name": "Alibaba Cloud ECS"},
     "ibmcloud": {"sys_vendor": "QEMU", "chassis_vendor": "IBM:Cloud Compute Server 1.0:Nitro"},
+    "openstack": {"sys_vendor": "OpenStack Foundation", "product_name": "OpenStack Nova"},
 }
 URL_KEY = {"azure": "imds_url", "aws": "imds_url", "gcp": "metadata_url", "alibaba": "metadata_url"}
 

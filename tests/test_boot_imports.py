@@ -34,6 +34,7 @@ URL_KEYS = {
     "gcp": "metadata_url",
     "alibaba": "metadata_url",
     "ibmcloud": "metadata_url",
+    "openstack": "metadata_url",
 }
 
 # The agent's own entry point with one audit hook in front of it; `{out}` + "network" / "ready".

@@ -61,6 +61,11 @@ def make_iso(out: Path, files: dict[str, bytes], tool: str, args: list[str]) -> 
     src.mkdir(parents=True)
     for name, content in files.items():
         (src / name).write_bytes(content)
+    return build_iso(out, src, tool, args)
+
+
+def build_iso(out: Path, src: Path, tool: str, args: list[str]) -> Path:
+    """The image of directory tree `src` by `tool` (a FLAVOURS entry's tool and arguments)."""
     if tool == "genisoimage":
         if GENISOIMAGE is None:
             pytest.skip("genisoimage is not installed")

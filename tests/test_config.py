@@ -44,7 +44,7 @@ def test_layers_apply_in_order(tmp_path: Path) -> None:
     [
         ("[fetch]\ndeadline = 3\n", "unknown key"),
         ("[nosuch]\nx = 1\n", "unknown key"),
-        ('provider = "openstack"\n', "unknown provider"),
+        ('provider = "vsphere"\n', "unknown provider"),
         ('[fetch]\ndeadline_s = "3"\n', "wrong type"),
         ("[network]\nwait = 1\n", "wrong type"),
         ("[files]\nallowed_paths = [1]\n", "list of strings"),
@@ -104,6 +104,8 @@ def test_bad_config_is_an_error(tmp_path: Path, text: str, fragment: str) -> Non
         ('[ibmcloud]\napi_version = "2022-03-01\\n"\n', "ibmcloud.api_version"),
         ('[netns]\nnft_table = "a b"\n', "netns.nft_table"),
         ("[cidata]\nlabels = []\n", "cidata.labels"),
+        ('[openstack]\nconfig_drive_labels = ["' + "c" * 33 + '"]\n', "openstack.config_drive_labels"),
+        ('[openstack]\nmetadata_url = "http://169.254.169.254/?x=1"\n', "openstack.metadata_url"),
         ('[ibmcloud]\napi_version = "latest"\n', "ibmcloud.api_version"),
         ("[fetch]\nbackoff_initial_s = 5\nbackoff_max_s = 1\n", "fetch.backoff_max_s"),
         ('[tpm]\nabsent = "fatal"\n', "tpm.absent"),

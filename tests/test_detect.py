@@ -55,6 +55,27 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
     "alibaba-product": ({"product_name": "Alibaba Cloud ECS"}, "alibaba"),
     "ibmcloud": ({"sys_vendor": "QEMU", "chassis_vendor": "IBM:Cloud Compute Server 1.0:Nitro"}, "ibmcloud"),
     "ibmcloud-other-version": ({"chassis_vendor": "IBM:Cloud Compute Server 2.0"}, "ibmcloud"),
+    # Nova's defaults, RDO's product name, and the asset tags of public OpenStack clouds
+    "openstack-nova": (
+        {"sys_vendor": "OpenStack Foundation", "product_name": "OpenStack Nova", "product_version": "29.0.1"},
+        "openstack",
+    ),
+    "openstack-rdo": ({"sys_vendor": "Red Hat", "product_name": "OpenStack Compute"}, "openstack"),
+    "openstack-asset-tag-nova": ({"product_name": "KVM", "chassis_asset_tag": "OpenStack Nova"}, "openstack"),
+    "openstack-asset-tag-compute": ({"chassis_asset_tag": "OpenStack Compute"}, "openstack"),
+    "openstack-otc": ({"sys_vendor": "QEMU", "chassis_asset_tag": "OpenTelekomCloud"}, "openstack"),
+    "openstack-sap-ccloud": ({"sys_vendor": "VMware, Inc.", "chassis_asset_tag": "SAP CCloud VM"}, "openstack"),
+    "openstack-huawei": (
+        {"sys_vendor": "OpenStack Foundation", "product_name": "OpenStack Nova", "chassis_asset_tag": "HUAWEICLOUD"},
+        "openstack",
+    ),
+    "openstack-samsung": ({"chassis_asset_tag": "Samsung Cloud Platform"}, "openstack"),
+    # a cloud with anchors of its own wins over Nova's strings it may have kept
+    "alibaba-over-nova-strings": ({"sys_vendor": "Alibaba Cloud", "product_name": "OpenStack Nova"}, "alibaba"),
+    "ibmcloud-over-nova-strings": (
+        {"chassis_vendor": "IBM:Cloud Compute Server 1.0", "product_name": "OpenStack Nova"},
+        "ibmcloud",
+    ),
     # libvirt / byom: only a cidata disk can carry user-data
     "qemu-q35": ({"sys_vendor": "QEMU", "product_name": "Standard PC (Q35 + ICH9, 2009)"}, "cidata"),
     "qemu-i440fx": ({"sys_vendor": "QEMU", "product_name": "Standard PC (i440FX + PIIX, 1996)"}, "cidata"),
@@ -63,6 +84,10 @@ CASES: dict[str, tuple[dict[str, str], str]] = {
     "hyper-v-not-azure": ({"sys_vendor": "Microsoft Corporation", "product_name": "Surface Laptop"}, "cidata"),
     "ibm-not-vpc": ({"chassis_vendor": "IBM"}, "cidata"),
     "uuid-without-ec2-prefix": ({"product_uuid": "4a1e2f3c-5b6d-4e7f-8a9b-0c1d2e3f4a5b"}, "cidata"),
+    # exact strings, as ds-identify compares them
+    "openstack-vendor-only": ({"sys_vendor": "OpenStack Foundation", "product_name": "Standard PC"}, "cidata"),
+    "openstack-product-prefix": ({"product_name": "OpenStack Nova Compute"}, "cidata"),
+    "openstack-asset-tag-case": ({"chassis_asset_tag": "huaweicloud"}, "cidata"),
 }
 
 
@@ -72,7 +97,9 @@ def test_detect(case: str) -> None:
     assert clouds.detect(Facts(dmi)) == expected
 
 
-@pytest.mark.parametrize("case", ["azure-full", "aws-nitro", "gcp-product", "alibaba-sys-vendor", "ibmcloud"])
+@pytest.mark.parametrize(
+    "case", ["azure-full", "aws-nitro", "gcp-product", "alibaba-sys-vendor", "ibmcloud", "openstack-nova"]
+)
 def test_cidata_seed_wins_over_dmi(case: str) -> None:
     # byom and the docker provider put user-data at /media/cidata/user-data on any hardware
     assert clouds.detect(Facts(CASES[case][0], cidata_seed=True)) == "cidata"

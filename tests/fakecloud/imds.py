@@ -1,7 +1,7 @@
 """Fake metadata services for each cloud, enforcing the headers the real ones require.
 
 Each factory returns a handler for `FakeServer`.  Route names for scripting:
-``user-data`` (every cloud) and ``token`` (aws, alibaba, ibmcloud).
+``user-data`` (every cloud), ``token`` (aws, alibaba, ibmcloud) and ``meta-data`` (openstack).
 """
 
 from __future__ import annotations
@@ -188,4 +188,48 @@ def ibmcloud(user_data: bytes | None, script: Script, *, tokens: TokenBook | Non
     return handle
 
 
-FACTORIES = {"azure": azure, "aws": aws, "gcp": gcp, "alibaba": alibaba, "ibmcloud": ibmcloud}
+NOVA_META_DATA = {
+    "uuid": "0b7b6a6e-3c2d-4a57-9d0e-5f6a1c2b3d4e",
+    "name": "podvm-nginx-6b8f9",
+    "hostname": "podvm-nginx-6b8f9.novalocal",
+    "launch_index": 0,
+    "availability_zone": "nova",
+    "project_id": "b397a608f93148acaf55e5223a445814",
+    "devices": [],
+}
+
+
+def openstack(user_data: bytes | None, script: Script) -> Handler:
+    """Nova's metadata service: `openstack/latest/user_data` is the raw bytes (404 when the
+    instance has none), `meta_data.json` describes the instance.  Routes: ``user-data``, ``meta-data``."""
+
+    def handle(req: Request) -> Reply:
+        if req.method != "GET":
+            return Reply(405, "405 Method Not Allowed")
+        if req.path == "/openstack/latest/user_data":
+            scripted = script.take("user-data")
+            if scripted:
+                return scripted
+            if user_data is None:
+                return Reply(404, "404 Not Found\n\nThe resource could not be found.\n")
+            return Reply(200, user_data, {"Content-Type": "text/plain; charset=UTF-8"})
+        if req.path == "/openstack/latest/meta_data.json":
+            scripted = script.take("meta-data")
+            if scripted:
+                return scripted
+            return Reply(200, json.dumps(NOVA_META_DATA), {"Content-Type": "application/json"})
+        if req.path in ("/openstack", "/openstack/"):
+            return Reply(200, "2012-08-10\n2013-04-04\n2016-06-30\n2018-08-27\n2020-10-14\nlatest")
+        return NOT_FOUND
+
+    return handle
+
+
+FACTORIES = {
+    "azure": azure,
+    "aws": aws,
+    "gcp": gcp,
+    "alibaba": alibaba,
+    "ibmcloud": ibmcloud,
+    "openstack": openstack,
+}
