@@ -326,22 +326,29 @@ def test_imds_nat_missing_namespace(ns: Namespaces) -> None:
 # `guest-agent netns imds-nat`: the entry point of guest-agent-imds-nat.service
 
 
-def imds_nat_command(ns: Namespaces, tmp_path: Path, conf: str = "", table: str = TABLE) -> subprocess.Popen[str]:
+URL_KEY = {"aws": "aws.imds_url", "openstack": "openstack.metadata_url"}
+
+
+def imds_nat_command(
+    ns: Namespaces, tmp_path: Path, conf: str = "", table: str = TABLE, provider: str = "aws"
+) -> subprocess.Popen[str]:
     """Start the command as its unit would, in the test's "vm" namespace (the VM's root namespace)."""
+    section, _, key = URL_KEY[provider].partition(".")
     cfg = tmp_path / "nat.toml"
     cfg.write_text(
-        f'provider = "aws"\n[netns]\nname = "pod"\nrun_dir = "{ns.run_dir}"\nnft_table = "{table}"\n'
-        f'imds_nat_deadline_s = 20.0\n{conf}[aws]\nimds_url = "http://{IMDS}"\n'
+        f'provider = "{provider}"\n[netns]\nname = "pod"\nrun_dir = "{ns.run_dir}"\nnft_table = "{table}"\n'
+        f'imds_nat_deadline_s = 20.0\n{conf}[{section}]\n{key} = "http://{IMDS}"\n'
     )
     argv = [sys.executable, "-m", "guest_agent", "netns", "imds-nat", "--config", str(cfg)]
     return subprocess.Popen(["nsenter", f"--net={ns.path('vm')}", *argv], stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.privileged
-def test_imds_nat_command_waits_for_the_pod_address(topology: Namespaces, tmp_path: Path) -> None:
+@pytest.mark.parametrize("provider", sorted(URL_KEY))
+def test_imds_nat_command_waits_for_the_pod_address(topology: Namespaces, tmp_path: Path, provider: str) -> None:
     ns = topology
     ns.sh("pod", "ip addr flush dev eth0")  # APF has not given the pod its address yet
-    proc = imds_nat_command(ns, tmp_path)
+    proc = imds_nat_command(ns, tmp_path, provider=provider)
     assert proc.stderr is not None
     try:
         line = proc.stderr.readline()  # it logs once before it blocks on rtnetlink events
