@@ -1,12 +1,14 @@
 """End-to-end: boot the pod VM image under QEMU against a fake Azure and check what it did.
 
-    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,cidata-cdrom,caa,byom,byom-early] [--keep]
+    sudo .venv/bin/python tests/e2e/run.py [--boots valid,invalid,cidata,...] [--keep]   (BOOTS below)
 
 `caa` and `byom` boot the CAA-layout images (image/variants/build-variant.sh caa|caa-sftp): CAA's
 pod VM unit graph with stand-in binaries that record when they ran and what they saw, and
 guest-agent installed into it as an image builder would.  `byom` delivers user-data the way CAA's
 byom provider does, by an upload into the /media/cidata tmpfs some seconds after boot (a test unit
-in the guest plays the SFTP client; the bytes come from a second disk).
+in the guest plays the SFTP client; the bytes come from a second disk).  `openstack` boots with
+Nova's DMI strings and a `config-2` config drive as Nova builds it, and no metadata service;
+`openstack-metadata` with the same DMI and the fake Nova metadata service instead.
 
 Everything runs inside a private network namespace holding only `lo` (the script re-executes
 itself under `unshare --net`): the fake IMDS and wireserver on 127.0.0.1, swtpm, QEMU with
@@ -56,6 +58,21 @@ AZURE_SMBIOS = [
     "type=1,manufacturer=Microsoft Corporation,product=Virtual Machine,version=Hyper-V UEFI Release v4.1",
     "type=3,manufacturer=Microsoft Corporation,asset=7783-7084-3265-9085-8269-3286-77",
 ]
+# What Nova's libvirt driver puts in SMBIOS type 1 (nova/virt/libvirt/driver.py, _get_guest_config_sysinfo).
+OPENSTACK_SMBIOS = [
+    "type=1,manufacturer=OpenStack Foundation,product=OpenStack Nova,version=29.0.1,family=Virtual Machine",
+]
+BOOTS = (
+    "valid",
+    "invalid",
+    "cidata",
+    "cidata-cdrom",
+    "caa",
+    "byom",
+    "byom-early",
+    "openstack",
+    "openstack-metadata",
+)
 BOOT_TIMEOUT_S = 300.0  # QEMU start to dump received; a TCG boot takes 20-40 s
 
 
@@ -118,6 +135,9 @@ class Scenario:
     probes: str = ""  # e2e-dump probes asked for on the kernel command line
     # e2e-dump waits for these stand-in units to be failed, or active with their process's record
     settle: tuple[str, ...] = ()
+    # OpenStack (azure=False, Nova's DMI): "config-drive" attaches a config-2 ISO and serves no
+    # metadata; "metadata" serves the fake Nova at 169.254.169.254 and attaches no drive.
+    openstack: str = ""
 
     def image(self, default: Path) -> Path:
         return {"caa": VARIANTS_DIR / "caa", "byom": VARIANTS_DIR / "caa-sftp"}.get(self.layout, default)
@@ -148,6 +168,41 @@ def make_cidata(workdir: Path, user_data: bytes) -> Path:
         ["genisoimage", "-quiet", "-o", str(iso), "-V", "cidata", "-J", "-r", str(src)], check=True, timeout=30
     )
     return iso
+
+
+def make_config_drive(workdir: Path, user_data: bytes) -> Path:
+    """A config drive as Nova writes it: openstack/<version>/ for a few versions and latest, by
+    genisoimage with Nova's arguments (nova/virt/configdrive.py)."""
+    meta = json.dumps({"uuid": str(uuid.uuid4()), "name": "podvm", "hostname": "podvm.novalocal"})
+    for version in ("2012-08-10", "2018-08-27", "latest"):
+        d = workdir / "config-drive" / "openstack" / version
+        d.mkdir(parents=True)
+        (d / "meta_data.json").write_text(meta)
+        (d / "network_data.json").write_text('{"links": [], "networks": [], "services": []}')
+        (d / "user_data").write_bytes(user_data)
+    iso = workdir / "config-2.iso"
+    subprocess.run(
+        ["genisoimage", "-quiet", "-o", str(iso), "-ldots", "-allow-lowercase", "-allow-multidot", "-l",
+         "-publisher", "OpenStack Nova 29.0.1", "-J", "-r", "-V", "config-2", str(workdir / "config-drive")],
+        check=True,
+        timeout=30,
+    )  # fmt: skip
+    return iso
+
+
+def start_fakecloud(procs: Procs, workdir: Path, cloud: str, user_data: bytes, server_log: Path) -> dict[str, int]:
+    """tests.fakecloud for `cloud` on 127.0.0.1; its ports."""
+    ud = workdir / "user-data"
+    ud.write_bytes(user_data)
+    fake = procs.start(
+        "fakecloud",
+        [sys.executable, "-m", "tests.fakecloud", "--cloud", cloud, "--user-data", str(ud), "--log", str(server_log)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=(workdir / "fakecloud.err").open("wb"),
+    )
+    ports: dict[str, int] = json.loads(_readline(fake, 15.0))
+    return ports
 
 
 def make_delivery_disk(workdir: Path, user_data: bytes) -> Path:
@@ -195,30 +250,21 @@ def boot(sc: Scenario, workdir: Path, procs: Procs, args: argparse.Namespace) ->
     qemu_extra: list[str] = []
     server_log = workdir / "servers.jsonl"
     if sc.azure:
-        ud = workdir / "user-data"
-        ud.write_bytes(sc.user_data)
-        fake = procs.start(
-            "fakecloud",
-            [
-                sys.executable,
-                "-m",
-                "tests.fakecloud",
-                "--cloud",
-                "azure",
-                "--user-data",
-                str(ud),
-                "--log",
-                str(server_log),
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=(workdir / "fakecloud.err").open("wb"),
-        )
-        ports = json.loads(_readline(fake, 15.0))
+        ports = start_fakecloud(procs, workdir, "azure", sc.user_data, server_log)
         # guestfwd: every guest connection to these addresses gets its own socat to the fake.
         for addr, port in (("169.254.169.254", ports["imds_port"]), ("168.63.129.16", ports["wireserver_port"])):
             netdev += f",guestfwd=tcp:{addr}:80-cmd:socat - TCP:127.0.0.1:{port}"
         for s in AZURE_SMBIOS:
+            qemu_extra += ["-smbios", s]
+        qemu_extra += ["-uuid", str(uuid.uuid4())]
+    elif sc.openstack:
+        if sc.openstack == "metadata":
+            ports = start_fakecloud(procs, workdir, "openstack", sc.user_data, server_log)
+            netdev += f",guestfwd=tcp:169.254.169.254:80-cmd:socat - TCP:127.0.0.1:{ports['imds_port']}"
+        else:
+            iso = make_config_drive(workdir, sc.user_data)
+            qemu_extra += ["-drive", f"file={iso},if=virtio,format=raw,readonly=on"]
+        for s in OPENSTACK_SMBIOS:
             qemu_extra += ["-smbios", s]
         qemu_extra += ["-uuid", str(uuid.uuid4())]
     elif sc.layout == "byom":
@@ -457,6 +503,8 @@ def check_boot(res: BootResult) -> Checks:
             fields = guest.structured_fields(d["journal"]["guest-agent"])
             want_fields = {"GUEST_AGENT_STAGE", "GUEST_AGENT_ELAPSED_MS", "GUEST_AGENT_PROVIDER", "MESSAGE_ID"}
             c.check(want_fields <= fields, "journal has the structured fields", sorted(fields))
+        if sc.openstack:
+            check_openstack(c, res)
     else:
         c.check(ga.get("ExecMainStatus") == "78", "guest-agent exits 78 (invalid user-data)", ga)
         c.check(ga.get("NRestarts") == "0", "guest-agent not restarted after 78", ga.get("NRestarts"))
@@ -478,8 +526,8 @@ def check_boot(res: BootResult) -> Checks:
             c.check(any("runcmd" in b for b in not_ready), "NotReady names the reason (runcmd)", not_ready[:1])
         pp = d["peerpod"]
         c.check("apf.json" not in pp, "no apf.json written from invalid user-data", sorted(pp))
-    if sc.azure:
-        # Every request the guest made went to the two fake services (the only guestfwd targets);
+    if sc.azure or sc.openstack == "metadata":
+        # Every request the guest made went to the fake services (the only guestfwd targets);
         # with restrict=on in a netns holding only lo there is nowhere else to go.
         other = [e for e in res.server_log if e.get("server") not in ("imds", "wireserver")]
         c.check(not other, "guest traffic only to the fake IMDS and wireserver", other)
@@ -488,6 +536,19 @@ def check_boot(res: BootResult) -> Checks:
     if sc.layout == "byom" and sc.expected is not None:
         check_byom_delivery(c, res)
     return c
+
+
+def check_openstack(c: Checks, res: BootResult) -> None:
+    """Detected from Nova's DMI, and provisioned from the source the scenario offered."""
+    d = res.dump or {}
+    messages = [str(e.get("MESSAGE", "")) for e in d["journal"]["guest-agent"]]
+    c.check("provider openstack (detected from DMI)" in messages, "provider openstack detected from DMI", messages[:3])
+    paths = [e.get("path") for e in res.server_log if e.get("server") == "imds"]
+    if res.scenario.openstack == "config-drive":
+        found = [m for m in messages if m.startswith("found the config drive")]
+        c.check(bool(found), "user-data read from the config drive", messages[:8])
+    else:
+        c.check("/openstack/latest/user_data" in paths, "user-data fetched from the fake Nova metadata service", paths)
 
 
 # CAA's chain of path units (AA -> CDH -> kata-agent, api-server-rest) may still be starting
@@ -640,6 +701,11 @@ def scenarios(names: list[str]) -> list[Scenario]:
         # the file is still open for writing, so it waits for the close).
         "byom": byom("byom", "e2e-sftp-delivery.service"),
         "byom-early": byom("byom-early", "e2e-sftp-delivery-early.service"),
+        # Nova's DMI strings, so `auto` picks openstack; the config drive alone, or the metadata service alone.
+        "openstack": Scenario("openstack", *userdata.valid("nginx-openstack"), azure=False, openstack="config-drive"),
+        "openstack-metadata": Scenario(
+            "openstack-metadata", *userdata.valid("nginx-openstack-md"), azure=False, openstack="metadata"
+        ),
     }
     return [all_[n] for n in names]
 
@@ -673,8 +739,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--boots",
-        default="valid,invalid,cidata,cidata-cdrom,caa,byom,byom-early",
-        help="comma-separated: valid, invalid, cidata, cidata-cdrom, caa, byom, byom-early",
+        default=",".join(BOOTS),
+        help="comma-separated: " + ", ".join(BOOTS),
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
     ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S, help="per boot, seconds")
