@@ -61,8 +61,8 @@ image: disk-budget venv
 	image/build.sh
 
 # Boot the images under QEMU (TCG) against a fake Azure, inside a private network namespace: our own
-# image (valid, invalid, cidata user-data) and the CAA-layout variants (caa, byom).  BOOTS=caa,byom
-# boots only those.
+# image (valid, invalid, cidata user-data, openstack config drive / metadata service) and the
+# CAA-layout variants (caa, byom).  BOOTS=caa,byom boots only those (tests/e2e/run.py BOOTS).
 e2e: disk-budget image
 	image/variants/build-variant.sh caa
 	image/variants/build-variant.sh caa-sftp
