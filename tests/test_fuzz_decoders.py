@@ -420,24 +420,36 @@ def test_safetoml_agrees_on_mutated_initdata(edits: list[tuple[int, int, bytes]]
 # --- ISO9660 ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def seed_iso() -> bytes:
+def _genisoimage(files: dict[str, bytes], label: str) -> bytes:
     tool = shutil.which("genisoimage")
     if tool is None:
         pytest.skip("genisoimage is not installed")
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "src").mkdir()
-        (Path(d) / "src/user-data").write_bytes(b"write_files: []\n")
-        (Path(d) / "src/meta-data").write_bytes(b"instance-id: x\n")
+        for name, content in files.items():
+            (Path(d) / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(d) / "src" / name).write_bytes(content)
         out = Path(d) / "seed.iso"
-        subprocess.run([tool, "-quiet", "-o", str(out), "-V", "cidata", "-J", "-r", str(Path(d) / "src")], check=True)
+        subprocess.run([tool, "-quiet", "-o", str(out), "-V", label, "-J", "-r", str(Path(d) / "src")], check=True)
         return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def seed_iso() -> bytes:
+    return _genisoimage({"user-data": b"write_files: []\n", "meta-data": b"instance-id: x\n"}, "cidata")
+
+
+@pytest.fixture(scope="module")
+def config_drive_iso() -> bytes:
+    """An OpenStack config drive: the file sits three directories down."""
+    files = {f"openstack/{v}/{n}": b"{}" for v in ("2012-08-10", "latest") for n in ("meta_data.json", "user_data")}
+    return _genisoimage(files, "config-2")
 
 
 def _read_iso(image: bytes) -> None:
     f = io.BytesIO(image)
     only_agent_errors(lambda: iso9660.volume_label(f))
     only_agent_errors(lambda: iso9660.read_root_file(f, "user-data", limit=4096))
+    only_agent_errors(lambda: iso9660.read_file(f, "openstack/latest/user_data", limit=4096))
 
 
 @FUZZ
@@ -452,10 +464,22 @@ ISO_EDITS = st.lists(st.tuples(st.integers(16 * 2048, 24 * 2048), st.integers(0,
 @FUZZ
 @given(edits=ISO_EDITS)
 def test_iso_mutated(seed_iso: bytes, edits: list[tuple[int, int, bytes]]) -> None:
-    image = bytearray(seed_iso)
+    _read_iso(_edited(seed_iso, edits))
+
+
+@FUZZ
+@given(
+    edits=st.lists(st.tuples(st.integers(16 * 2048, 40 * 2048), st.integers(0, 4), st.binary(max_size=4)), max_size=8)
+)
+def test_config_drive_mutated(config_drive_iso: bytes, edits: list[tuple[int, int, bytes]]) -> None:
+    _read_iso(_edited(config_drive_iso, edits))
+
+
+def _edited(seed: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    image = bytearray(seed)
     for pos, delete, insert in edits:  # overwrite in place: offsets stay meaningful
         image[pos : pos + max(delete, len(insert))] = insert.ljust(max(delete, len(insert)), b"\xff")
-    _read_iso(bytes(image))
+    return bytes(image)
 
 
 @pytest.mark.parametrize(
