@@ -61,6 +61,15 @@ copy_tree() {
     cp -ax -- "$1" "$2"
 }
 
+# copy_worktree REPO DST: the repository's files that git knows (tracked, and untracked but not
+# ignored), listed one by one, into DST: no venv, image tree or cache, nothing under a mount point.
+copy_worktree() {
+    mkdir -p -- "$2"
+    (cd "$1" && git ls-files -z --cached --others --exclude-standard |
+        while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+        tar --null --no-recursion --one-file-system -T - -cf -) | tar -xf - -C "$2"
+}
+
 # remove_tree DIR...: unmount whatever is mounted inside, then rm -rf on DIR's file system only.
 remove_tree() {
     local d

@@ -27,12 +27,8 @@ work=$OUT/build
 remove_tree "$work"
 guard_tree "$work"
 src=$work/guest-agent-$version
-mkdir -p "$src"
-# The copy: files git knows, listed one by one, so nothing ignored (venv, image trees, caches) and
-# nothing under a mount point inside the working tree comes along.
-(cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
-    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-    tar --null --no-recursion --one-file-system -T - -cf -) | tar -xf - -C "$src"
+# The copy: files git knows, so nothing ignored (venv, image trees, caches) comes along.
+copy_worktree "$REPO" "$src"
 
 log "dpkg-buildpackage in $src"
 # The distribution's interpreter and tools only: a python3 earlier on PATH (pyenv, a venv) is not
