@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget deb deb-check mkosi-try
+.PHONY: all venv demo test test-pythons lint typecheck pytest pytest-deps fuzz bench image e2e bench-boot bench-imports install clean disk-budget deb deb-check readme-check mkosi-try
 
 all: test
 
@@ -116,10 +116,16 @@ deb:
 	.ci/apt-deps deb
 	packaging/build-deb.sh
 
-# The package installed with apt into fresh Debian chroots (mmdebstrap; root) and used there:
-# --version, check, units enabled, catalog, man page, purge.  RELEASES="trixie" picks some.
-deb-check: deb
-	packaging/deb-check.sh $(RELEASES)
+# The README's install commands (the .deb and the venv route), read from its code blocks and run as
+# written in fresh Debian roots (mmdebstrap; root), then the agent used there: --version, check,
+# units enabled and verified, catalog, man page (docs/packaging.md).  RELEASES="trixie" and
+# ROUTES="venv" pick some; deb-check is the .deb route alone.
+readme-check:
+	.ci/apt-deps deb
+	packaging/readme-check.sh $(addprefix --route ,$(ROUTES)) $(RELEASES)
+
+deb-check:
+	$(MAKE) readme-check ROUTES=deb
 
 # packaging/mkosi's drop-in in an image directory laid out as CAA's, built by trixie's mkosi (in a
 # chroot; root), with and without it: packaging/mkosi/README.md.
