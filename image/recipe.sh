@@ -60,28 +60,48 @@ in_root() {
     ' sh "$ROOT" "$@"
 }
 
-# apt_install_deb ROOT DEB: install the package file DEB into the root file system ROOT with ROOT's
-# own apt, as an image build adds a local package: its dependencies come from ROOT's apt sources
-# (the distribution's python3 and libraries) and its maintainer scripts run chrooted (bytecode,
-# unit enablement, catalog trigger).  The host's resolv.conf is lent for the downloads; apt's lists
-# and downloaded .debs are removed afterwards, so ROOT keeps only what the packages install.
+# apt_install_deb ROOT DEB [APT_CACHE]: install the package file DEB into the finished root file
+# system ROOT with ROOT's own apt, as an image build adds a local package: its dependencies come
+# from ROOT's apt sources (the distribution's python3 and libraries) and its maintainer scripts run
+# chrooted (bytecode, unit enablement, catalog trigger).  mmdebstrap removed ROOT's package lists,
+# so apt-get update runs first; the lists and the downloaded .debs go again afterwards, so ROOT
+# keeps only what the packages install.  APT_CACHE, when given, is bind-mounted as apt's archive
+# directory (downloads kept for the next build).  The host's resolv.conf is bind-mounted over
+# ROOT's for the downloads (a symlink or no file there is set aside for an empty file meanwhile);
+# every mount is in a private mount namespace and goes away with it, so ROOT never holds the
+# host's file.
 apt_install_deb() {
-    local root=$1 deb=$2 name rc=0
+    local root=$1 deb=$2 cache=${3:-} name rc=0 resolv=$1/etc/resolv.conf aside=
     name=$(basename "$deb")
     [ -f "$deb" ] || die "apt_install_deb: no such package: $deb"
-    cp -- "$deb" "$root/tmp/$name"
-    if [ -e "$root/etc/resolv.conf" ] || [ -L "$root/etc/resolv.conf" ]; then
-        mv -T -- "$root/etc/resolv.conf" "$root/etc/resolv.conf.apt-install-deb"
+    if [ -L "$resolv" ] || [ ! -e "$resolv" ]; then
+        aside=$resolv.apt-install-deb
+        rm -f -- "$aside"
+        if [ -L "$resolv" ]; then mv -T -- "$resolv" "$aside"; fi
+        : > "$resolv"
     fi
-    cp -- /etc/resolv.conf "$root/etc/resolv.conf"
-    ROOT=$root in_root /bin/sh -c 'apt-get update -qq &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "/tmp/$1" &&
-        apt-get clean' sh "$name" || rc=$?
-    rm -f -- "$root/tmp/$name" "$root/etc/resolv.conf"
-    if [ -e "$root/etc/resolv.conf.apt-install-deb" ] || [ -L "$root/etc/resolv.conf.apt-install-deb" ]; then
-        mv -T -- "$root/etc/resolv.conf.apt-install-deb" "$root/etc/resolv.conf"
-    fi
+    [ -f "$resolv" ] || die "apt_install_deb: $resolv is not a regular file"
+    mkdir -p "$root/tmp/apt-install-deb"
+    cp -- "$deb" "$root/tmp/apt-install-deb/$name"
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    unshare --mount --propagation private -- /bin/sh -c '
+        set -e
+        root=$1 cache=$2 name=$3
+        mount -t proc proc "$root/proc"
+        mount --rbind /dev "$root/dev"
+        mount --bind -o ro /etc/resolv.conf "$root/etc/resolv.conf"
+        [ -z "$cache" ] || mount --bind "$cache" "$root/var/cache/apt/archives"
+        exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 \
+            DEBIAN_FRONTEND=noninteractive /bin/sh -c "apt-get -q update &&
+                apt-get -q install -y --no-install-recommends /tmp/apt-install-deb/$name"
+    ' sh "$root" "$cache" "$name" || rc=$?
+    # (With APT_CACHE mounted, the .debs went there; ROOT's own archive directory stays empty.)
+    rm -rf -- "$root/tmp/apt-install-deb" "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin
     find "$root/var/lib/apt/lists" -maxdepth 1 -type f ! -name lock -delete
+    if [ -n "$aside" ]; then
+        rm -f -- "$resolv"
+        if [ -L "$aside" ]; then mv -T -- "$aside" "$resolv"; fi
+    fi
     [ "$rc" = 0 ] || die "apt_install_deb: apt-get install of $name into $root failed (exit $rc)"
 }
 
