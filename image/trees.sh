@@ -152,12 +152,13 @@ prune_apt_cache() {
     ' | while read -r f; do rm -f -- "$dir/$f"; done
 }
 
+# host_suites: "URI SUITE" for each package index the host's apt fetches.
+host_suites() { apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages'; }
 # host_mirror: the URI the host's apt fetches its main Debian suite from (not -security, -updates or
 # -backports), so no host name is written in the scripts; fails (via die) when apt names none.
 host_mirror() {
     local uri
-    uri=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
-        awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
+    uri=$(host_suites | awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
     [ -n "$uri" ] || die "no Debian mirror in the host's apt configuration"
     echo "$uri"
 }

@@ -13,6 +13,10 @@
 #                                               with stand-in binaries, then guest-agent installed as an
 #                                               image builder would (pip + make install + presets)
 #   image/variants/build-variant.sh caa-sftp    the same, as CAA's byom (SFTP) profile builds it
+#   image/variants/build-variant.sh caa-deb     CAA's layout as in caa, on Debian 13 (trixie: its kernel,
+#                                               systemd and python3), guest-agent's .deb (make deb)
+#                                               installed with apt: no pip, no venv, no make install
+#   image/variants/build-variant.sh caa-sftp-deb the same with CAA's byom (SFTP) profile
 #   image/variants/build-variant.sh caa-chain   the benchmark's incumbent CAA chain: the base + CAA's unit
 #                                               graph as CAA enables it, no guest-agent; process-user-data
 #                                               and azure-ready are request-for-request stand-ins
@@ -36,7 +40,7 @@
 #
 # The package list, dpkg excludes and base recipe are image/recipe.sh's, sourced by build.sh too;
 # the floors and the CAA layouts copy build.sh's cached base rootfs (image/cache/base-*), cloudinit makes
-# its own with the incumbents added.
+# its own with the incumbents added, caa-deb and caa-sftp-deb one of trixie (image/variants/cache/base-deb-*).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -45,8 +49,8 @@ REPO=$(cd "$IMAGE/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 SOURCES=${SOURCES:-/etc/apt/sources.list.d/debian.sources}
 SUITE=bookworm
-VARIANT=${1:?usage: build-variant.sh floor-stock|floor-tuned|cloudinit|guest-agent|guest-agent-deb|caa|caa-sftp|caa-chain|caa-chain-tuned}
-CACHE=${VARIANT_CACHE:-$HERE/cache}  # its own bases (cloudinit) and .deb cache
+VARIANT=${1:?usage: build-variant.sh floor-stock|floor-tuned|cloudinit|guest-agent|guest-agent-deb|caa|caa-sftp|caa-chain|caa-chain-tuned|caa-deb|caa-sftp-deb}
+CACHE=${VARIANT_CACHE:-$HERE/cache}  # its own bases (cloudinit, deb-<suite>) and .deb caches
 IMAGE_CACHE=${IMAGE_CACHE:-$IMAGE/cache}  # build.sh's cache (its bases, wheels)
 OUT=${VARIANT_OUT:-$HERE/build/$VARIANT}
 # The incumbents: Debian 12's cloud-init 22.4.2 and waagent 2.7.3 (its python3 agent).
@@ -68,7 +72,7 @@ source "$IMAGE/trees.sh"
 # shellcheck source=image/recipe.sh
 source "$IMAGE/recipe.sh"
 
-if [ "$VARIANT" = guest-agent-deb ]; then
+if [ "$VARIANT" = guest-agent-deb ] || [ "$VARIANT" = caa-deb ] || [ "$VARIANT" = caa-sftp-deb ]; then
     DEB=${DEB:-$(ls -t "$REPO"/out/deb/guest-agent_*_all.deb 2>/dev/null | head -n1)}
     [ -n "$DEB" ] && [ -f "$DEB" ] || die "no package in $REPO/out/deb: run make deb first (or DEB=path)"
     DEB=$(realpath "$DEB")
@@ -148,10 +152,11 @@ caa_presets() {
         while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] || [ -e "$ROOT/usr/lib/systemd/system/$u" ] && echo "$u"; done)
     systemctl --root="$ROOT" preset "${units[@]}"
 }
+caa_sftp() { [ "$VARIANT" = caa-sftp ] || [ "$VARIANT" = caa-sftp-deb ]; }
 # mkosi.finalize.chroot, after the presets: the SFTP profile enables the .path (provision when
 # user-data is uploaded) and adds the SFTP user; the others enable the service.
 caa_finalize() {
-    if [ "$VARIANT" = caa-sftp ]; then
+    if caa_sftp; then
         in_root useradd -r -s /sbin/nologin -d /home/peerpod peerpod
         systemctl --root="$ROOT" enable process-user-data.path
         systemctl --root="$ROOT" disable process-user-data.service
@@ -163,7 +168,7 @@ caa_finalize() {
 caa_layout() {
     log "CAA layout: units, presets, tmpfiles, stand-ins"
     caa_units
-    if [ "$VARIANT" = caa-sftp ]; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
+    if caa_sftp; then cp -a --no-preserve=ownership "$HERE/overlay-caa-sftp/." "$ROOT/"; fi
     # e2e-dump and the CAA e2e's test-only units (none enabled: the harness pulls them in with
     # systemd.wants= on the kernel command line).
     install -m 0755 -D "$IMAGE/overlay/usr/local/libexec/e2e-dump" "$ROOT/usr/local/libexec/e2e-dump"
@@ -171,11 +176,16 @@ caa_layout() {
     cp -a --no-preserve=ownership "$HERE/overlay-caa-test/." "$ROOT/"
     chmod 0755 "$ROOT"/usr/local/libexec/e2e-*
 
-    log "guest-agent: pip install, make install, presets"
-    local wheels=("$IMAGE_CACHE"/wheels/*.whl "$IMAGE"/build/agent-wheel/*.whl)
-    [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
-    agent_venv "${wheels[@]}"
-    make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
+    if deb_variant; then
+        log "guest-agent: apt-get install ./$(basename "$DEB") (Depends from $SUITE), presets"
+        apt_install_deb "$ROOT" "$DEB" "$APT_CACHE"
+    else
+        log "guest-agent: pip install, make install, presets"
+        local wheels=("$IMAGE_CACHE"/wheels/*.whl "$IMAGE"/build/agent-wheel/*.whl)
+        [ -f "${wheels[-1]}" ] || die "no agent wheel in image/build/agent-wheel: run image/build.sh (make image) first"
+        agent_venv "${wheels[@]}"
+        make -s -C "$REPO" install DESTDIR="$ROOT" PREFIX=/usr
+    fi
     caa_presets "$ROOT"/usr/lib/systemd/system-preset/{20-coco-sys,30-coco,40-sftp-sys,*guest-agent*}.preset
     caa_finalize
 }
@@ -217,6 +227,64 @@ deb_layout() {
     in_root guest-agent --version >/dev/null
 }
 
+# ---------------------------------------------------------------- Debian-package CAA images
+# caa-deb and caa-sftp-deb: the pod VM as CAA builds it, as close as this machine allows.  The
+# newest Debian release (DEB_SUITE, default trixie; sid builds too) with its own kernel, systemd and
+# python3, everything from apt: mmdebstrap of build.sh's package list less the venv's python3 and
+# python3-venv (the agent's package brings python3 and its libraries from the same suite), then
+# CAA's layout as in caa/caa-sftp with the agent's .deb (DEB, as for guest-agent-deb) installed by
+# apt_install_deb.  The mirror is the host's (host_mirror), with the release's -updates and
+# -security suites as an image has them.
+deb_variant() { [ "$VARIANT" = caa-deb ] || [ "$VARIANT" = caa-sftp-deb ]; }
+# deb_sources: one-line sources for $SUITE from the host's mirrors.
+deb_sources() {
+    local mirror sec
+    mirror=$(host_mirror)
+    case "$SUITE" in
+    sid | unstable)
+        # (sid's Release file is valid for a week only: a mirror that lags behind still builds.)
+        echo "deb [check-valid-until=no] $mirror $SUITE main"
+        return ;;
+    esac
+    echo "deb $mirror $SUITE main"
+    echo "deb $mirror $SUITE-updates main"
+    sec=$(host_suites | awk '$2 ~ /-security$/ { print $1; exit }')
+    [ -z "$sec" ] || echo "deb $sec $SUITE-security main"
+}
+if deb_variant; then
+    SUITE=${DEB_SUITE:-trixie}
+    # mount (systemd runs /usr/bin/mount for .mount units: CAA's media-cidata.mount, dev-hugepages)
+    # and passwd (useradd: the SFTP profile's user): trixie's systemd brings both, sid's (262) neither.
+    mapfile -t PACKAGES < <(printf '%s\n' "${PACKAGES[@]}" mount passwd | grep -vx -e python3 -e python3-venv)
+    APT_CACHE=$CACHE/apt-$SUITE
+    mkdir -p "$APT_CACHE"
+    # (.list: mmdebstrap reads a file named *.sources as deb822.)
+    SOURCES=$OUT/$SUITE.list
+    deb_sources > "$SOURCES"
+fi
+
+# own_base NAME APT_CACHE [EXTRA_PACKAGE...]: BASE=$CACHE/base-NAME-<hash of its inputs>, made by
+# mmdebstrap_base (PACKAGES and the extra ones, from $SUITE and $SOURCES) unless complete already.
+own_base() {
+    local name=$1 apt_cache=$2 base_hash
+    shift 2
+    base_hash=$( {
+        echo "suite=$SUITE format=$BASE_FORMAT"; sha256sum "$IMAGE/recipe.sh"
+        printf '%s\n' "${PACKAGES[@]}" "$@" "${DPKG_EXCLUDES[@]}"
+        (cd "$IMAGE" && find base -type f | LC_ALL=C sort | xargs sha256sum); cat "$SOURCES"
+    } | sha)
+    BASE=$CACHE/base-$name-$base_hash
+    [ ! -f "$BASE/.complete" ] || return 0
+    log "mmdebstrap $SUITE${*:+ + $*} -> $BASE"
+    remove_tree "$CACHE/base-$name"-*
+    guard_tree "$BASE.tmp"
+    mmdebstrap_base "$BASE.tmp" "$apt_cache" "$@"
+    unmount_under "$BASE.tmp" || die "$BASE.tmp keeps a mount inside; not marked complete"
+    prune_apt_cache "$apt_cache" "$BASE.tmp/.packages"
+    touch "$BASE.tmp/.complete"
+    mv "$BASE.tmp" "$BASE"
+}
+
 # ---------------------------------------------------------------- base rootfs
 case "$VARIANT" in
 floor-stock | floor-tuned | caa | caa-sftp | caa-chain | caa-chain-tuned | guest-agent-deb)
@@ -225,23 +293,11 @@ floor-stock | floor-tuned | caa | caa-sftp | caa-chain | caa-chain-tuned | guest
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
     ;;
 cloudinit)
-    base_hash=$( {
-        echo "suite=$SUITE format=$BASE_FORMAT"; sha256sum "$IMAGE/recipe.sh"
-        printf '%s\n' "${PACKAGES[@]}" "${INCUMBENTS[@]}" "${DPKG_EXCLUDES[@]}"
-        (cd "$IMAGE" && find base -type f | LC_ALL=C sort | xargs sha256sum); cat "$SOURCES"
-    } | sha)
-    BASE=$CACHE/base-cloudinit-$base_hash
-    if [ ! -f "$BASE/.complete" ]; then
-        log "mmdebstrap $SUITE + ${INCUMBENTS[*]} -> $BASE"
-        remove_tree "$CACHE"/base-cloudinit-*
-        guard_tree "$BASE.tmp"
-        # build.sh's base recipe, with the incumbents added to the package list.
-        mmdebstrap_base "$BASE.tmp" "$CACHE/apt" "${INCUMBENTS[@]}"
-        unmount_under "$BASE.tmp" || die "$BASE.tmp keeps a mount inside; not marked complete"
-        prune_apt_cache "$CACHE/apt" "$BASE.tmp/.packages"
-        touch "$BASE.tmp/.complete"
-        mv "$BASE.tmp" "$BASE"
-    fi
+    # build.sh's base recipe, with the incumbents added to the package list.
+    own_base cloudinit "$CACHE/apt" "${INCUMBENTS[@]}"
+    ;;
+caa-deb | caa-sftp-deb)
+    own_base "deb-$SUITE" "$APT_CACHE"
     ;;
 *) die "unknown variant $VARIANT" ;;
 esac
@@ -280,8 +336,12 @@ if [ "$VARIANT" = cloudinit ]; then
         cloud-init-local.service cloud-init.service cloud-config.service cloud-final.service >/dev/null 2>&1
 fi
 
-if [ "$VARIANT" = caa ] || [ "$VARIANT" = caa-sftp ]; then
-    caa_layout
+case "$VARIANT" in caa | caa-sftp | caa-deb | caa-sftp-deb) caa_layout ;; esac
+# The packages with what apt added to the base (the agent and its Depends); the .deb cache keeps
+# those versions only.
+if deb_variant; then
+    in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
+    prune_apt_cache "$APT_CACHE" "$OUT/packages.txt"
 fi
 if [ "$VARIANT" = caa-chain ] || [ "$VARIANT" = caa-chain-tuned ]; then
     caa_chain_layout
@@ -291,8 +351,8 @@ if [ "$VARIANT" = guest-agent-deb ]; then
 fi
 
 # Kernel, initrd and command line for direct boot (as build.sh does): the tuned rootfs and initrd for
-# the variants on the tuned image, initramfs-tools' for the others (tests/e2e/run.py boots caa and
-# caa-sftp with their cmdline too).
+# the variants on the tuned image, initramfs-tools' for the others (tests/e2e/run.py boots the CAA
+# layouts with their cmdline too).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 if [ "$VARIANT" = floor-tuned ] || [ "$VARIANT" = caa-chain-tuned ] || [ "$VARIANT" = guest-agent-deb ]; then
@@ -307,7 +367,7 @@ rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/
 
 # Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
 root_kb=$(du -sk "$ROOT" | cut -f1)
-case "$VARIANT" in caa | caa-sftp) ;; *) cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/" ;; esac
+case "$VARIANT" in caa | caa-sftp | caa-deb | caa-sftp-deb) ;; *) cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/" ;; esac
 
 size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
 log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB"
