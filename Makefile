@@ -61,11 +61,14 @@ image: disk-budget venv
 	image/build.sh
 
 # Boot the images under QEMU (TCG) against a fake Azure, inside a private network namespace: our own
-# image (valid, invalid, cidata user-data, openstack config drive / metadata service) and the
-# CAA-layout variants (caa, byom).  BOOTS=caa,byom boots only those (tests/e2e/run.py BOOTS).
-e2e: disk-budget image
+# image (valid, invalid, cidata user-data, openstack config drive / metadata service), the
+# CAA-layout variants (caa, byom) and the same layouts on Debian 13 with the agent's .deb installed
+# by apt (caa-deb, byom-early-deb).  BOOTS=caa,byom boots only those (tests/e2e/run.py BOOTS).
+e2e: disk-budget image deb
 	image/variants/build-variant.sh caa
 	image/variants/build-variant.sh caa-sftp
+	image/variants/build-variant.sh caa-deb
+	image/variants/build-variant.sh caa-sftp-deb
 	$(PY) tests/e2e/run.py $(if $(BOOTS),--boots $(BOOTS))
 	image/disk-budget.sh --report
 

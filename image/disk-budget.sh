@@ -14,17 +14,20 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${IMAGE_CACHE:-$HERE/cache}
 OUT=${IMAGE_OUT:-$HERE/build}
 TMP=${TMPDIR:-/tmp}
-# The make targets' variants (Makefile): e2e builds the CAA layouts, bench-boot the benchmark's seven.
-E2E_VARIANTS=(caa caa-sftp)
+# The make targets' variants (Makefile): e2e builds the CAA layouts (the last two on trixie, with
+# their own base and .debs in image/variants/cache), bench-boot the benchmark's seven.
+E2E_VARIANTS=(caa caa-sftp caa-deb caa-sftp-deb)
 BENCH_VARIANTS=(guest-agent guest-agent-deb floor-tuned floor-stock cloudinit caa-chain caa-chain-tuned)
 
 # Peaks measured with du during cold builds and runs (docs/building.md), in MiB, with a margin of
 # about half: everything an image build holds at its peak (base, .deb cache, wheels, the rootfs
 # copy and the disk made from it), what one variant adds (rootfs copy + disk), the cloudinit
-# variant's own base and .deb cache, and the work directories of the boots (QEMU overlays, logs).
+# variant's own base and .deb cache, the trixie base and .deb cache of the Debian-package variants,
+# and the work directories of the boots (QEMU overlays, logs).
 NEED_IMAGE=1500
 NEED_VARIANT=900
 NEED_CLOUDINIT_BASE=900
+NEED_DEB_BASE=450
 NEED_E2E_WORK=100
 NEED_BENCH_WORK=500
 # A rebuild with every cache warm still copies the base and makes a disk.
@@ -43,6 +46,10 @@ mount_of() { df -P -- "$(existing "$1")" | awk 'NR == 2 { print $6 }'; }
 device() { stat -c %d -- "$(existing "$1")"; }
 
 variant_dirs() { local v; for v in "$@"; do echo "$HERE/variants/build/$v"; done; }
+# The variants' own bases and .deb caches in image/variants/cache: cloudinit's, and the trixie one
+# of the Debian-package variants (build-variant.sh caa-deb).
+cloudinit_base_dirs() { ls -d "$HERE"/variants/cache/base-cloudinit-* "$HERE"/variants/cache/apt 2>/dev/null || true; }
+deb_base_dirs() { ls -d "$HERE"/variants/cache/base-deb-* "$HERE"/variants/cache/apt-* 2>/dev/null || true; }
 
 # Leftovers no make target reuses: variant directories none of them builds (experiments), a rootfs
 # left by a killed build, the work directories of failed e2e runs and of bench-boot runs.
@@ -75,11 +82,11 @@ for g in "$@"; do
     case "$g" in
     bench-boot)
         c=$((NEED_IMAGE + ${#BENCH_VARIANTS[@]} * NEED_VARIANT + NEED_CLOUDINIT_BASE))
-        h=$(mib "$CACHE" "$OUT" "$HERE/variants/cache" $(variant_dirs "${BENCH_VARIANTS[@]}"))
+        h=$(mib "$CACHE" "$OUT" $(cloudinit_base_dirs) $(variant_dirs "${BENCH_VARIANTS[@]}"))
         w=$NEED_BENCH_WORK ;;
     e2e)
-        c=$((NEED_IMAGE + ${#E2E_VARIANTS[@]} * NEED_VARIANT))
-        h=$(mib "$CACHE" "$OUT" $(variant_dirs "${E2E_VARIANTS[@]}"))
+        c=$((NEED_IMAGE + ${#E2E_VARIANTS[@]} * NEED_VARIANT + NEED_DEB_BASE))
+        h=$(mib "$CACHE" "$OUT" $(variant_dirs "${E2E_VARIANTS[@]}") $(deb_base_dirs))
         w=$NEED_E2E_WORK ;;
     image) c=$NEED_IMAGE h=$(mib "$CACHE" "$OUT") w=0 ;;
     *) continue ;;

@@ -8,7 +8,9 @@ guest-agent installed into it as an image builder would.  `byom` delivers user-d
 byom provider does, by an upload into the /media/cidata tmpfs some seconds after boot (a test unit
 in the guest plays the SFTP client; the bytes come from a second disk).  `openstack` boots with
 Nova's DMI strings and a `config-2` config drive as Nova builds it, and no metadata service;
-`openstack-metadata` with the same DMI and the fake Nova metadata service instead.
+`openstack-metadata` with the same DMI and the fake Nova metadata service instead.  `caa-deb` and
+`byom-early-deb` boot the CAA layouts built from Debian 13 with the agent's Debian package
+installed by apt (build-variant.sh caa-deb|caa-sftp-deb).
 
 Everything runs inside a private network namespace holding only `lo` (the script re-executes
 itself under `unshare --net`): the fake IMDS and wireserver on 127.0.0.1, swtpm, QEMU with
@@ -72,6 +74,8 @@ BOOTS = (
     "byom-early",
     "openstack",
     "openstack-metadata",
+    "caa-deb",
+    "byom-early-deb",
 )
 BOOT_TIMEOUT_S = 300.0  # QEMU start to dump received; a TCG boot takes 20-40 s
 
@@ -131,6 +135,9 @@ class Scenario:
     # IDE controller, whose drivers (ata_piix, sr_mod) udev's coldplug loads after the agent started.
     cidata_drive: str = "virtio"
     layout: str = "own"  # "own": image/build; "caa" / "byom": the CAA-layout variants
+    # The CAA-layout image booted: the layout's pip-installed one (caa, caa-sftp), or the Debian
+    # package images built from trixie (caa-deb, caa-sftp-deb).
+    variant: str = ""
     wants: tuple[str, ...] = ()  # test-only guest units pulled in by systemd.wants=
     probes: str = ""  # e2e-dump probes asked for on the kernel command line
     # e2e-dump waits for these stand-in units to be failed, or active with their process's record
@@ -140,6 +147,8 @@ class Scenario:
     openstack: str = ""
 
     def image(self, default: Path) -> Path:
+        if self.variant:
+            return VARIANTS_DIR / self.variant
         return {"caa": VARIANTS_DIR / "caa", "byom": VARIANTS_DIR / "caa-sftp"}.get(self.layout, default)
 
 
@@ -678,9 +687,11 @@ def check_byom_delivery(c: Checks, res: BootResult) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def byom(name: str, delivery_unit: str) -> Scenario:
+def byom(name: str, delivery_unit: str, variant: str = "") -> Scenario:
     ud, exp = userdata.valid(f"nginx-{name}")
-    return Scenario(name, ud, exp, azure=False, layout="byom", wants=(delivery_unit,), settle=CAA_SETTLE)
+    return Scenario(
+        name, ud, exp, azure=False, layout="byom", variant=variant, wants=(delivery_unit,), settle=CAA_SETTLE
+    )
 
 
 def scenarios(names: list[str]) -> list[Scenario]:
@@ -706,6 +717,19 @@ def scenarios(names: list[str]) -> list[Scenario]:
         "openstack-metadata": Scenario(
             "openstack-metadata", *userdata.valid("nginx-openstack-md"), azure=False, openstack="metadata"
         ),
+        # The same CAA layouts on Debian 13 with the agent's .deb installed by apt (the distribution's
+        # python3, PyYAML, h11, pyroute2; its systemd and kernel): the caa checks, and the byom
+        # delivery whose agent waits with the kernel's read lease while the upload is under way.
+        "caa-deb": Scenario(
+            "caa-deb",
+            *userdata.valid("nginx-caa-deb"),
+            layout="caa",
+            variant="caa-deb",
+            probes="e2e.nat_probe=1",
+            settle=CAA_SETTLE,
+        ),
+        "byom-early-deb": byom("byom-early-deb", "e2e-sftp-delivery-early.service", variant="caa-sftp-deb"),
+        "byom-deb": byom("byom-deb", "e2e-sftp-delivery.service", variant="caa-sftp-deb"),  # not by default
     }
     return [all_[n] for n in names]
 
@@ -740,7 +764,7 @@ def main() -> int:
     ap.add_argument(
         "--boots",
         default=",".join(BOOTS),
-        help="comma-separated: " + ", ".join(BOOTS),
+        help="comma-separated: " + ", ".join(BOOTS) + " (the default), byom-deb",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when every check passes")
     ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S, help="per boot, seconds")
