@@ -25,7 +25,9 @@ say "$unit: ExecStart=$exec_start"
 
 # The interpreter the script runs on (its #! line) and the libraries it imports there.
 # (An assignment fails with its command under set -e; a failing $(...) inside say's arguments would not.)
-python=$(sed -n '1s/^#!\([^ ]*\).*/\1/p' "$exe")
+python=$(sed -n '1s/^#! *\([^ ]*\).*/\1/p' "$exe")
+# The package's script starts Python isolated, as the image's venv script does (debian/rules).
+[ "$route" != deb ] || head -n1 "$exe" | grep -q -- ' -I$' || fail "$exe: $(head -n1 "$exe") lacks -I"
 versions=$("$python" -c 'import importlib.metadata as m, platform, sys
 libs = ", ".join(f"{d} {m.version(d)}" for d in ("guest-agent", "PyYAML", "h11", "pyroute2"))
 print(f"Python {platform.python_version()} ({sys.executable}): {libs}")')
