@@ -35,6 +35,9 @@ say "$versions"
 if [ "$route" = deb ]; then depends=$(dpkg-query -W -f '${Depends}' guest-agent); say "Depends: $depends"; fi
 version=$("$exe" --version)
 say "--version: $version"
+# The README's debugging commands call the agent by name.
+on_path=$(command -v guest-agent) || fail "guest-agent is not on PATH ($PATH)"
+say "on PATH: $on_path"
 
 out=$("$exe" check /tmp/check/user-data) || fail "guest-agent check exited $?: $out"
 say "check: $(printf '%s\n' "$out" | grep -c .) lines, $(printf '%s\n' "$out" | grep -c '/run/peerpod/') under /run/peerpod"
