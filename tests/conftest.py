@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,19 @@ import pytest
 from guest_agent.config import Config
 from tests.fakecloud.wireserver import FakeWireserver
 from tests.swtpm import Swtpm
+
+
+def _stop(signum: int, _frame: object) -> None:
+    pytest.exit(f"stopped by {signal.Signals(signum).name}", returncode=128 + signum)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM and SIGHUP (a CI timeout, `timeout`, a closed terminal) end the run as Ctrl-C does:
+    the running test unwinds and every fixture is torn down (network namespaces and their mounts,
+    swtpm, servers).  Python's default for SIGTERM ends the process at once and left them behind."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:

@@ -1,0 +1,68 @@
+"""A pytest run ended by SIGTERM leaves no network namespace mount behind (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+INNER = """
+import time
+from pathlib import Path
+
+from tests.netutil import namespaces
+
+
+def test_holds_a_namespace(tmp_path):
+    with namespaces(tmp_path) as ns:
+        ns.add("held")
+        Path({ready!r}).write_text(ns.run_dir)
+        time.sleep(120)
+"""
+
+
+def mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [t for t in (line.split()[4] for line in f) if t == path or t.startswith(path + "/")]
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signalled_run_tears_its_namespaces_down(tmp_path: Path, sig: signal.Signals) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces")
+    ready = tmp_path / "ready"
+    inner = tmp_path / "inner" / "test_inner.py"
+    inner.parent.mkdir()
+    inner.write_text(INNER.format(ready=str(ready)))
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest"]
+    argv += ["--basetemp", str(tmp_path / "base"), "--rootdir", str(inner.parent), str(inner)]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = ""
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=10)[0].decode()
+        run_dir = os.path.realpath(ready.read_text())
+        assert mounts_under(run_dir)  # the namespace is held while the test sleeps
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=60)[0].decode()
+        left = mounts_under(run_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        # What a broken handler leaves, undone here so that this test leaves nothing either.
+        for target in sorted(mounts_under(run_dir) if run_dir else [], reverse=True):
+            subprocess.run(["umount", target], check=False)
+    assert proc.returncode == 128 + sig, out
+    assert f"stopped by {sig.name}" in out
+    assert left == []
