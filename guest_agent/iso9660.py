@@ -110,6 +110,7 @@ def _find(
     dev: BinaryIO, joliet: bool, extent: int, length: int, wanted: str, *, directory: bool
 ) -> tuple[int, int] | None:
     """(extent, size) of the entry `wanted` in one directory, a directory or a file as asked."""
+    wanted_level1 = _level1(wanted).rstrip(".")  # a directory has no "."
     for raw, ext, size, flags, su in _records(dev, extent, length, limit=MAX_DIRECTORY_BYTES):
         if bool(flags & 0x02) != directory or raw in (b"\x00", b"\x01"):
             continue  # the other kind, or "." and ".."
@@ -121,7 +122,7 @@ def _find(
         else:
             text = raw.decode("ascii", "replace").split(";", 1)[0]
             name = _plain(text)
-            level1 = text.rstrip(".") == _level1(wanted).rstrip(".")  # a directory has no "."
+            level1 = text.rstrip(".") == wanted_level1
         if name == wanted or level1 or (not joliet and _plain(name).replace("_", "-") == wanted):
             return ext, size
     return None
@@ -151,8 +152,3 @@ def read_file(dev: BinaryIO, path: str, *, limit: int) -> bytes | None:
             dev.seek(extent * SECTOR)
             return dev.read(size)
     return None
-
-
-def read_root_file(dev: BinaryIO, wanted: str, *, limit: int) -> bytes | None:
-    """Content of root-directory file `wanted` (e.g. "user-data"), or None if absent."""
-    return read_file(dev, wanted, limit=limit)

@@ -127,12 +127,12 @@ def test_reader_on_real_images(flavour: str, tmp_path: Path) -> None:
     with open(iso, "rb") as f:
         assert iso9660.volume_label(f) == label
         for name, content in SEED.items():
-            assert iso9660.read_root_file(f, name, limit=1 << 20) == content, name
+            assert iso9660.read_file(f, name, limit=1 << 20) == content, name
         if flavour not in ("genisoimage-plain", "genisoimage-joliet"):
             # Level-1 names are 8.3: "user-dat" and "user-data" are both USER_DAT. in the primary
             # directory, which is all a plain image has, and the fallback after a Joliet miss.
-            assert iso9660.read_root_file(f, "user-dat", limit=1 << 20) is None
-        assert iso9660.read_root_file(f, "missing", limit=1 << 20) is None
+            assert iso9660.read_file(f, "user-dat", limit=1 << 20) is None
+        assert iso9660.read_file(f, "missing", limit=1 << 20) is None
 
 
 @pytest.mark.parametrize("flavour", ["genisoimage-joliet-rockridge", "genisoimage-plain"])
@@ -143,9 +143,9 @@ def test_reader_multi_sector_file_among_many(flavour: str, tmp_path: Path) -> No
     tool, args, _ = FLAVOURS[flavour]
     iso = make_iso(tmp_path / "big.iso", files, tool, args)
     with open(iso, "rb") as f:
-        assert iso9660.read_root_file(f, "user-data", limit=1 << 20) == big
+        assert iso9660.read_file(f, "user-data", limit=1 << 20) == big
         with pytest.raises(iso9660.TooLarge):
-            iso9660.read_root_file(f, "user-data", limit=len(big) - 1)
+            iso9660.read_file(f, "user-data", limit=len(big) - 1)
 
 
 def test_reader_ignores_directories_and_nested_files(tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_reader_ignores_directories_and_nested_files(tmp_path: Path) -> None:
         pytest.skip("genisoimage is not installed")
     subprocess.run([GENISOIMAGE, "-quiet", "-o", str(iso), "-V", "cidata", "-J", "-r", str(src)], check=True)
     with open(iso, "rb") as f:
-        assert iso9660.read_root_file(f, "user-data", limit=1 << 20) is None
+        assert iso9660.read_file(f, "user-data", limit=1 << 20) is None
 
 
 @pytest.mark.parametrize("data", [b"", b"\0" * 4096, b"\0" * (17 * 2048), b"not an iso" * 10000])
@@ -168,7 +168,7 @@ def test_reader_not_iso(data: bytes, tmp_path: Path) -> None:
         with pytest.raises(iso9660.NotIso):
             iso9660.volume_label(f)
         with pytest.raises(iso9660.NotIso):
-            iso9660.read_root_file(f, "user-data", limit=1 << 20)
+            iso9660.read_file(f, "user-data", limit=1 << 20)
 
 
 # -- the provider

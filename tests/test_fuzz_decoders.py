@@ -448,7 +448,7 @@ def config_drive_iso() -> bytes:
 def _read_iso(image: bytes) -> None:
     f = io.BytesIO(image)
     only_agent_errors(lambda: iso9660.volume_label(f))
-    only_agent_errors(lambda: iso9660.read_root_file(f, "user-data", limit=4096))
+    only_agent_errors(lambda: iso9660.read_file(f, "user-data", limit=4096))
     only_agent_errors(lambda: iso9660.read_file(f, "openstack/latest/user_data", limit=4096))
 
 

@@ -399,7 +399,7 @@ def test_hostile_iso_images(image: bytes, expect: str | None) -> None:
 
     f = io.BytesIO(image)
     try:
-        got = iso9660.read_root_file(f, "user-data", limit=4096)
+        got = iso9660.read_file(f, "user-data", limit=4096)
     except iso9660.TooLarge as exc:
         assert expect == "too large" and exc.exit_code == EXIT_CONFIG
         assert exc.supporting_data["limit_bytes"] == 4096
