@@ -283,8 +283,7 @@ def setup_imds_nat(
             ) from exc
         assert route.prefsrc is not None  # wait_for_route requires a source address
         pod_ip, waited = route.prefsrc, route.waited
-    family_of(pod_ip)  # a literal address, not a name
-    ruleset = masquerade_ruleset(table, pod_ip, imds_addr)
+    ruleset = masquerade_ruleset(table, pod_ip, imds_addr)  # ValueError for a name, not an address
 
     created = False
     with _iproute() as host:
