@@ -91,11 +91,11 @@ def detect(facts: Facts) -> str:
 
 
 def undetectable(facts: Facts) -> tuple[str, ...]:
-    """The clouds this machine may be on that detect() cannot tell apart here (no DMI: IBM Z), when
-    detect() fell back to cidata: an image for one of them configures `provider` itself."""
+    """The clouds this machine may be on that detect() cannot tell apart here (no DMI: IBM Z, where
+    detect() falls back to cidata): an image for one of them configures `provider` itself."""
     from guest_agent import providers
 
-    if facts.cidata_seed or detect(facts) != "cidata":
+    if facts.cidata_seed or facts.dmi:  # sysinfo is read only without DMI; a seed says it is cidata
         return ()
     return tuple(p.name for p in providers.REGISTRY if p.undetectable_on and p.undetectable_on(facts.get_sysinfo))
 
