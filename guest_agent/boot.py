@@ -257,7 +257,8 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             )
         addr = clouds.metadata_address(provider, cfg)
         warm(provider, cfg)
-        if addr is not None and cfg.network.wait:
+        local = clouds.read_local(provider, cfg, root)  # a config drive: no network needed
+        if local is None and addr is not None and cfg.network.wait:
             from guest_agent import network
 
             with tl.stage("network", f"waiting for a route to {addr}"):
@@ -268,7 +269,7 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
                 )
             log.info("route to %s via ifindex %s, source %s", addr, route.ifindex, route.prefsrc)
         with tl.stage("fetch", f"fetching user-data from {provider} (deadline {cfg.fetch.deadline_s:g} s)"):
-            raw = fetch_user_data(provider, cfg, root, deps)
+            raw = local if local is not None else fetch_user_data(provider, cfg, root, deps)
         plan = provision(raw, cfg, root, tl)
         deps.notifier.ready("config files written")
         tl.mark("ready")

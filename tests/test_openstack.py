@@ -335,6 +335,7 @@ def test_cli_run_from_the_config_drive_detected_from_dmi(tmp_path: Path) -> None
     proc = run_agent(root, closed_port_url())  # no metadata service: the drive alone provisions
     assert proc.returncode == 0
     assert "provider openstack (detected from DMI)" in proc.stderr
+    assert "route to" not in proc.stderr  # read before the network wait, which it spares
     files = peerpod_files(root)
     assert files["/run/peerpod/apf.json"] == caa.expected_files()["/run/peerpod/apf.json"]
     assert files["/run/peerpod/initdata.digest"] == caa.digest(initdata).encode()
@@ -356,6 +357,7 @@ def test_cli_run_without_user_data_writes_the_default_initdata(
     files = peerpod_files(root)
     assert set(files) == {"/run/peerpod/initdata", "/run/peerpod/aa.toml", "/run/peerpod/initdata.digest"}
     assert len(server.requests) == (0 if source == "config-drive" else 2)
+    assert ("route to" in proc.stderr) == (source == "metadata-service")  # the drive needs no network
 
 
 def test_cli_run_refused_by_the_metadata_service_exits_69(nova: Callable[..., FakeServer], tmp_path: Path) -> None:

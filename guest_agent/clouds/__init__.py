@@ -3,7 +3,9 @@
 Detection reads DMI strings under /sys/class/dmi/id (cloud-init ds-identify) and looks for a
 cidata seed; without DMI (s390x) it reads /proc/sysinfo, which names the platform but no cloud
 (providers.py).  It never touches the network.  Each provider's fetch module exposes `fetch(ctx)`
-returning the raw user-data bytes and raising `transport.Retry` for "not yet".
+returning the raw user-data bytes and raising `transport.Retry` for "not yet"; one with a source
+that needs no network (OpenStack's config drive) also exposes `read_local(cfg, root)`, which the
+agent reads before it waits for the network (`read_local` below).
 """
 
 from __future__ import annotations
@@ -116,6 +118,15 @@ def provider_module(name: str) -> ModuleType:
     from guest_agent import providers
 
     return importlib.import_module(providers.get(name).fetch_module)
+
+
+def read_local(name: str, cfg: Config, root: str) -> bytes | None:
+    """The user-data of provider `name` from a source that needs no network, or None: the provider
+    has no such source, or it is not attached.  Not None: neither the network wait nor fetch() is
+    needed."""
+    read = getattr(provider_module(name), "read_local", None)
+    data: bytes | None = None if read is None else read(cfg, root)
+    return data
 
 
 def metadata_address(name: str, cfg: Config) -> str | None:

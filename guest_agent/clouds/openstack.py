@@ -1,8 +1,9 @@
 """OpenStack: the config drive when one is attached, else Nova's metadata service (docs/protocols.md §8).
 
-1. Every attempt first scans the block devices for an ISO9660 volume labelled `config-2` (Nova's
-   default drive format) and reads `openstack/latest/user_data` from the device, no mount.  A drive
-   without that file means the instance was booted without user-data.
+1. Before the network wait, and again at every attempt, the block devices are scanned for an
+   ISO9660 volume labelled `config-2` (Nova's default drive format) and `openstack/latest/user_data`
+   is read from the device, no mount.  A drive found before the wait spares it (the instance may
+   have no metadata service).  A drive without that file means no user-data.
 2. Otherwise `GET <metadata_url>/openstack/latest/user_data`: the raw bytes Nova stored.  Nova
    answers 404 when the instance has none; a metadata proxy in front of it may answer 404 too
    while it cannot yet tell which instance asks.  So a 404 counts as "no user-data" only once
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from guest_agent.clouds import FetchContext, cidata
 from guest_agent.clouds.http import parse_json, request, require_body, retry_or_fail
+from guest_agent.config import Config
 from guest_agent.log import fields, logger
 from guest_agent.transport import Retry, http_retry_reason
 
@@ -28,10 +30,11 @@ META_DATA = "openstack/latest/meta_data.json"
 NO_USER_DATA = b""
 
 
-def from_config_drive(ctx: FetchContext) -> bytes | None:
-    """user_data from an attached config drive; NO_USER_DATA if the drive has none; None: no drive."""
-    labels = ctx.cfg.openstack.config_drive_labels
-    found = cidata.find_volume(ctx.root, ctx.cfg.cidata.dev_dir, labels, USER_DATA, ctx.cfg.limits.max_user_data_bytes)
+def read_local(cfg: Config, root: str) -> bytes | None:
+    """user_data from an attached config drive; NO_USER_DATA if the drive has none; None: no drive.
+    Read before the network wait (clouds.read_local), and again by every fetch() attempt."""
+    labels = cfg.openstack.config_drive_labels
+    found = cidata.find_volume(root, cfg.cidata.dev_dir, labels, USER_DATA, cfg.limits.max_user_data_bytes)
     if found is None:
         return None
     name, data = found
@@ -44,7 +47,7 @@ def from_config_drive(ctx: FetchContext) -> bytes | None:
 
 
 def fetch(ctx: FetchContext) -> bytes:
-    data = from_config_drive(ctx)
+    data = read_local(ctx.cfg, ctx.root)
     if data is not None:
         return data
     base = ctx.cfg.openstack.metadata_url.rstrip("/")
