@@ -257,7 +257,10 @@ def run(cfg: Config, root: str, deps: Deps) -> int:
             )
         addr = clouds.metadata_address(provider, cfg)
         warm(provider, cfg)
-        local = clouds.read_local(provider, cfg, root)  # a config drive: no network needed
+        local = None
+        if (read_local := clouds.local_reader(provider)) is not None:
+            with tl.stage("local", f"looking for {provider}'s user-data on a local disk"):
+                local = read_local(cfg, root)  # a config drive: no network needed
         if local is None and addr is not None and cfg.network.wait:
             from guest_agent import network
 

@@ -5,13 +5,14 @@ cidata seed; without DMI (s390x) it reads /proc/sysinfo, which names the platfor
 (providers.py).  It never touches the network.  Each provider's fetch module exposes `fetch(ctx)`
 returning the raw user-data bytes and raising `transport.Retry` for "not yet"; one with a source
 that needs no network (OpenStack's config drive) also exposes `read_local(cfg, root)`, which the
-agent reads before it waits for the network (`read_local` below).
+agent reads before it waits for the network (`local_reader` below).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -120,13 +121,11 @@ def provider_module(name: str) -> ModuleType:
     return importlib.import_module(providers.get(name).fetch_module)
 
 
-def read_local(name: str, cfg: Config, root: str) -> bytes | None:
-    """The user-data of provider `name` from a source that needs no network, or None: the provider
-    has no such source, or it is not attached.  Not None: neither the network wait nor fetch() is
-    needed."""
-    read = getattr(provider_module(name), "read_local", None)
-    data: bytes | None = None if read is None else read(cfg, root)
-    return data
+def local_reader(name: str) -> Callable[[Config, str], bytes | None] | None:
+    """Provider `name`'s `read_local(cfg, root)`: its user-data from a source that needs no network
+    (None: not attached), which spares the network wait and fetch().  None: it has no such source."""
+    read: Callable[[Config, str], bytes | None] | None = getattr(provider_module(name), "read_local", None)
+    return read
 
 
 def metadata_address(name: str, cfg: Config) -> str | None:

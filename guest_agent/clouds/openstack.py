@@ -32,7 +32,7 @@ NO_USER_DATA = b""
 
 def read_local(cfg: Config, root: str) -> bytes | None:
     """user_data from an attached config drive; NO_USER_DATA if the drive has none; None: no drive.
-    Read before the network wait (clouds.read_local), and again by every fetch() attempt."""
+    Read before the network wait (boot.run, in a "local" stage), and again by every fetch() attempt."""
     labels = cfg.openstack.config_drive_labels
     found = cidata.find_volume(root, cfg.cidata.dev_dir, labels, USER_DATA, cfg.limits.max_user_data_bytes)
     if found is None:
