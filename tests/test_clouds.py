@@ -64,6 +64,10 @@ class FakeTime:
         self.sleeps.append(seconds)
         self.now += seconds
 
+    def deps(self) -> boot.Deps:
+        """The agent's clock and sleep on this fake time, jitter at its cap: delays are exact."""
+        return boot.Deps(clock=self.clock, sleep=self.sleep, rand=lambda: 1.0)
+
 
 def make_cfg(cloud: str, url: str, *, deadline_s: float = 3.0, timeout_s: float = 0.3) -> Config:
     c = Config()
@@ -80,8 +84,7 @@ def make_cfg(cloud: str, url: str, *, deadline_s: float = 3.0, timeout_s: float 
 
 
 def fetch(cloud: str, url: str, root: Path, ft: FakeTime, **kw: float) -> bytes:
-    deps = boot.Deps(clock=ft.clock, sleep=ft.sleep, rand=lambda: 1.0)  # jitter at its cap: delays are exact
-    return boot.fetch_user_data(cloud, make_cfg(cloud, url, **kw), str(root), deps)
+    return boot.fetch_user_data(cloud, make_cfg(cloud, url, **kw), str(root), ft.deps())
 
 
 def closed_port_url() -> str:
@@ -505,11 +508,19 @@ INITDATA = caa.initdata_toml()
 
 
 def run_agent(
-    cloud: str, root: Path, url: str, *, deadline_s: float = 10.0, wireserver: str | None = None
+    cloud: str,
+    root: Path,
+    url: str,
+    *,
+    deadline_s: float = 10.0,
+    wireserver: str | None = None,
+    provider: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`guest-agent run --root ROOT --config CFG` as systemd would run it (minus the notify socket)."""
+    """`guest-agent run --root ROOT --config CFG` as systemd would run it (minus the notify socket)
+    on `cloud`'s DMI; the provider detected from it unless `provider` is given."""
     caa.make_root(str(root), DMI[cloud])
-    lines = [
+    lines = [f'provider = "{provider}"'] if provider else []
+    lines += [
         "[fetch]",
         f"deadline_s = {deadline_s}",
         "[netns]",

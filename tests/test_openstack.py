@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,12 +25,11 @@ from tests.fakecloud import imds
 from tests.fakecloud.faults import FAULTS, TOO_LARGE, FaultServer
 from tests.fakecloud.server import FakeServer, Reply, Script
 from tests.test_cidata import attach, build_iso, plain_iso
-from tests.test_clouds import FakeTime, closed_port_url, peerpod_files, run_cli
+from tests.test_clouds import FakeTime, closed_port_url, make_cfg, peerpod_files, run_agent
 
 USER_DATA = caa.cloud_config()
 USER_DATA_PATH = "openstack/latest/user_data"
 VERSIONS = ("2012-08-10", "2013-04-04", "2016-06-30", "2018-08-27", "2020-10-14", "latest")
-OPENSTACK_DMI = {"sys_vendor": "OpenStack Foundation", "product_name": "OpenStack Nova", "product_version": "29.0.1"}
 
 # Nova's own command line (nova/virt/configdrive.py, _make_iso9660): Joliet + Rock Ridge, long
 # lower-case names; the other flavours are what hand-made drives and other builders write.
@@ -71,23 +69,13 @@ def nova_drive(tmp_path: Path, user_data: bytes | None = USER_DATA, *, name: str
 
 
 def os_cfg(url: str, *, deadline_s: float = 3.0, timeout_s: float = 0.3, limit: int | None = None) -> Config:
-    c = Config()
-    return dataclasses.replace(
-        c,
-        provider="openstack",
-        fetch=dataclasses.replace(
-            c.fetch, deadline_s=deadline_s, connect_timeout_s=timeout_s, read_timeout_s=timeout_s
-        ),
-        openstack=dataclasses.replace(c.openstack, metadata_url=url),
-        limits=dataclasses.replace(c.limits, max_user_data_bytes=limit or c.limits.max_user_data_bytes),
-    )
+    c = make_cfg("openstack", url, deadline_s=deadline_s, timeout_s=timeout_s)
+    return dataclasses.replace(c, limits=dataclasses.replace(c.limits, max_user_data_bytes=limit)) if limit else c
 
 
 def fetch(root: Path, cfg: Config, ft: FakeTime | None = None) -> bytes:
     ft = ft or FakeTime()
-    return boot.fetch_user_data(
-        "openstack", cfg, str(root), boot.Deps(clock=ft.clock, sleep=ft.sleep, rand=lambda: 1.0)
-    )
+    return boot.fetch_user_data("openstack", cfg, str(root), ft.deps())
 
 
 @pytest.fixture
@@ -317,22 +305,11 @@ def test_a_misbehaving_metadata_service_ends_by_the_deadline(faults: FaultServer
 # -- the whole agent: detected from DMI, provisioned from the drive or the metadata service
 
 
-def run_agent(root: Path, url: str, *, provider: str | None = None) -> subprocess.CompletedProcess[str]:
-    caa.make_root(str(root), OPENSTACK_DMI)
-    lines = ["[fetch]", "deadline_s = 10.0", "[netns]", "enabled = false", "[tpm]", "enabled = false"]
-    lines += ["[openstack]", f'metadata_url = "{url}"']
-    if provider:
-        lines.insert(0, f'provider = "{provider}"')
-    cfg = root.parent / "agent.toml"
-    cfg.write_text("\n".join(lines) + "\n")
-    return run_cli(root, cfg)
-
-
 def test_cli_run_from_the_config_drive_detected_from_dmi(tmp_path: Path) -> None:
     initdata = caa.initdata_toml()
     root = tmp_path / "root"
     attach(root, "sr0", nova_drive(tmp_path, caa.cloud_config(initdata=initdata)))
-    proc = run_agent(root, closed_port_url())  # no metadata service: the drive alone provisions
+    proc = run_agent("openstack", root, closed_port_url())  # no metadata service: the drive alone provisions
     assert proc.returncode == 0
     assert "provider openstack (detected from DMI)" in proc.stderr
     assert "route to" not in proc.stderr  # read before the network wait, which it spares
@@ -350,7 +327,7 @@ def test_cli_run_without_user_data_writes_the_default_initdata(
     server = nova(user_data=None)
     if source == "config-drive":
         attach(root, "sr0", nova_drive(tmp_path, user_data=None))
-    proc = run_agent(root, server.url, provider="openstack")
+    proc = run_agent("openstack", root, server.url, provider="openstack")
     assert proc.returncode == 0
     assert "default initdata only" in proc.stderr
     assert "user-data applied; READY=1 sent" in proc.stderr
@@ -362,7 +339,7 @@ def test_cli_run_without_user_data_writes_the_default_initdata(
 
 def test_cli_run_refused_by_the_metadata_service_exits_69(nova: Callable[..., FakeServer], tmp_path: Path) -> None:
     server = nova(script=Script({"user-data": [Reply(403, "Forbidden")]}))
-    proc = run_agent(tmp_path / "root", server.url)
+    proc = run_agent("openstack", tmp_path / "root", server.url)
     assert proc.returncode == 69
     assert "OpenStack metadata user_data was refused by the metadata service" in proc.stderr
     assert peerpod_files(tmp_path / "root") == {}
