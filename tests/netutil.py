@@ -82,10 +82,15 @@ class Namespaces:
                 raise OSError(err, os.strerror(err), self.run_dir)
 
 
+def mountinfo() -> list[list[str]]:
+    """This process's mounts, one list of /proc/self/mountinfo fields each (field 4: the mount point)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [line.split() for line in f]
+
+
 def _is_mount_point(path: str) -> bool:
     real = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return any(line.split()[4] == real for line in f)
+    return any(fields[4] == real for fields in mountinfo())
 
 
 @contextmanager

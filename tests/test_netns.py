@@ -16,7 +16,7 @@ import pytest
 from guest_agent.errors import NetworkUnavailable
 from guest_agent.network import RtnlSocket
 from guest_agent.podnet import netns
-from tests.netutil import Namespaces, host_snapshot, namespaces
+from tests.netutil import Namespaces, host_snapshot, mountinfo, namespaces
 
 IMDS = "169.254.169.254"
 TABLE = f"ga_test_{os.getpid()}"  # unique, so a leak into the host namespace would be visible
@@ -63,8 +63,7 @@ def test_create_then_reuse(ns: Namespaces) -> None:
 def test_run_dir_is_a_shared_mount(ns: Namespaces) -> None:
     ns.add("podns")
     real = os.path.realpath(ns.run_dir)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        entries = [line.split() for line in f if line.split()[4] == real]
+    entries = [fields for fields in mountinfo() if fields[4] == real]
     assert entries
     assert any(field.startswith("shared:") for field in entries[-1][6:])
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.netutil import mountinfo
+
 REPO = Path(__file__).resolve().parents[1]
 
 INNER = """
@@ -29,8 +31,7 @@ def test_holds_a_namespace(tmp_path):
 
 
 def mounts_under(path: str) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [t for t in (line.split()[4] for line in f) if t == path or t.startswith(path + "/")]
+    return [t for t in (fields[4] for fields in mountinfo()) if t == path or t.startswith(path + "/")]
 
 
 @pytest.mark.privileged
