@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.netutil import mountinfo
+from tests.test_build_safety import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,8 @@ from tests.netutil import namespaces
 def test_holds_a_namespace(tmp_path):
     with namespaces(tmp_path) as ns:
         ns.add("held")
-        Path({ready!r}).write_text(ns.run_dir)
+        Path({ready!r} + ".tmp").write_text(ns.run_dir)
+        Path({ready!r} + ".tmp").rename({ready!r})  # whole when it appears
         time.sleep(120)
 """
 
@@ -45,17 +46,13 @@ def test_a_signalled_run_tears_its_namespaces_down(tmp_path: Path, sig: signal.S
     inner.write_text(INNER.format(ready=str(ready)))
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest"]
     argv += ["--basetemp", str(tmp_path / "base"), "--rootdir", str(inner.parent), str(inner)]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = ""
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), proc.communicate(timeout=10)[0].decode()
-        run_dir = os.path.realpath(ready.read_text())
+        run_dir = os.path.realpath(wait_for(ready, proc, timeout_s=60))
         assert mounts_under(run_dir)  # the namespace is held while the test sleeps
         proc.send_signal(sig)
-        out = proc.communicate(timeout=60)[0].decode()
+        out = proc.communicate(timeout=60)[0]
         left = mounts_under(run_dir)
     finally:
         if proc.poll() is None:
