@@ -21,7 +21,7 @@ from guest_agent import boot, iso9660
 from guest_agent.config import Config
 from guest_agent.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, MetadataUnavailable, UserDataInvalid
 from tests import caa
-from tests.fakecloud import imds
+from tests.fakecloud import configdrive, imds
 from tests.fakecloud.faults import FAULTS, TOO_LARGE, FaultServer
 from tests.fakecloud.server import FakeServer, Reply, Script
 from tests.test_cidata import attach, build_iso, plain_iso
@@ -29,14 +29,11 @@ from tests.test_clouds import FakeTime, closed_port_url, make_cfg, peerpod_files
 
 USER_DATA = caa.cloud_config()
 USER_DATA_PATH = "openstack/latest/user_data"
-VERSIONS = ("2012-08-10", "2013-04-04", "2016-06-30", "2018-08-27", "2020-10-14", "latest")
 
-# Nova's own command line (nova/virt/configdrive.py, _make_iso9660): Joliet + Rock Ridge, long
-# lower-case names; the other flavours are what hand-made drives and other builders write.
-NOVA_ARGS = ["-ldots", "-allow-lowercase", "-allow-multidot", "-l", "-publisher", "OpenStack Nova 29.0.1"]
+# Nova's own command line, by both tools; the others are what hand-made drives and other builders write.
 FLAVOURS: dict[str, tuple[str, list[str]]] = {
-    "genisoimage-nova": ("genisoimage", [*NOVA_ARGS, "-J", "-r", "-V", "config-2"]),
-    "xorriso-mkisofs-nova": ("xorriso", ["-as", "mkisofs", *NOVA_ARGS, "-J", "-r", "-V", "config-2"]),
+    "genisoimage-nova": ("genisoimage", configdrive.GENISOIMAGE_ARGS),
+    "xorriso-mkisofs-nova": ("xorriso", ["-as", "mkisofs", *configdrive.GENISOIMAGE_ARGS]),
     "genisoimage-rockridge": ("genisoimage", ["-r", "-V", "config-2"]),
     "genisoimage-joliet": ("genisoimage", ["-J", "-V", "config-2"]),
     # no extension: level-1 names (OPENSTAC/LATEST/USER_DAT.;1)
@@ -47,25 +44,10 @@ FLAVOURS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def drive_tree(src: Path, user_data: bytes | None) -> Path:
-    """The files of a Nova config drive: every metadata version plus `latest`, and the EC2 tree."""
-    for version in VERSIONS:
-        d = src / "openstack" / version
-        d.mkdir(parents=True)
-        (d / "meta_data.json").write_text(json.dumps(imds.NOVA_META_DATA))
-        (d / "network_data.json").write_text('{"links": [], "networks": [], "services": []}')
-        (d / "vendor_data.json").write_text("{}")
-        if user_data is not None:
-            # only `latest` is read: an older version's copy must not be taken for it
-            (d / "user_data").write_bytes(user_data if version == "latest" else b"#cloud-config\n# " + version.encode())
-    (src / "ec2/latest").mkdir(parents=True)
-    (src / "ec2/latest/meta-data.json").write_text("{}")
-    return src
-
-
-def nova_drive(tmp_path: Path, user_data: bytes | None = USER_DATA, *, name: str = "config-2.iso") -> Path:
-    tool, args = FLAVOURS["genisoimage-nova"]
-    return build_iso(tmp_path / name, drive_tree(tmp_path / (name + ".src"), user_data), tool, args)
+def nova_drive(tmp_path: Path, user_data: bytes | None = USER_DATA, *, flavour: str = "genisoimage-nova") -> Path:
+    """A config drive with Nova's files, built as FLAVOURS[flavour] builds it."""
+    tool, args = FLAVOURS[flavour]
+    return build_iso(tmp_path / "config-2.iso", configdrive.tree(tmp_path / "config-2", user_data), tool, args)
 
 
 def os_cfg(url: str, *, deadline_s: float = 3.0, timeout_s: float = 0.3, limit: int | None = None) -> Config:
@@ -97,8 +79,7 @@ def nova() -> Iterator[Callable[..., FakeServer]]:
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 def test_reader_on_config_drives(flavour: str, tmp_path: Path) -> None:
-    tool, args = FLAVOURS[flavour]
-    iso = build_iso(tmp_path / "cd.iso", drive_tree(tmp_path / "src", USER_DATA), tool, args)
+    iso = nova_drive(tmp_path, flavour=flavour)
     with open(iso, "rb") as f:
         assert iso9660.volume_label(f).lower() == "config-2"
         assert iso9660.read_file(f, USER_DATA_PATH, limit=1 << 20) == USER_DATA
@@ -145,8 +126,7 @@ def _patch_records(image: bytearray, edit: Callable[[bytearray, int], None]) -> 
 def test_reader_on_hostile_directory_records(hostile: str, tmp_path: Path) -> None:
     """Every directory record of a plain (level-1, primary-only) drive rewritten: the walk ends,
     bounded, with no file or TooLarge, never another exception."""
-    tool, args = FLAVOURS["genisoimage-plain"]
-    image = bytearray(build_iso(tmp_path / "cd.iso", drive_tree(tmp_path / "src", USER_DATA), tool, args).read_bytes())
+    image = bytearray(nova_drive(tmp_path, flavour="genisoimage-plain").read_bytes())
     pvd = 16 * iso9660.SECTOR
     root_extent = image[pvd + 156 + 2 : pvd + 156 + 6]
 
@@ -188,9 +168,8 @@ def test_config_drive_wins_over_the_metadata_service(nova: Callable[..., FakeSer
 
 @pytest.mark.parametrize("flavour", ["genisoimage-plain-long", "xorriso-native-no-rockridge"])
 def test_config_drive_labelled_upper_case(flavour: str, tmp_path: Path) -> None:
-    tool, args = FLAVOURS[flavour]
     root = tmp_path / "root"
-    attach(root, "vdb", build_iso(tmp_path / "cd.iso", drive_tree(tmp_path / "src", USER_DATA), tool, args))
+    attach(root, "vdb", nova_drive(tmp_path, flavour=flavour))
     assert fetch(root, os_cfg(closed_port_url())) == USER_DATA
 
 

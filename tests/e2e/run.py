@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.e2e import guest, userdata  # noqa: E402
+from tests.fakecloud import configdrive  # noqa: E402
 
 IMAGE_DIR = REPO / "image" / "build"
 VARIANTS_DIR = REPO / "image" / "variants" / "build"
@@ -180,22 +181,12 @@ def make_cidata(workdir: Path, user_data: bytes) -> Path:
 
 
 def make_config_drive(workdir: Path, user_data: bytes) -> Path:
-    """A config drive as Nova writes it: openstack/<version>/ for a few versions and latest, by
-    genisoimage with Nova's arguments (nova/virt/configdrive.py)."""
-    meta = json.dumps({"uuid": str(uuid.uuid4()), "name": "podvm", "hostname": "podvm.novalocal"})
-    for version in ("2012-08-10", "2018-08-27", "latest"):
-        d = workdir / "config-drive" / "openstack" / version
-        d.mkdir(parents=True)
-        (d / "meta_data.json").write_text(meta)
-        (d / "network_data.json").write_text('{"links": [], "networks": [], "services": []}')
-        (d / "user_data").write_bytes(user_data)
+    """A config drive as Nova writes it (tests/fakecloud/configdrive.py), by genisoimage."""
+    src = configdrive.tree(workdir / "config-drive", user_data)
     iso = workdir / "config-2.iso"
     subprocess.run(
-        ["genisoimage", "-quiet", "-o", str(iso), "-ldots", "-allow-lowercase", "-allow-multidot", "-l",
-         "-publisher", "OpenStack Nova 29.0.1", "-J", "-r", "-V", "config-2", str(workdir / "config-drive")],
-        check=True,
-        timeout=30,
-    )  # fmt: skip
+        ["genisoimage", "-quiet", "-o", str(iso), *configdrive.GENISOIMAGE_ARGS, str(src)], check=True, timeout=30
+    )
     return iso
 
 
