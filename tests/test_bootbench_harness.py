@@ -119,3 +119,9 @@ def test_docs_carry_the_split_table_between_the_markers(tmp_path: Path) -> None:
     assert "\n| split |\n\nGoals" in text and "old" not in text and text.endswith("## Kept\n")
     run.write_docs(result, "T1", "T2", "", "- goal", doc)
     assert "(no pair of the variants run)" in doc.read_text()
+
+
+def test_only_the_floors_are_settled_before_any_report() -> None:
+    """A variant with provisioning services is measured once its Ready arrived; a floor at once."""
+    for v in [*run.DEFAULT_VARIANTS, "guest-agent+x", "floor-tuned+x"]:
+        assert run.settled_when(v)([]) == (not run.PROVISIONING[run.kind(v)]), v

@@ -171,8 +171,10 @@ def settled_when(variant: str) -> Any:
             r.state == "Ready" and "walinuxagent" in (r.request.header("user-agent") or "").lower() for r in reports
         )
 
-    settle = {"guest-agent": ga, "guest-agent-deb": ga, "cloudinit": ci, "caa-chain": ga, "caa-chain-tuned": ga}
-    return settle.get(kind(variant), lambda _r: True)  # floors: at once
+    k = kind(variant)
+    if not PROVISIONING.get(k):
+        return lambda _r: True  # floors: at once
+    return ci if k == "cloudinit" else ga  # guest-agent and CAA's chain: the first Ready
 
 
 def other_qemus(own: int | None = None) -> list[int]:
