@@ -8,7 +8,6 @@ from pathlib import Path
 
 from tests.fakecloud import imds
 
-VERSIONS = ("2012-08-10", "2013-04-04", "2016-06-30", "2018-08-27", "2020-10-14", "latest")
 # Joliet + Rock Ridge, long lower-case names: what follows `genisoimage -o IMAGE` (or `xorriso -as mkisofs`).
 NOVA_ARGS = ["-ldots", "-allow-lowercase", "-allow-multidot", "-l", "-publisher", "OpenStack Nova 29.0.1"]
 GENISOIMAGE_ARGS = [*NOVA_ARGS, "-J", "-r", "-V", "config-2"]
@@ -18,7 +17,7 @@ def tree(src: Path, user_data: bytes | None) -> Path:
     """The files of a Nova config drive under `src`: every metadata version plus `latest`, and the
     EC2 tree.  Only `latest` holds `user_data`; the older versions hold a stand-in that must not be
     taken for it."""
-    for version in VERSIONS:
+    for version in imds.NOVA_VERSIONS:
         d = src / "openstack" / version
         d.mkdir(parents=True)
         (d / "meta_data.json").write_text(json.dumps(imds.NOVA_META_DATA))

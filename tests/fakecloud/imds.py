@@ -188,6 +188,8 @@ def ibmcloud(user_data: bytes | None, script: Script, *, tokens: TokenBook | Non
     return handle
 
 
+# The metadata versions Nova serves (and writes on a config drive), oldest first.
+NOVA_VERSIONS = ("2012-08-10", "2013-04-04", "2016-06-30", "2018-08-27", "2020-10-14", "latest")
 NOVA_META_DATA = {
     "uuid": "0b7b6a6e-3c2d-4a57-9d0e-5f6a1c2b3d4e",
     "name": "podvm-nginx-6b8f9",
@@ -219,7 +221,7 @@ def openstack(user_data: bytes | None, script: Script) -> Handler:
                 return scripted
             return Reply(200, json.dumps(NOVA_META_DATA), {"Content-Type": "application/json"})
         if req.path in ("/openstack", "/openstack/"):
-            return Reply(200, "2012-08-10\n2013-04-04\n2016-06-30\n2018-08-27\n2020-10-14\nlatest")
+            return Reply(200, "\n".join(NOVA_VERSIONS))
         return NOT_FOUND
 
     return handle
