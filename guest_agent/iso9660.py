@@ -150,5 +150,8 @@ def read_file(dev: BinaryIO, path: str, *, limit: int) -> bytes | None:
             if size > limit:
                 raise TooLarge(f"{path} on the ISO9660 image is larger than the size limit", limit_bytes=limit)
             dev.seek(extent * SECTOR)
-            return dev.read(size)
+            data = dev.read(size)
+            if len(data) != size:  # a record pointing past the image: a damaged or forged volume
+                raise NotIso(f"{path} extends past the end of the ISO9660 image")
+            return data
     return None

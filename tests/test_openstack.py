@@ -122,10 +122,12 @@ def _patch_records(image: bytearray, edit: Callable[[bytearray, int], None]) -> 
             pos += rlen
 
 
-@pytest.mark.parametrize("hostile", ["loop-to-root", "extent-past-the-end", "huge-sizes", "zero-lengths"])
+@pytest.mark.parametrize(
+    "hostile", ["loop-to-root", "extent-past-the-end", "file-past-the-end", "huge-sizes", "zero-lengths"]
+)
 def test_reader_on_hostile_directory_records(hostile: str, tmp_path: Path) -> None:
     """Every directory record of a plain (level-1, primary-only) drive rewritten: the walk ends,
-    bounded, with no file or TooLarge, never another exception."""
+    bounded, with no file, TooLarge or NotIso, never another exception."""
     image = bytearray(nova_drive(tmp_path, flavour="genisoimage-plain").read_bytes())
     pvd = 16 * iso9660.SECTOR
     root_extent = image[pvd + 156 + 2 : pvd + 156 + 6]
@@ -138,6 +140,9 @@ def test_reader_on_hostile_directory_records(hostile: str, tmp_path: Path) -> No
                 img[pos + 2 : pos + 6] = root_extent
         elif hostile == "extent-past-the-end":
             img[pos + 2 : pos + 6] = (0xFFFFFFF0).to_bytes(4, "little")
+        elif hostile == "file-past-the-end":  # directories intact, files' data beyond the image
+            if not img[pos + 25] & 0x02:
+                img[pos + 2 : pos + 6] = (len(img) // iso9660.SECTOR + 1).to_bytes(4, "little")
         elif hostile == "huge-sizes":
             img[pos + 10 : pos + 14] = (0xFFFFFFFF).to_bytes(4, "little")
         else:
@@ -149,6 +154,9 @@ def test_reader_on_hostile_directory_records(hostile: str, tmp_path: Path) -> No
     with open(p, "rb") as f:
         if hostile == "huge-sizes":  # refused as too large, before anything is read
             with pytest.raises(iso9660.TooLarge):
+                iso9660.read_file(f, USER_DATA_PATH, limit=1 << 20)
+        elif hostile == "file-past-the-end":  # the volume is refused, not read as empty user-data
+            with pytest.raises(iso9660.NotIso, match="past the end"):
                 iso9660.read_file(f, USER_DATA_PATH, limit=1 << 20)
         else:  # the walk finds no user_data: no bytes from outside the file are taken for it
             assert iso9660.read_file(f, USER_DATA_PATH, limit=1 << 20) is None
