@@ -152,6 +152,10 @@ prune_apt_cache() {
     ' | while read -r f; do rm -f -- "$dir/$f"; done
 }
 
+# newest_deb REPO: the newest package `make deb` wrote (REPO/out/deb/guest-agent_*_all.deb);
+# prints nothing, and succeeds, when there is none.
+newest_deb() { { ls -t "$1"/out/deb/guest-agent_*_all.deb 2>/dev/null || true; } | head -n1; }
+
 # host_suites: "URI SUITE" for each package index the host's apt fetches.
 host_suites() { apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages'; }
 # host_mirror: the URI the host's apt fetches its main Debian suite from (not -security, -updates or

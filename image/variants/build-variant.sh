@@ -73,7 +73,7 @@ source "$IMAGE/trees.sh"
 source "$IMAGE/recipe.sh"
 
 if [ "$VARIANT" = guest-agent-deb ] || [ "$VARIANT" = caa-deb ] || [ "$VARIANT" = caa-sftp-deb ]; then
-    DEB=${DEB:-$(ls -t "$REPO"/out/deb/guest-agent_*_all.deb 2>/dev/null | head -n1)}
+    DEB=${DEB:-$(newest_deb "$REPO")}
     [ -n "$DEB" ] && [ -f "$DEB" ] || die "no package in $REPO/out/deb: run make deb first (or DEB=path)"
     DEB=$(realpath "$DEB")
     newer=$(cd "$REPO" && find guest_agent units catalog man debian pyproject.toml -type f -newer "$DEB" ! -path '*/__pycache__/*' | head -n3)

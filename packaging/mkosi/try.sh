@@ -23,10 +23,7 @@ log() { printf '[mkosi-try] %s\n' "$*" >&2; }
 . "$REPO/image/trees.sh"
 
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap --mode=root, chroot)"
-DEB=${1:-}
-if [ -z "$DEB" ]; then
-    DEB=$(ls -t "$REPO/out/deb"/guest-agent_*_all.deb 2>/dev/null | head -n1) || true
-fi
+DEB=${1:-$(newest_deb "$REPO")}
 [ -f "$DEB" ] || die "no package (make deb, or give its path)"
 MIRROR=$(host_mirror)
 
