@@ -72,7 +72,17 @@ source "$IMAGE/trees.sh"
 # shellcheck source=image/recipe.sh
 source "$IMAGE/recipe.sh"
 
-if [ "$VARIANT" = guest-agent-deb ] || [ "$VARIANT" = caa-deb ] || [ "$VARIANT" = caa-sftp-deb ]; then
+# What a variant is made of; each list of names is said once here.
+# caa_image: CAA's layout with guest-agent installed (caa_layout); caa_sftp: as CAA's byom (SFTP)
+# profile; deb_variant: its own base of DEB_SUITE (caa-deb below); agent_deb: the agent from make
+# deb's package (DEB); tuned: tune_rootfs and tune_initrd, as image/build.sh tunes the product.
+caa_image() { case $VARIANT in caa | caa-sftp | caa-deb | caa-sftp-deb) ;; *) return 1 ;; esac; }
+caa_sftp() { case $VARIANT in caa-sftp | caa-sftp-deb) ;; *) return 1 ;; esac; }
+deb_variant() { case $VARIANT in caa-deb | caa-sftp-deb) ;; *) return 1 ;; esac; }
+agent_deb() { deb_variant || [ "$VARIANT" = guest-agent-deb ]; }
+tuned() { case $VARIANT in floor-tuned | caa-chain-tuned | guest-agent-deb) ;; *) return 1 ;; esac; }
+
+if agent_deb; then
     DEB=${DEB:-$(newest_deb "$REPO")}
     [ -n "$DEB" ] && [ -f "$DEB" ] || die "no package in $REPO/out/deb: run make deb first (or DEB=path)"
     DEB=$(realpath "$DEB")
@@ -152,7 +162,6 @@ caa_presets() {
         while read -r u; do [ -e "$ROOT/etc/systemd/system/$u" ] || [ -e "$ROOT/usr/lib/systemd/system/$u" ] && echo "$u"; done)
     systemctl --root="$ROOT" preset "${units[@]}"
 }
-caa_sftp() { [ "$VARIANT" = caa-sftp ] || [ "$VARIANT" = caa-sftp-deb ]; }
 # mkosi.finalize.chroot, after the presets: the SFTP profile enables the .path (provision when
 # user-data is uploaded) and adds the SFTP user; the others enable the service.
 caa_finalize() {
@@ -217,7 +226,6 @@ caa_chain_layout() {
 deb_layout() {
     log "guest-agent from $DEB (apt), image/overlay, presets"
     apt_install_deb "$ROOT" "$DEB"
-    in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
     [ "$(sed -n 's/^ExecStart=//p' "$ROOT/usr/lib/systemd/system/guest-agent.service")" = "/usr/bin/guest-agent run" ] ||
         die "the package's guest-agent.service does not run /usr/bin/guest-agent"
     cp -a --no-preserve=ownership "$IMAGE/overlay/." "$ROOT/"
@@ -235,7 +243,6 @@ deb_layout() {
 # CAA's layout as in caa/caa-sftp with the agent's .deb (DEB, as for guest-agent-deb) installed by
 # apt_install_deb.  The mirror is the host's (host_mirror), with the release's -updates and
 # -security suites as an image has them.
-deb_variant() { [ "$VARIANT" = caa-deb ] || [ "$VARIANT" = caa-sftp-deb ]; }
 # deb_sources: one-line sources for $SUITE from the host's mirrors.
 deb_sources() {
     local mirror sec
@@ -336,26 +343,22 @@ if [ "$VARIANT" = cloudinit ]; then
         cloud-init-local.service cloud-init.service cloud-config.service cloud-final.service >/dev/null 2>&1
 fi
 
-case "$VARIANT" in caa | caa-sftp | caa-deb | caa-sftp-deb) caa_layout ;; esac
-# The packages with what apt added to the base (the agent and its Depends); the .deb cache keeps
-# those versions only.
-if deb_variant; then
-    in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
-    prune_apt_cache "$APT_CACHE" "$OUT/packages.txt"
-fi
-if [ "$VARIANT" = caa-chain ] || [ "$VARIANT" = caa-chain-tuned ]; then
-    caa_chain_layout
-fi
-if [ "$VARIANT" = guest-agent-deb ]; then
-    deb_layout
-fi
+if caa_image; then caa_layout; fi
+case "$VARIANT" in
+caa-chain | caa-chain-tuned) caa_chain_layout ;;
+guest-agent-deb) deb_layout ;;
+esac
+# The packages with what apt added to the base (the agent and its Depends); a base of its own keeps
+# those versions only in its .deb cache.
+if agent_deb; then in_root dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"; fi
+if deb_variant; then prune_apt_cache "$APT_CACHE" "$OUT/packages.txt"; fi
 
 # Kernel, initrd and command line for direct boot (as build.sh does): the tuned rootfs and initrd for
 # the variants on the tuned image, initramfs-tools' for the others (tests/e2e/run.py boots the CAA
 # layouts with their cmdline too).
 KVER=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 install -m 0644 "$ROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
-if [ "$VARIANT" = floor-tuned ] || [ "$VARIANT" = caa-chain-tuned ] || [ "$VARIANT" = guest-agent-deb ]; then
+if tuned; then
     log "tuning (image/recipe.sh tune_rootfs, tune_initrd${TUNE_SKIP:+, skipping $TUNE_SKIP})"
     tune_rootfs
     tune_initrd "$OUT/initrd.img"
@@ -367,7 +370,7 @@ rm -f "$ROOT"/boot/vmlinuz-* "$ROOT"/boot/initrd.img-* "$ROOT"/vmlinuz* "$ROOT"/
 
 # Size before the benchmark's own files: the figure compared with build.sh's manifest rootfs_mib.
 root_kb=$(du -sk "$ROOT" | cut -f1)
-case "$VARIANT" in caa | caa-sftp | caa-deb | caa-sftp-deb) ;; *) cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/" ;; esac
+caa_image || cp -a --no-preserve=ownership "$HERE/overlay-bench/." "$ROOT/"
 
 size_mb=$(( root_kb / 1024 * 13 / 10 + 256 ))
 log "disk: rootfs $((root_kb / 1024)) MiB -> ext4 ${size_mb} MiB"
