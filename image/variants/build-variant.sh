@@ -99,7 +99,7 @@ if [ "$VARIANT" = guest-agent ]; then
     log "copy $SRC/disk.raw (inputs $(cat "$SRC/inputs.sha256" 2>/dev/null))"
     guard_tree "$OUT/disk.raw.tmp"
     cp --sparse=always "$SRC/disk.raw" "$OUT/disk.raw.tmp"
-    cmds=$(mktemp); on_exit 'rm -f "$cmds"' 
+    cmds=$(mktemp); on_exit 'rm -f "$cmds"'
     # mkdir for every directory of the overlay (errors for existing ones are harmless), then files.
     (cd "$HERE/overlay-bench" && find . -mindepth 1 -type d | LC_ALL=C sort | sed 's|^\.|mkdir |') > "$cmds"
     bench_overlay_files | while read -r f; do
@@ -296,7 +296,8 @@ own_base() {
 case "$VARIANT" in
 floor-stock | floor-tuned | caa | caa-sftp | caa-chain | caa-chain-tuned | guest-agent-deb)
     # build.sh's own cached base layer (same packages, same excludes, same image/base files).
-    BASE=$(ls -d "$IMAGE_CACHE"/base-*/ 2>/dev/null | while read -r d; do [ -f "$d/.complete" ] && echo "${d%/}"; done | tail -n1)
+    BASE=
+    for d in "$IMAGE_CACHE"/base-*/; do [ ! -f "$d/.complete" ] || BASE=${d%/}; done
     [ -n "$BASE" ] || die "no complete base in image/cache: run image/build.sh first"
     ;;
 cloudinit)
@@ -383,4 +384,4 @@ json.dump({"variant": variant, "kernel": kver, "rootfs_mib": round(int(root_kb) 
            "packages": dict(l.split(" ", 1) for l in open(pkgs).read().splitlines() if l)}, open(out, "w"), indent=2)
 PYEOF
 remove_tree "$ROOT"
-log "done in $SECONDS s: $OUT/disk.raw ($(du -sh "$OUT/disk.raw" | cut -f1) allocated; image/variants/build holds $(du -sh "$HERE/build" | cut -f1))"
+log "done in $SECONDS s: $OUT/disk.raw ($(du -sh "$OUT/disk.raw" | cut -f1) allocated; $(dirname "$OUT") holds $(du -sh "$(dirname "$OUT")" | cut -f1))"
