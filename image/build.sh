@@ -82,15 +82,8 @@ if [ ! -f "$BASE/.complete" ]; then
     log "base: mmdebstrap $SUITE (${#PACKAGES[@]} packages) -> $BASE"
     # Old bases are dead weight (400+ MB each), and so is a half-built one.
     remove_tree "$CACHE"/base-*
-    guard_tree "$BASE.tmp"
     t=$(date +%s)
-    mmdebstrap_base "$BASE.tmp" "$CACHE/apt"
-    # Complete only with nothing mounted inside (mmdebstrap's own mounts live in a private mount
-    # namespace; anything else is unmounted or the build fails here).
-    unmount_under "$BASE.tmp" || die "base: $BASE.tmp keeps a mount inside; not marked complete"
-    prune_apt_cache "$CACHE/apt" "$BASE.tmp/.packages"
-    touch "$BASE.tmp/.complete"
-    mv "$BASE.tmp" "$BASE"
+    build_base "$BASE" "$CACHE/apt"
     log "base: done in $(( $(date +%s) - t )) s"
 else
     log "base: cached $BASE"

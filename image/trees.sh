@@ -152,6 +152,21 @@ prune_apt_cache() {
     ' | while read -r f; do rm -f -- "$dir/$f"; done
 }
 
+# build_base BASE APT_CACHE [EXTRA_PACKAGE...]: image/recipe.sh's mmdebstrap_base into BASE.tmp
+# (removed if the script fails), marked .complete and moved to BASE only with nothing mounted inside
+# (mmdebstrap's own mounts live in a private mount namespace; anything else is unmounted or the build
+# fails here); APT_CACHE keeps the .debs of the base's versions only.
+build_base() {
+    local base=$1 apt_cache=$2
+    shift 2
+    guard_tree "$base.tmp"
+    mmdebstrap_base "$base.tmp" "$apt_cache" "$@"
+    unmount_under "$base.tmp" || die "base: $base.tmp keeps a mount inside; not marked complete"
+    prune_apt_cache "$apt_cache" "$base.tmp/.packages"
+    touch "$base.tmp/.complete"
+    mv "$base.tmp" "$base"
+}
+
 # newest_deb REPO: the newest package `make deb` wrote (REPO/out/deb/guest-agent_*_all.deb);
 # prints nothing, and succeeds, when there is none.
 newest_deb() { { ls -t "$1"/out/deb/guest-agent_*_all.deb 2>/dev/null || true; } | head -n1; }

@@ -284,12 +284,7 @@ own_base() {
     [ ! -f "$BASE/.complete" ] || return 0
     log "mmdebstrap $SUITE${*:+ + $*} -> $BASE"
     remove_tree "$CACHE/base-$name"-*
-    guard_tree "$BASE.tmp"
-    mmdebstrap_base "$BASE.tmp" "$apt_cache" "$@"
-    unmount_under "$BASE.tmp" || die "$BASE.tmp keeps a mount inside; not marked complete"
-    prune_apt_cache "$apt_cache" "$BASE.tmp/.packages"
-    touch "$BASE.tmp/.complete"
-    mv "$BASE.tmp" "$BASE"
+    build_base "$BASE" "$apt_cache" "$@"
 }
 
 # ---------------------------------------------------------------- base rootfs
