@@ -122,14 +122,16 @@ PYEOF
     exit 0
 fi
 
-# ---------------------------------------------------------------- CAA layout (caa, caa-sftp)
+# ---------------------------------------------------------------- CAA layout (caa_image)
 # CAA's pod VM as its mkosi build lays it out (cloud-api-adaptor fbdde756, src/cloud-api-adaptor/podvm/):
 # files/ (units in /etc/systemd/system and the multi-user.target.wants symlinks it ships, tmpfiles,
 # kata defaults), the system image's mkosi.skeleton (30-coco.preset, process-user-data's
 # 10-override.conf; afterburn-checkin.service with CAA's override and preset line, as an image from
-# CAA's tree has them on a distribution that packages afterburn) and, for caa-sftp,
-# mkosi.skeleton-sftp; every binary is a stand-in (overlay-caa/usr/local/libexec/caa-standin).  guest-agent then goes in the way an image builder adds
-# a package: pip into a venv, `make install DESTDIR=... PREFIX=/usr`, CAA's and our presets.  Last,
+# CAA's tree has them on a distribution that packages afterburn) and, for the SFTP profile,
+# mkosi.skeleton-sftp; every binary is a stand-in (overlay-caa/usr/local/libexec/caa-standin).
+# guest-agent then goes in the way an image builder adds a package: pip into a venv and
+# `make install DESTDIR=... PREFIX=/usr` (caa, caa-sftp) or apt_install_deb of the .deb (caa-deb,
+# caa-sftp-deb), then CAA's and our presets.  Last,
 # mkosi.finalize.chroot's enable/disable of process-user-data, after the presets: the order in which
 # no preset could undo it (guest-agent's drop-ins have to neutralise the unit instead).
 CAA_WANTS=(agent-protocol-forwarder.path api-server-rest.path attestation-agent.path azure-ready.service
